@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean-demo
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[worker,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Train configs/demo.yaml under the supervisor, then show its status.
+demo: $(STAMP)
+	$(BIN)/vit-supervisor start configs/demo.yaml
+	$(BIN)/vit-supervisor status configs/demo.yaml || true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests

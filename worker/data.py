@@ -1,0 +1,219 @@
+"""Data sets: scikit-learn's digits, an image folder, or a CSV of image pairs.
+
+Every source yields examples ``(pixels, label)`` (pairs: ``(pixels_a, pixels_b, label)``),
+split deterministically from ``train_test_split`` and ``random_seed``, with a
+fingerprint of what was read (files, sizes, labels) that the resume guard records.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from supervisor.schema import Config
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(Exception):
+    """The data cannot be used as configured (missing files, unreadable images, bad CSV)."""
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    eval: Dataset
+    fingerprint: str
+    num_classes: int
+    class_names: list[str]
+
+
+class ImageDataset(Dataset):
+    """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``."""
+
+    def __init__(self, pixels: torch.Tensor | None, labels: np.ndarray, loader: Any = None,
+                 items: list[Any] | None = None) -> None:
+        self.pixels = pixels
+        self.labels = labels
+        self.loader = loader
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        px = self.pixels[i] if self.pixels is not None else self.loader(self.items[i])
+        return {"pixel_values": px, "labels": int(self.labels[i])}
+
+
+class PairDataset(Dataset):
+    """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], labels: np.ndarray, loader: Any) -> None:
+        self.pairs = pairs
+        self.labels = labels
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        a, b = self.pairs[i]
+        return {"pixel_values": torch.stack([self.loader(a), self.loader(b)]), "labels": int(self.labels[i])}
+
+
+def build(cfg: Config) -> Splits:
+    """Read the configured data set and split it."""
+    src = cfg.data.source
+    if src == "digits":
+        return _digits(cfg)
+    if src == "image_folder":
+        return _image_folder(cfg)
+    return _pairs(cfg)
+
+
+def split_indices(n: int, labels: np.ndarray, test_fraction: float, seed: int,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic, stratified where every class has at least two examples."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    if limit is not None and limit < n:
+        idx = np.random.RandomState(seed).permutation(n)[:limit]
+        idx.sort()
+    sub = labels[idx]
+    counts = np.bincount(sub) if len(sub) else np.array([])
+    stratify = sub if len(counts) and counts[counts > 0].min() >= 2 else None
+    n_test = max(1, int(round(len(idx) * test_fraction)))
+    if stratify is not None and n_test < len(np.unique(sub)):
+        stratify = None
+    if n_test >= len(idx):
+        raise DataError(f"data.train_test_split {test_fraction} leaves no training examples out of {len(idx)}")
+    train, test = train_test_split(idx, test_size=n_test, random_state=seed, shuffle=True, stratify=stratify)
+    return np.asarray(train), np.asarray(test)
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """[0,1] → [-1,1], the normalisation ViT image processors use by default."""
+    return (x - 0.5) / 0.5
+
+
+def _digits(cfg: Config) -> Splits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.float32) / 16.0  # (n, 8, 8) in [0, 1]
+    labels = d.target.astype(np.int64)
+    size = cfg.image_size
+    chans = cfg.model.scratch.num_channels if cfg.model.model_name == "scratch" else 3
+    x = torch.from_numpy(images).unsqueeze(1)
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = _normalise(x).repeat(1, chans, 1, 1).contiguous()
+    fp = _fingerprint({"source": "digits", "n": len(labels), "sha": hashlib.sha256(d.images.tobytes()).hexdigest(),
+                       "labels": hashlib.sha256(labels.tobytes()).hexdigest(), "limit": cfg.data.limit})
+    tr, te = split_indices(len(labels), labels, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
+    return Splits(ImageDataset(x[tr], labels[tr]), ImageDataset(x[te], labels[te]), fp, 10,
+                  [str(i) for i in range(10)])
+
+
+class ImageLoader:
+    """Opens an image file as a normalised (C,H,W) tensor; picklable for DataLoader workers."""
+
+    def __init__(self, size: int, channels: int) -> None:
+        self.size = size
+        self.channels = channels
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size),
+                                                                             Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+        t = torch.from_numpy(arr)
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        return _normalise(t).contiguous()
+
+
+def _channels(cfg: Config) -> int:
+    return cfg.model.scratch.num_channels if cfg.model.model_name == "scratch" else 3
+
+
+def _image_folder(cfg: Config) -> Splits:
+    root = Path(cfg.data.path or "")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"data.path {root} has no class subfolders: put the images of each class in its own folder")
+    if len(classes) != cfg.model.num_labels:
+        raise DataError(f"data.path {root} has {len(classes)} class folders ({', '.join(classes[:5])}...) "
+                        f"but model.num_labels is {cfg.model.num_labels}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for li, c in enumerate(classes):
+        for f in sorted((root / c).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(li)
+    if len(files) < 4:
+        raise DataError(f"data.path {root} holds {len(files)} images; at least 4 are needed")
+    lab = np.asarray(labels, dtype=np.int64)
+    fp = _fingerprint({"source": "image_folder", "limit": cfg.data.limit,
+                       "files": [[str(f.relative_to(root)), f.stat().st_size, int(l)] for f, l in zip(files, lab)]})
+    tr, te = split_indices(len(files), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
+    loader = ImageLoader(cfg.image_size, _channels(cfg))
+    return Splits(ImageDataset(None, lab[tr], loader, [files[i] for i in tr]),
+                  ImageDataset(None, lab[te], loader, [files[i] for i in te]), fp, len(classes), classes)
+
+
+def _pairs(cfg: Config) -> Splits:
+    csv_path = Path(cfg.data.path or "")
+    base = Path(cfg.data.image_root) if cfg.data.image_root else csv_path.parent
+    pairs: list[tuple[Path, Path]] = []
+    raw_labels: list[str] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            need = {"image_a", "image_b", "label"}
+            if not reader.fieldnames or not need <= set(reader.fieldnames):
+                raise DataError(f"{csv_path} must have a header row with columns image_a,image_b,label "
+                                f"(found {reader.fieldnames})")
+            for n, row in enumerate(reader, start=2):
+                a, b = base / row["image_a"], base / row["image_b"]
+                for p in (a, b):
+                    if not p.is_file():
+                        raise DataError(f"{csv_path} line {n}: image {p} does not exist")
+                pairs.append((a, b))
+                raw_labels.append(row["label"].strip())
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {csv_path}: {exc}") from None
+    classes = sorted(set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if len(classes) > cfg.model.num_labels:
+        raise DataError(f"{csv_path} has {len(classes)} distinct labels but model.num_labels is {cfg.model.num_labels}")
+    lab = np.asarray([classes.index(s) for s in raw_labels], dtype=np.int64)
+    if len(pairs) < 4:
+        raise DataError(f"{csv_path} holds {len(pairs)} pairs; at least 4 are needed")
+    sizes = {p: p.stat().st_size for ab in pairs for p in ab}
+    fp = _fingerprint({"source": "pairs_csv", "limit": cfg.data.limit,
+                       "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+                       "files": sorted([str(p.relative_to(base)) if p.is_relative_to(base) else str(p), s]
+                                       for p, s in sizes.items())})
+    tr, te = split_indices(len(pairs), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
+    loader = ImageLoader(cfg.image_size, _channels(cfg))
+    return Splits(PairDataset([pairs[i] for i in tr], lab[tr], loader),
+                  PairDataset([pairs[i] for i in te], lab[te], loader), fp, len(classes), classes)

@@ -1,0 +1,180 @@
+"""The worker's side of the fault contract: stop signals, parent death, heartbeat, exit report.
+
+Nothing here imports torch, so the entry point can report a config error in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from supervisor import seam
+
+
+class StopRequest:
+    """Records stop signals; the training loop polls it at each step boundary.
+
+    The first SIGTERM/SIGINT asks for "save at the end of this step, then exit".
+    A second one restores the default action and re-raises it: the process dies
+    by that signal, which is safe because a checkpoint is only ever committed by
+    a rename.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.reason: str | None = None
+        self.received_at: float | None = None
+        self._installed = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None or self.reason is not None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        self._installed = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        self.received_at = time.monotonic()
+
+    def request(self, reason: str) -> None:
+        """A stop that does not come from a signal (e.g. the supervisor is gone)."""
+        if not self.requested:
+            self.reason = reason
+            self.received_at = time.monotonic()
+
+    def describe(self) -> str:
+        if self.signum is not None:
+            return f"stop requested by {signal.Signals(self.signum).name}"
+        return f"stop requested: {self.reason}"
+
+
+class ParentWatch:
+    """The worker must not train on unsupervised.
+
+    Linux delivers SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), which
+    becomes the usual safe stop. The death may already have happened before prctl
+    ran, so the parent pid is also compared at every step.
+    """
+
+    PR_SET_PDEATHSIG = 1
+
+    def __init__(self) -> None:
+        raw = os.environ.get(seam.ENV_SUPERVISOR_PID)
+        self.expected = int(raw) if raw and raw.isdigit() else None
+
+    def arm(self) -> None:
+        if self.expected is None or not sys.platform.startswith("linux"):
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(self.PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the per-step check still covers it
+
+    def parent_gone(self) -> bool:
+        return self.expected is not None and os.getppid() != self.expected
+
+
+class Heartbeat:
+    """Writes ``run/heartbeat.json`` atomically, at most every ``interval`` seconds
+    unless the state changes."""
+
+    def __init__(self, output_dir: Path, interval: float, **static: Any) -> None:
+        self.path = seam.heartbeat_path(output_dir)
+        self.interval = interval
+        self.fields: dict[str, Any] = {"pid": os.getpid(), "state": seam.HB_STARTING, **static}
+        self._last_write = 0.0
+        self._last_state: str | None = None
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.fields.update(fields)
+        now = time.monotonic()
+        state = self.fields.get("state")
+        if force or state != self._last_state or now - self._last_write >= self.interval:
+            self.fields["time"] = time.time()
+            try:
+                seam.atomic_write_json(self.path, self.fields, durable=False)
+            except OSError:
+                return  # a full disk must not kill training; the next write retries
+            self._last_write = now
+            self._last_state = state
+
+
+def attempt() -> int:
+    raw = os.environ.get(seam.ENV_ATTEMPT, "")
+    return int(raw) if raw.isdigit() else 0
+
+
+def exit_report_path(output_dir: Path) -> Path:
+    raw = os.environ.get(seam.ENV_EXIT_REPORT)
+    return Path(raw) if raw else seam.exit_report_path(output_dir)
+
+
+def write_exit_report(output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None,
+                      **fields: Any) -> int:
+    """Write the exit report (best effort) and return the exit code for ``reason``."""
+    code = seam.EXIT_CODES[reason]
+    report: dict[str, Any] = {
+        "reason": reason, "exit_code": code, "message": message, "pid": os.getpid(), "attempt": attempt(),
+        "time": time.time(), "exception_type": None, "traceback": [], "emergency_checkpoint": False,
+        "step": None, "max_steps": None, "last_checkpoint": None,
+        "per_device_train_batch_size": None, "gradient_accumulation_steps": None,
+    }
+    if exc is not None:
+        report["exception_type"] = type(exc).__name__
+        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        report["traceback"] = "".join(tb).splitlines()[-25:]
+    report.update(fields)
+    target = exit_report_path(output_dir) if output_dir is not None else (
+        Path(os.environ[seam.ENV_EXIT_REPORT]) if os.environ.get(seam.ENV_EXIT_REPORT) else None)
+    if target is not None:
+        try:
+            seam.atomic_write_json(target, report)
+        except OSError as err:
+            print(f"vit-train: could not write exit report {target}: {err}", file=sys.stderr)
+    return code
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in msg
+        or "CUDA out of memory" in msg
+        or "out of memory" in msg.lower() and "cuda" in msg.lower()
+    )
+
+
+def set_memory_headroom_from_env() -> int | None:
+    """Fault injection: ``VIT_MEMORY_HEADROOM_MB=N`` caps this process's address space at
+    its current size + N MiB, so a too-large batch hits a real allocator failure."""
+    raw = os.environ.get("VIT_MEMORY_HEADROOM_MB")
+    if not raw:
+        return None
+    import resource
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + int(float(raw) * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return limit

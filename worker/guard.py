@@ -1,0 +1,63 @@
+"""Resume guard: a checkpoint only resumes the run it belongs to.
+
+The settings a checkpoint depends on (model, labels, fusion, data fingerprint,
+split) are recorded in ``run/guard.json`` when a run starts from scratch. A
+resume that changes any of them is refused, naming each key with its old and new
+value; settings that are safe to change (learning rate, batch size) only warn.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from supervisor import seam
+from supervisor.schema import Config
+
+log = logging.getLogger("vit_train")
+
+
+class IncompatibleCheckpoint(Exception):
+    """A resume would continue a run under different resume-critical settings."""
+
+
+def current(cfg: Config, fingerprint: str) -> dict[str, Any]:
+    return {
+        "critical": {**cfg.resume_critical(), "data_fingerprint": fingerprint},
+        "soft": {
+            "learning_rate": cfg.training.learning_rate,
+            "effective_batch": cfg.training.effective_batch,
+            "num_train_epochs": cfg.training.num_train_epochs,
+        },
+    }
+
+
+def path(output_dir: Path) -> Path:
+    return seam.run_dir(output_dir) / seam.GUARD
+
+
+def record(output_dir: Path, cfg: Config, fingerprint: str) -> None:
+    seam.atomic_write_json(path(output_dir), current(cfg, fingerprint))
+
+
+def check(output_dir: Path, cfg: Config, fingerprint: str) -> None:
+    """Raise IncompatibleCheckpoint if a resume would change a critical setting."""
+    old = seam.read_json(path(output_dir))
+    if old is None:
+        log.warning("No resume guard in %s (run started by an older version?); recording the current settings",
+                    output_dir)
+        record(output_dir, cfg, fingerprint)
+        return
+    new = current(cfg, fingerprint)
+    changed = [f"{k}: {old['critical'].get(k)!r} -> {v!r}" for k, v in new["critical"].items()
+               if old.get("critical", {}).get(k) != v]
+    if changed:
+        raise IncompatibleCheckpoint(
+            f"the checkpoints in {output_dir} were trained with other resume-critical settings ("
+            + "; ".join(changed)
+            + "): restore those settings, or use a new training.output_dir")
+    for k, v in new["soft"].items():
+        was = old.get("soft", {}).get(k)
+        if was is not None and was != v and k != "num_train_epochs":
+            log.warning("Resuming with %s changed: %r -> %r", k, was, v)

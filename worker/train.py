@@ -1,0 +1,444 @@
+"""The training job: a HuggingFace Trainer with committed checkpoints and a fault contract."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints, set_seed
+
+from supervisor import seam
+from supervisor.schema import Config
+from worker import checkpoint as ckpt
+from worker import data as data_mod
+from worker import guard
+from worker import model as model_mod
+from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
+from worker.fault import Heartbeat, ParentWatch, StopRequest, is_oom, set_memory_headroom_from_env, write_exit_report
+
+log = logging.getLogger("vit_train")
+
+
+@dataclass
+class RunContext:
+    """What the Trainer subclass and the callback share with the entry point."""
+
+    cfg: Config
+    output_dir: Path
+    stop: StopRequest
+    parent: ParentWatch
+    heartbeat: Heartbeat
+    disk: DiskGuard
+    last_checkpoint: Path | None = None
+    last_ckpt_bytes: int | None = None
+    phase: str = "setup"  # setup | forward | optimizer | boundary
+    rng_at_boundary: dict[str, Any] | None = None
+    rng_override: dict[str, Any] | None = None
+    save_seconds: list[float] = field(default_factory=list)
+    tracker_run_id: str | None = None
+
+
+def snapshot_rng() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.random.get_rng_state()
+    return states
+
+
+class SupervisedTrainer(Trainer):
+    """Trainer whose checkpoints are committed atomically after a disk check, and whose
+    loads restore every tensor or fail."""
+
+    def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctx = ctx
+
+    # -- saving -------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self.commit_checkpoint()
+
+    def commit_checkpoint(self) -> Path:
+        ctx = self.ctx
+        step = self.state.global_step
+        out = ctx.output_dir
+        final = out / f"checkpoint-{step}"
+        if final.is_dir() and ctx.last_checkpoint == final:
+            return final  # already committed at this step (a stop right after a periodic save)
+        self.store_flos()
+        needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
+        keep = self.args.save_total_limit
+        ctx.disk.ensure(needed, lambda: ckpt.rotation_candidates(out, max(1, keep - 1), self.state.best_model_checkpoint)
+                        if keep else [])
+        ctx.heartbeat.update(state=seam.HB_SAVING, force=True)
+        t0 = time.monotonic()
+        staging = ckpt.staging_dir(out, step)
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            self.save_model(str(staging), _internal_call=True)
+            if self.state.best_global_step:
+                best = out / f"checkpoint-{self.state.best_global_step}"
+                if best.exists() or self.state.best_global_step == step:
+                    self.state.best_model_checkpoint = str(best)
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+            from transformers.trainer_callback import ExportableState
+
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+            size = ckpt.commit(staging, final, step)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        ctx.last_checkpoint = final
+        ctx.last_ckpt_bytes = size
+        ctx.save_seconds.append(time.monotonic() - t0)
+        log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
+        if keep:
+            rotate_checkpoints(output_dir=str(out), save_total_limit=keep,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        ctx.heartbeat.update(state=seam.HB_TRAINING, last_checkpoint=str(final), force=True)
+        return final
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if self.ctx.rng_override is None:
+            return super()._save_rng_state(output_dir)
+        name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
+        torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        ckpt.load_weights_strict(model if model is not None else self.model, Path(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        if self.ctx.stop.requested or self.state.global_step < self.state.max_steps:
+            return  # an interrupted run keeps training from where it stopped, not from the best
+        best = self.state.best_model_checkpoint
+        log.info("Loading best model from %s (%s %s)", best, self.args.metric_for_best_model, self.state.best_metric)
+        ckpt.load_weights_strict(self.model, Path(best))
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self.ctx.heartbeat.update(state=seam.HB_EVALUATING, force=True)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.ctx.heartbeat.update(state=seam.HB_STOPPING if self.ctx.stop.requested else seam.HB_TRAINING,
+                                      force=True)
+
+
+class SupervisionCallback(TrainerCallback):
+    """Turns stop signals into "save at the end of this step", keeps the heartbeat,
+    remembers where in a step we are (for the emergency checkpoint after an OOM)."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._t_step: float | None = None
+        self._rate: float | None = None
+        self._last_loss: float | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        limit = set_memory_headroom_from_env()
+        if limit:
+            log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
+        self.ctx.phase = "boundary"
+        self.ctx.rng_at_boundary = snapshot_rng()
+        self.ctx.heartbeat.update(state=seam.HB_TRAINING, global_step=state.global_step, max_steps=state.max_steps,
+                                  epoch=state.epoch, force=True)
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self.ctx.phase = "forward"
+        if self._t_step is None:
+            self._t_step = time.monotonic()
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self.ctx.phase = "optimizer"
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        ctx = self.ctx
+        ctx.phase = "boundary"
+        ctx.rng_at_boundary = snapshot_rng()
+        now = time.monotonic()
+        if self._t_step is not None:
+            dt = max(now - self._t_step, 1e-6)
+            inst = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1) / dt
+            self._rate = inst if self._rate is None else 0.8 * self._rate + 0.2 * inst
+        self._t_step = now
+        if ctx.parent.parent_gone():
+            ctx.stop.request("the supervisor process is gone")
+        if ctx.stop.requested:
+            log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # the last step is always committed
+        ctx.heartbeat.update(state=seam.HB_STOPPING if ctx.stop.requested else seam.HB_TRAINING,
+                             global_step=state.global_step, max_steps=state.max_steps,
+                             epoch=round(state.epoch or 0.0, 4), loss=self._last_loss,
+                             samples_per_s=round(self._rate, 2) if self._rate else None,
+                             force=ctx.stop.requested)
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self._last_loss = float(logs["loss"])
+
+
+def compute_metrics(pred: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    y = np.argmax(logits, axis=-1)
+    return {"accuracy": float(accuracy_score(pred.label_ids, y)),
+            "f1": float(f1_score(pred.label_ids, y, average="macro"))}
+
+
+def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
+    t = cfg.training
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    return TrainingArguments(
+        output_dir=str(cfg.output_dir), num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_steps=warmup, lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, logging_strategy="steps",
+        eval_strategy=t.eval_strategy, eval_steps=t.eval_steps, save_strategy=t.save_strategy,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=t.metric_for_best_model if t.metric_for_best_model != "loss" else "loss",
+        greater_is_better=t.greater_is_better, dataloader_num_workers=t.dataloader_num_workers, seed=t.seed,
+        data_seed=t.seed, fp16=t.fp16, bf16=t.bf16, tf32=t.tf32, full_determinism=t.full_determinism,
+        optim=t.optim, report_to=report_to, run_name=cfg.tracking.run_name or cfg.output_dir.name,
+        disable_tqdm=True, remove_unused_columns=False, save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def tracker_run_id(output_dir: Path) -> str:
+    """One tracker run per output directory, whatever the number of restarts."""
+    p = seam.run_dir(output_dir) / seam.TRACKER_ID
+    try:
+        existing = p.read_text().strip()
+    except OSError:
+        existing = ""
+    if existing:
+        return existing
+    new = secrets.token_hex(4)
+    seam.atomic_write_bytes(p, (new + "\n").encode())
+    return new
+
+
+def init_tracking(cfg: Config, run_id: str) -> list[str]:
+    tr = cfg.tracking
+    if tr.backend != "wandb" or tr.mode == "disabled":
+        return []
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    wandb.init(id=run_id, resume="allow", mode=tr.mode, project=tr.project, entity=tr.entity,
+               name=tr.run_name or cfg.output_dir.name, dir=str(seam.run_dir(cfg.output_dir)),
+               settings=wandb.Settings(x_transaction_log_flush_interval=tr.flush_interval_s, console="off",
+                                       x_disable_stats=True))
+    return ["wandb"]
+
+
+def finish_tracking(code: int) -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=code)
+    except Exception as exc:  # the tracker must never turn an outcome into a crash
+        log.warning("Tracker did not finish cleanly: %s", exc)
+
+
+def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
+    """After an OOM, commit the last completed step if the weights are still those of a step
+    boundary (the OOM hit in forward/backward or evaluation, not inside the optimizer step)."""
+    ctx = trainer.ctx
+    step = trainer.state.global_step
+    if ctx.phase not in ("forward", "boundary") or trainer.optimizer is None or step <= 0:
+        log.warning("No emergency checkpoint: the OOM hit during %s", ctx.phase)
+        return None
+    if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
+        return ctx.last_checkpoint
+    trainer.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    ctx.rng_override = ctx.rng_at_boundary
+    try:
+        path = trainer.commit_checkpoint()
+    except BaseException as exc:  # the save itself may run out of memory
+        log.warning("Emergency checkpoint failed (%s: %s); the previous checkpoint stands", type(exc).__name__, exc)
+        return None
+    finally:
+        ctx.rng_override = None
+    log.warning("Emergency checkpoint %s committed after the out-of-memory: no step is lost", path.name)
+    return path
+
+
+def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest) -> int:
+    """Train to the end or to a stop; return the exit code (the exit report is written)."""
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    seam.run_dir(out).mkdir(exist_ok=True)
+    parent = ParentWatch()
+    parent.arm()
+    t = cfg.training
+    hb = Heartbeat(out, cfg.supervisor.heartbeat_interval_s, attempt=int(os.environ.get(seam.ENV_ATTEMPT, "0") or 0),
+                   per_device_train_batch_size=t.per_device_train_batch_size,
+                   gradient_accumulation_steps=t.gradient_accumulation_steps, global_step=0, max_steps=None,
+                   last_checkpoint=None)
+    hb.update(force=True)
+    disk = DiskGuard(out, int(cfg.disk.reserve_mb * 2**20), cfg.disk.on_low, cfg.disk.recheck_s,
+                     stop_requested=lambda: stop.requested or parent.parent_gone(),
+                     on_wait=lambda need, free: hb.update(state=seam.HB_WAITING_FOR_DISK, disk_needed_bytes=need,
+                                                          disk_free_bytes=free, force=True))
+    ctx = RunContext(cfg=cfg, output_dir=out, stop=stop, parent=parent, heartbeat=hb, disk=disk)
+
+    def report(reason: str, message: str, exc: BaseException | None = None, **extra: Any) -> int:
+        fields = dict(step=None, last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
+                      per_device_train_batch_size=t.per_device_train_batch_size,
+                      gradient_accumulation_steps=t.gradient_accumulation_steps,
+                      tracker_run_id=ctx.tracker_run_id)
+        fields.update(extra)
+        code = write_exit_report(out, reason, message, exc=exc, **fields)
+        hb.update(state=seam.HB_EXITED, reason=reason, force=True)
+        return code
+
+    ckpt.clean_staging(out)
+    set_seed(t.seed)
+    try:
+        splits = data_mod.build(cfg)
+    except data_mod.DataError as exc:
+        log.error("%s", exc)
+        return report(seam.REASON_DATA_ERROR, str(exc))
+
+    # Which checkpoint, if any.
+    target: Path | None = None
+    if checkpoint is not None:
+        try:
+            ckpt.validate(checkpoint)
+        except ckpt.CheckpointInvalid as exc:
+            msg = f"checkpoint {checkpoint} is not usable: {exc}"
+            log.error("%s", msg)
+            return report(seam.REASON_CONFIG_ERROR, msg)
+        target = checkpoint
+        log.info("Training will resume from checkpoint: %s", target)
+    else:
+        target = ckpt.newest_good(out)
+        if target is not None:
+            log.info("%s: %s", "Training will resume from checkpoint" if resume else "Auto-detected checkpoint", target)
+        else:
+            log.info("No checkpoint found, starting from scratch")
+    try:
+        if target is not None:
+            guard.check(out, cfg, splits.fingerprint)
+        else:
+            guard.record(out, cfg, splits.fingerprint)
+    except guard.IncompatibleCheckpoint as exc:
+        log.error("%s", exc)
+        return report(seam.REASON_INCOMPATIBLE, str(exc))
+    ctx.last_checkpoint = target
+    if target is not None:
+        ctx.last_ckpt_bytes = ckpt.dir_bytes(target)
+    hb.update(last_checkpoint=str(target) if target else None)
+
+    model = model_mod.build(cfg, splits.class_names)
+    ctx.tracker_run_id = tracker_run_id(out)
+    hb.update(tracker_run_id=ctx.tracker_run_id)
+    report_to = init_tracking(cfg, ctx.tracker_run_id)
+    stop.install()  # again: wandb.init may have installed handlers of its own
+
+    trainer = SupervisedTrainer(model=model, args=training_arguments(cfg, report_to), train_dataset=splits.train,
+                                eval_dataset=splits.eval, compute_metrics=compute_metrics,
+                                callbacks=[SupervisionCallback(ctx)], ctx=ctx)
+    oom_info: tuple[str, str, list[str]] | None = None
+    try:
+        trainer.train(resume_from_checkpoint=str(target) if target else None)
+    except ckpt.CheckpointInvalid as exc:
+        log.error("%s", exc)
+        code = report(seam.REASON_INCOMPATIBLE, str(exc))
+        finish_tracking(code)
+        return code
+    except DiskLow as exc:
+        log.error("Stopping: %s", exc)
+        code = report(seam.REASON_DISK_LOW, str(exc), step=trainer.state.global_step,
+                      max_steps=trainer.state.max_steps, disk_needed_bytes=exc.needed, disk_free_bytes=exc.free)
+        finish_tracking(code)
+        return code
+    except StoppedWhileWaiting as exc:
+        log.warning("%s", exc)
+        code = report(seam.REASON_INTERRUPTED, str(exc), step=trainer.state.global_step,
+                      max_steps=trainer.state.max_steps)
+        finish_tracking(code)
+        return code
+    except BaseException as exc:
+        if not is_oom(exc):
+            log.exception("Training crashed at step %d", trainer.state.global_step)
+            code = report(seam.REASON_CRASH, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                          exc=exc, step=trainer.state.global_step, max_steps=trainer.state.max_steps)
+            finish_tracking(code)
+            return code
+        import traceback
+
+        oom_info = (type(exc).__name__, str(exc).splitlines()[0][:500],
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).splitlines()[-12:])
+        del exc
+    if oom_info is not None:
+        kind, msg, tb = oom_info
+        log.error("Out of memory at step %d with per-device batch %d x accumulation %d: %s",
+                  trainer.state.global_step, t.per_device_train_batch_size, t.gradient_accumulation_steps, msg)
+        saved = emergency_checkpoint(trainer)
+        code = report(seam.REASON_OOM, f"{kind}: {msg}", step=trainer.state.global_step,
+                      max_steps=trainer.state.max_steps, exception_type=kind, traceback=tb,
+                      emergency_checkpoint=saved is not None, phase=ctx.phase)
+        finish_tracking(code)
+        return code
+
+    state = trainer.state
+    if state.global_step >= state.max_steps:
+        evals = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
+        metrics = evals[-1] if evals else (trainer.evaluate() if trainer.eval_dataset is not None else {})
+        final = out / "model"
+        staging = out / ".staging-model"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.save_model(str(staging))
+        if final.exists():
+            ckpt.set_aside(final, "replaced by the model of a later completed run")
+        os.rename(staging, final)
+        log.info("Training complete: step %d/%d, %s; final model in %s", state.global_step, state.max_steps,
+                 {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, final)
+        code = report(seam.REASON_COMPLETED, f"completed {state.global_step} steps", step=state.global_step,
+                      max_steps=state.max_steps, metrics=metrics, save_seconds=ctx.save_seconds)
+        finish_tracking(code)
+        return code
+    # train() returns normally after a requested stop: the step count, not the return, decides.
+    latency = time.monotonic() - stop.received_at if stop.received_at else None
+    msg = f"{stop.describe() if stop.requested else 'training stopped early'}; checkpoint {ctx.last_checkpoint}"
+    code = report(seam.REASON_INTERRUPTED, msg, step=state.global_step, max_steps=state.max_steps,
+                  stop_to_exit_s=latency)
+    finish_tracking(code)
+    return code
