@@ -113,3 +113,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def heartbeat(out: Path) -> dict[str, Any]:
     return read_json(out / "run" / "heartbeat.json") or {}
+
+
+@pytest.fixture(scope="session")
+def reference_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final checkpoint of an uninterrupted TINY run: what every exact resume must reproduce."""
+    d = tmp_path_factory.mktemp("reference")
+    cfg = d / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    p = vit_train(cfg)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    final = d / "out" / "checkpoint-38"
+    assert final.is_dir()
+    return final

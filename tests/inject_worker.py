@@ -20,7 +20,7 @@ def main() -> int:
     import torch
 
     from worker import model as model_mod
-    from worker.cli import main as worker_main
+    from worker.cli import entry as worker_main
 
     real_build = model_mod.build
     calls = {"n": 0}
@@ -48,7 +48,8 @@ def main() -> int:
             return out
 
         torch.optim.AdamW.step = step
-    return worker_main(sys.argv[2:])
+    worker_main(sys.argv[2:])
+    return 0
 
 
 if __name__ == "__main__":

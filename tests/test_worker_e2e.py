@@ -54,19 +54,8 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run of TINY: its final checkpoint is what every resume must reproduce."""
-    d = tmp_path_factory.mktemp("reference")
-    cfg = write_cfg(d / "c.yaml")
-    run_to_end(cfg)
-    final = d / "out" / "checkpoint-38"
-    assert final.is_dir()
-    return final
-
-
 @pytest.mark.parametrize("variant", ["mid_epoch", "epoch_boundary", "dataloader_workers"])
-def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(tmp_path: Path, reference: Path,
+def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(tmp_path: Path, reference_tiny: Path,
                                                                      variant: str) -> None:
     over: dict = {}
     kill_step = 12  # newest checkpoint is 10: mid epoch (19 steps per epoch)
@@ -81,7 +70,7 @@ def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(tmp_path: P
     assert not (out / "checkpoint-38").exists()
     log = run_to_end(cfg, "--resume")
     assert "Training will resume from checkpoint" in log
-    assert max_abs_diff(out / "checkpoint-38", reference) == 0.0
+    assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
 
 
 def test_auto_detects_checkpoint_without_resume_flag(tmp_path: Path) -> None:

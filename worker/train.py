@@ -49,6 +49,28 @@ class RunContext:
     tracker_run_id: str | None = None
 
 
+class _IgnoreStopSignals:
+    """worker_init_fn wrapper: DataLoader workers ignore SIGTERM/SIGINT.
+
+    A terminal's Ctrl+C or a service manager's SIGTERM reaches the whole process
+    group. torch's worker handler dies on a SIGTERM that its parent did not send,
+    and the main process then fails with "DataLoader worker ... killed by signal"
+    before it can save. The main process alone decides when to stop; its workers
+    end with it.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
 def snapshot_rng() -> dict[str, Any]:
     states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                               "cpu": torch.random.get_rng_state()}
@@ -124,6 +146,15 @@ class SupervisedTrainer(Trainer):
             return super()._save_rng_state(output_dir)
         name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
         torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
+
+    # -- data loading -------------------------------------------------------------------
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        dl = super()._get_dataloader(*args, **kwargs)
+        if self.args.dataloader_num_workers > 0:
+            base = getattr(dl, "base_dataloader", dl)  # accelerate wraps the torch DataLoader
+            base.worker_init_fn = _IgnoreStopSignals(base.worker_init_fn)
+        return dl
 
     # -- loading ------------------------------------------------------------------------
 
@@ -278,8 +309,12 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
     boundary (the OOM hit in forward/backward or evaluation, not inside the optimizer step)."""
     ctx = trainer.ctx
     step = trainer.state.global_step
-    if ctx.phase not in ("forward", "boundary") or trainer.optimizer is None or step <= 0:
-        log.warning("No emergency checkpoint: the OOM hit during %s", ctx.phase)
+    if step <= 0 or trainer.optimizer is None:
+        log.warning("No emergency checkpoint: no optimizer step had completed")
+        return None
+    if ctx.phase not in ("forward", "boundary"):
+        log.warning("No emergency checkpoint: the OOM hit inside the optimizer step, so the weights are "
+                    "half-updated; the newest committed checkpoint stands")
         return None
     if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
         return ctx.last_checkpoint
