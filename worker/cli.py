@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="resume from the newest checkpoint that validates")
     g.add_argument("--checkpoint", type=Path, help="resume from exactly this checkpoint folder")
+    p.add_argument("--standby", action="store_true",
+                   help="prepare everything, then wait for a go line on stdin (used by the supervisor)")
     p.add_argument("--per-device-train-batch-size", type=int, metavar="N",
                    help="override training.per_device_train_batch_size (the supervisor's OOM lowering)")
     p.add_argument("--gradient-accumulation-steps", type=int, metavar="N",
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return seam.EXIT_USER_ERROR
     setup_logging()
     try:
+        if args.standby:
+            from worker.standby import serve
+
+            return serve(cfg, stop)
         from worker.train import run  # heavy imports only after the config is known to be good
 
         return run(cfg, resume=args.resume, checkpoint=args.checkpoint.resolve() if args.checkpoint else None,

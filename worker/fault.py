@@ -63,22 +63,36 @@ class StopRequest:
         return f"stop requested: {self.reason}"
 
 
+def rank() -> int:
+    """This process's global rank under torchrun (0 otherwise)."""
+    raw = os.environ.get("RANK", "0")
+    return int(raw) if raw.isdigit() else 0
+
+
+def world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    return int(raw) if raw.isdigit() else 1
+
+
 class ParentWatch:
     """The worker must not train on unsupervised.
 
-    Linux delivers SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), which
-    becomes the usual safe stop. The death may already have happened before prctl
-    ran, so the parent pid is also compared at every step.
+    Linux delivers SIGTERM when the parent dies (PR_SET_PDEATHSIG), which becomes
+    the usual safe stop. The parent is the supervisor, or torchrun under it, so at
+    every step the worker also checks that its parent is still the one it started
+    with and that the supervisor (``VIT_SUPERVISOR_PID``) is alive: the death may
+    have happened before prctl ran, or torchrun may outlive the supervisor.
     """
 
     PR_SET_PDEATHSIG = 1
 
     def __init__(self) -> None:
         raw = os.environ.get(seam.ENV_SUPERVISOR_PID)
-        self.expected = int(raw) if raw and raw.isdigit() else None
+        self.supervisor = int(raw) if raw and raw.isdigit() else None
+        self.initial_parent = os.getppid()
 
     def arm(self) -> None:
-        if self.expected is None or not sys.platform.startswith("linux"):
+        if self.supervisor is None or not sys.platform.startswith("linux"):
             return
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -87,7 +101,17 @@ class ParentWatch:
             pass  # the per-step check still covers it
 
     def parent_gone(self) -> bool:
-        return self.expected is not None and os.getppid() != self.expected
+        if self.supervisor is None:
+            return False
+        if os.getppid() != self.initial_parent:
+            return True
+        try:
+            os.kill(self.supervisor, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
 
 
 class Heartbeat:
@@ -103,6 +127,8 @@ class Heartbeat:
 
     def update(self, force: bool = False, **fields: Any) -> None:
         self.fields.update(fields)
+        if rank() != 0:
+            return  # one heartbeat per job: rank 0 speaks for all
         now = time.monotonic()
         state = self.fields.get("state")
         if force or state != self._last_state or now - self._last_write >= self.interval:
@@ -120,9 +146,21 @@ def attempt() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-def exit_report_path(output_dir: Path) -> Path:
+def exit_report_path(output_dir: Path | None) -> Path | None:
+    """``$VIT_EXIT_REPORT`` or ``run/exit_report.json``; under torchrun one file per rank
+    (``{rank}`` in the name is replaced, else ``.rankN`` is inserted before ``.json``)."""
     raw = os.environ.get(seam.ENV_EXIT_REPORT)
-    return Path(raw) if raw else seam.exit_report_path(output_dir)
+    if raw:
+        path = Path(raw)
+    elif output_dir is not None:
+        path = seam.exit_report_path(output_dir)
+    else:
+        return None
+    if "{rank}" in path.name:
+        return path.with_name(path.name.replace("{rank}", str(rank())))
+    if world_size() > 1:
+        return path.with_name(f"{path.stem}.rank{rank()}{path.suffix}")
+    return path
 
 
 def write_exit_report(output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None,
@@ -140,8 +178,9 @@ def write_exit_report(output_dir: Path | None, reason: str, message: str, *, exc
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
         report["traceback"] = "".join(tb).splitlines()[-25:]
     report.update(fields)
-    target = exit_report_path(output_dir) if output_dir is not None else (
-        Path(os.environ[seam.ENV_EXIT_REPORT]) if os.environ.get(seam.ENV_EXIT_REPORT) else None)
+    report["rank"] = rank()
+    report["world_size"] = world_size()
+    target = exit_report_path(output_dir)
     if target is not None:
         try:
             seam.atomic_write_json(target, report)
@@ -167,9 +206,13 @@ def is_oom(exc: BaseException) -> bool:
 
 def set_memory_headroom_from_env() -> int | None:
     """Fault injection: ``VIT_MEMORY_HEADROOM_MB=N`` caps this process's address space at
-    its current size + N MiB, so a too-large batch hits a real allocator failure."""
+    its current size + N MiB, so a too-large batch hits a real allocator failure.
+    ``VIT_MEMORY_HEADROOM_RANKS=1,3`` limits it to those torchrun ranks."""
     raw = os.environ.get("VIT_MEMORY_HEADROOM_MB")
     if not raw:
+        return None
+    ranks = os.environ.get("VIT_MEMORY_HEADROOM_RANKS")  # e.g. "1": only rank 1 is capped
+    if ranks and str(rank()) not in ranks.split(","):
         return None
     import resource
 

@@ -26,6 +26,8 @@ from worker import guard
 from worker import model as model_mod
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
 from worker.fault import Heartbeat, ParentWatch, StopRequest, is_oom, set_memory_headroom_from_env, write_exit_report
+from worker.fault import rank as fault_rank
+from worker.fault import world_size as fault_world_size
 
 log = logging.getLogger("vit_train")
 
@@ -47,6 +49,44 @@ class RunContext:
     rng_override: dict[str, Any] | None = None
     save_seconds: list[float] = field(default_factory=list)
     tracker_run_id: str | None = None
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world()[0] > 1:
+        dist.barrier()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class _IgnoreStopSignals:
@@ -93,22 +133,32 @@ class SupervisedTrainer(Trainer):
         self.commit_checkpoint()
 
     def commit_checkpoint(self) -> Path:
+        """Write every rank's part into the staging folder, then rank 0 seals and renames it.
+
+        Barriers make it all-or-nothing across ranks: the rename happens only after
+        every rank's RNG state is on disk.
+        """
         ctx = self.ctx
         step = self.state.global_step
         out = ctx.output_dir
         final = out / f"checkpoint-{step}"
-        if final.is_dir() and ctx.last_checkpoint == final:
+        if ctx.last_checkpoint == final and final.is_dir():
             return final  # already committed at this step (a stop right after a periodic save)
+        main = self.args.should_save
         self.store_flos()
-        needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
         keep = self.args.save_total_limit
-        ctx.disk.ensure(needed, lambda: ckpt.rotation_candidates(out, max(1, keep - 1), self.state.best_model_checkpoint)
-                        if keep else [])
-        ctx.heartbeat.update(state=seam.HB_SAVING, force=True)
+        if main:
+            needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
+            ctx.disk.ensure(needed, lambda: ckpt.rotation_candidates(out, max(1, keep - 1),
+                                                                     self.state.best_model_checkpoint) if keep else [])
+            ctx.heartbeat.update(state=seam.HB_SAVING, force=True)
         t0 = time.monotonic()
         staging = ckpt.staging_dir(out, step)
-        if staging.exists():
-            shutil.rmtree(staging)
+        if main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        barrier()
         try:
             self.save_model(str(staging), _internal_call=True)
             if self.state.best_global_step:
@@ -118,27 +168,34 @@ class SupervisedTrainer(Trainer):
             self._save_optimizer_and_scheduler(str(staging))
             self._save_scaler(str(staging))
             self._save_rng_state(str(staging))
-            from transformers.trainer_callback import ExportableState
+            barrier()
+            size = 0
+            if main:
+                from transformers.trainer_callback import ExportableState
 
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(str(staging / "trainer_state.json"))
-            size = ckpt.commit(staging, final, step)
+                for cb in [c for c in self.callback_handler.callbacks + [self.control]
+                           if isinstance(c, ExportableState)]:
+                    name = cb.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(cb.state())
+                    else:
+                        self.state.stateful_callbacks[name] = cb.state()
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+                size = ckpt.commit(staging, final, step)
+            barrier()
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         ctx.last_checkpoint = final
-        ctx.last_ckpt_bytes = size
         ctx.save_seconds.append(time.monotonic() - t0)
-        log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
-        if keep:
-            rotate_checkpoints(output_dir=str(out), save_total_limit=keep,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        ctx.heartbeat.update(state=seam.HB_TRAINING, last_checkpoint=str(final), force=True)
+        if main:
+            ctx.last_ckpt_bytes = size
+            log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
+            if keep:
+                rotate_checkpoints(output_dir=str(out), save_total_limit=keep,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            ctx.heartbeat.update(state=seam.HB_TRAINING, last_checkpoint=str(final), force=True)
         return final
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -218,14 +275,17 @@ class SupervisionCallback(TrainerCallback):
         self._t_step = now
         if ctx.parent.parent_gone():
             ctx.stop.request("the supervisor process is gone")
+        if any_rank(ctx.stop.requested, args.device) and not ctx.stop.requested:
+            ctx.stop.request("another rank was asked to stop")
         if ctx.stop.requested:
             log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
             control.should_save = True
             control.should_training_stop = True
         if state.global_step >= state.max_steps:
             control.should_save = True  # the last step is always committed
+        gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
         ctx.heartbeat.update(state=seam.HB_STOPPING if ctx.stop.requested else seam.HB_TRAINING,
-                             global_step=state.global_step, max_steps=state.max_steps,
+                             global_step=state.global_step, max_steps=state.max_steps, **gpu,
                              epoch=round(state.epoch or 0.0, 4), loss=self._last_loss,
                              samples_per_s=round(self._rate, 2) if self._rate else None,
                              force=ctx.stop.requested)
@@ -263,6 +323,9 @@ def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
         optim=t.optim, report_to=report_to, run_name=cfg.tracking.run_name or cfg.output_dir.name,
         disable_tqdm=True, remove_unused_columns=False, save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, torchrun ranks train with DDP over gloo (accelerate's MULTI_CPU needs use_cpu).
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and fault_world_size() > 1 else None,
     )
 
 
@@ -275,15 +338,20 @@ def tracker_run_id(output_dir: Path) -> str:
         existing = ""
     if existing:
         return existing
-    new = secrets.token_hex(4)
-    seam.atomic_write_bytes(p, (new + "\n").encode())
-    return new
+    # Several ranks may get here at once: create exclusively, and the losers read the winner's id.
+    tmp = p.with_name(f".{p.name}.{os.getpid()}")
+    tmp.write_text(secrets.token_hex(4) + "\n")
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return p.read_text().strip()
 
 
-def init_tracking(cfg: Config, run_id: str) -> list[str]:
+def init_tracking(cfg: Config, run_id: str) -> None:
     tr = cfg.tracking
-    if tr.backend != "wandb" or tr.mode == "disabled":
-        return []
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -291,7 +359,6 @@ def init_tracking(cfg: Config, run_id: str) -> list[str]:
                name=tr.run_name or cfg.output_dir.name, dir=str(seam.run_dir(cfg.output_dir)),
                settings=wandb.Settings(x_transaction_log_flush_interval=tr.flush_interval_s, console="off",
                                        x_disable_stats=True))
-    return ["wandb"]
 
 
 def finish_tracking(code: int) -> None:
@@ -309,6 +376,10 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
     boundary (the OOM hit in forward/backward or evaluation, not inside the optimizer step)."""
     ctx = trainer.ctx
     step = trainer.state.global_step
+    if trainer.args.world_size > 1:
+        log.warning("No emergency checkpoint: with several ranks the others may be inside a collective, "
+                    "so a coordinated save cannot be made; the newest committed checkpoint stands")
+        return None
     if step <= 0 or trainer.optimizer is None:
         log.warning("No emergency checkpoint: no optimizer step had completed")
         return None
@@ -334,9 +405,57 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
     return path
 
 
-def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest) -> int:
+@dataclass
+class Prepared:
+    """Everything that depends neither on the checkpoint nor on the batch size."""
+
+    splits: data_mod.Splits
+    model: torch.nn.Module
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Read the data and build a freshly initialised model (raises DataError)."""
+    set_seed(cfg.training.seed)
+    splits = data_mod.build(cfg)
+    return Prepared(splits=splits, model=model_mod.build(cfg, splits.class_names))
+
+
+def choose_checkpoint(cfg: Config, fingerprint: str, *, resume: bool,
+                      checkpoint: Path | None) -> tuple[Path | None, str | None, str]:
+    """Which checkpoint to resume, after validation and the resume guard (rank 0 only).
+
+    Returns (checkpoint or None, error reason or None, message).
+    """
+    out = cfg.output_dir
+    target: Path | None
+    if checkpoint is not None:
+        try:
+            ckpt.validate(checkpoint)
+        except ckpt.CheckpointInvalid as exc:
+            return None, seam.REASON_CONFIG_ERROR, f"checkpoint {checkpoint} is not usable: {exc}"
+        target = checkpoint
+        log.info("Training will resume from checkpoint: %s", target)
+    else:
+        target = ckpt.newest_good(out)
+        if target is not None:
+            log.info("%s: %s", "Training will resume from checkpoint" if resume else "Auto-detected checkpoint", target)
+        else:
+            log.info("No checkpoint found, starting from scratch")
+    try:
+        if target is not None:
+            guard.check(out, cfg, fingerprint)
+        else:
+            guard.record(out, cfg, fingerprint)
+    except guard.IncompatibleCheckpoint as exc:
+        return None, seam.REASON_INCOMPATIBLE, str(exc)
+    return target, None, ""
+
+
+def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest,
+        prepared: Prepared | None = None) -> int:
     """Train to the end or to a stop; return the exit code (the exit report is written)."""
     out = cfg.output_dir
+    main = fault_rank() == 0
     out.mkdir(parents=True, exist_ok=True)
     seam.run_dir(out).mkdir(exist_ok=True)
     parent = ParentWatch()
@@ -345,7 +464,7 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
     hb = Heartbeat(out, cfg.supervisor.heartbeat_interval_s, attempt=int(os.environ.get(seam.ENV_ATTEMPT, "0") or 0),
                    per_device_train_batch_size=t.per_device_train_batch_size,
                    gradient_accumulation_steps=t.gradient_accumulation_steps, global_step=0, max_steps=None,
-                   last_checkpoint=None)
+                   last_checkpoint=None, world_size=fault_world_size())
     hb.update(force=True)
     disk = DiskGuard(out, int(cfg.disk.reserve_mb * 2**20), cfg.disk.on_low, cfg.disk.recheck_s,
                      stop_requested=lambda: stop.requested or parent.parent_gone(),
@@ -357,58 +476,49 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
         fields = dict(step=None, last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
                       per_device_train_batch_size=t.per_device_train_batch_size,
                       gradient_accumulation_steps=t.gradient_accumulation_steps,
-                      tracker_run_id=ctx.tracker_run_id)
+                      tracker_run_id=ctx.tracker_run_id,
+                      gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                      checkpoint_bytes=ctx.last_ckpt_bytes, save_seconds=ctx.save_seconds)
         fields.update(extra)
         code = write_exit_report(out, reason, message, exc=exc, **fields)
         hb.update(state=seam.HB_EXITED, reason=reason, force=True)
         return code
 
-    ckpt.clean_staging(out)
-    set_seed(t.seed)
+    if main:
+        ckpt.clean_staging(out)
     try:
-        splits = data_mod.build(cfg)
+        prepared = prepared or prepare(cfg)
     except data_mod.DataError as exc:
         log.error("%s", exc)
         return report(seam.REASON_DATA_ERROR, str(exc))
+    tracking_on = cfg.tracking.backend == "wandb" and cfg.tracking.mode != "disabled"
+    # Under torchrun this also joins the process group.
+    args = training_arguments(cfg, ["wandb"] if tracking_on and main else [])
 
-    # Which checkpoint, if any.
-    target: Path | None = None
-    if checkpoint is not None:
-        try:
-            ckpt.validate(checkpoint)
-        except ckpt.CheckpointInvalid as exc:
-            msg = f"checkpoint {checkpoint} is not usable: {exc}"
-            log.error("%s", msg)
-            return report(seam.REASON_CONFIG_ERROR, msg)
-        target = checkpoint
-        log.info("Training will resume from checkpoint: %s", target)
-    else:
-        target = ckpt.newest_good(out)
-        if target is not None:
-            log.info("%s: %s", "Training will resume from checkpoint" if resume else "Auto-detected checkpoint", target)
-        else:
-            log.info("No checkpoint found, starting from scratch")
-    try:
-        if target is not None:
-            guard.check(out, cfg, splits.fingerprint)
-        else:
-            guard.record(out, cfg, splits.fingerprint)
-    except guard.IncompatibleCheckpoint as exc:
-        log.error("%s", exc)
-        return report(seam.REASON_INCOMPATIBLE, str(exc))
+    decision: tuple[str | None, str | None, str] = (None, None, "")
+    if main:
+        target, reason, message = choose_checkpoint(cfg, prepared.splits.fingerprint, resume=resume,
+                                                    checkpoint=checkpoint)
+        decision = (str(target) if target else None, reason, message)
+    target_s, reason, message = broadcast_from_main(decision)
+    if reason is not None:
+        log.error("%s", message)
+        return report(reason, message)
+    target = Path(target_s) if target_s else None
     ctx.last_checkpoint = target
     if target is not None:
         ctx.last_ckpt_bytes = ckpt.dir_bytes(target)
     hb.update(last_checkpoint=str(target) if target else None)
 
-    model = model_mod.build(cfg, splits.class_names)
-    ctx.tracker_run_id = tracker_run_id(out)
-    hb.update(tracker_run_id=ctx.tracker_run_id)
-    report_to = init_tracking(cfg, ctx.tracker_run_id)
-    stop.install()  # again: wandb.init may have installed handlers of its own
+    if main:
+        ctx.tracker_run_id = tracker_run_id(out)
+        hb.update(tracker_run_id=ctx.tracker_run_id)
+        if tracking_on:
+            init_tracking(cfg, ctx.tracker_run_id)
+            stop.install()  # again: wandb.init may have installed handlers of its own
 
-    trainer = SupervisedTrainer(model=model, args=training_arguments(cfg, report_to), train_dataset=splits.train,
-                                eval_dataset=splits.eval, compute_metrics=compute_metrics,
+    trainer = SupervisedTrainer(model=prepared.model, args=args, train_dataset=prepared.splits.train,
+                                eval_dataset=prepared.splits.eval, compute_metrics=compute_metrics,
                                 callbacks=[SupervisionCallback(ctx)], ctx=ctx)
     oom_info: tuple[str, str, list[str]] | None = None
     try:
@@ -459,15 +569,19 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
         metrics = evals[-1] if evals else (trainer.evaluate() if trainer.eval_dataset is not None else {})
         final = out / "model"
         staging = out / ".staging-model"
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
         trainer.save_model(str(staging))
-        if final.exists():
-            ckpt.set_aside(final, "replaced by the model of a later completed run")
-        os.rename(staging, final)
+        barrier()
+        if main:
+            if final.exists():
+                ckpt.set_aside(final, "replaced by the model of a later completed run")
+            os.rename(staging, final)
         log.info("Training complete: step %d/%d, %s; final model in %s", state.global_step, state.max_steps,
                  {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, final)
         code = report(seam.REASON_COMPLETED, f"completed {state.global_step} steps", step=state.global_step,
-                      max_steps=state.max_steps, metrics=metrics, save_seconds=ctx.save_seconds)
+                      max_steps=state.max_steps, metrics=metrics)
         finish_tracking(code)
         return code
     # train() returns normally after a requested stop: the step count, not the return, decides.

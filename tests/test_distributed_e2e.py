@@ -1,0 +1,104 @@
+"""The worker under torchrun: 2 CPU ranks over gloo, real kills, exact resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, heartbeat, wait_for, worker_env
+from tests.test_worker_e2e import max_abs_diff, write_cfg
+
+pytestmark = pytest.mark.e2e
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "--max-restarts=0", "-m", "worker"]
+TIMEOUT = 180
+# 2 ranks x 16 = 32 samples per step: 10 steps per epoch, 4 epochs.
+TWO_RANKS = {"training": {"num_train_epochs": 4, "save_steps": 5}}
+
+
+def torchrun(cfg: Path, *extra: str, env: dict | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([*TORCHRUN, str(cfg), *extra], cwd=REPO, env=env or worker_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(p: subprocess.Popen[str]) -> str:
+    out, _ = p.communicate(timeout=TIMEOUT)
+    return out
+
+
+def rank_reports(out: Path) -> dict[int, dict]:
+    reports = {}
+    for f in (out / "run").glob("exit_report.rank*.json"):
+        r = json.loads(f.read_text())
+        reports[r["rank"]] = r
+    return reports
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    return [c.pid for c in psutil.Process(launcher_pid).children() if "worker" in " ".join(c.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ref2")
+    cfg = write_cfg(d / "c.yaml", TWO_RANKS)
+    p = torchrun(cfg)
+    log = finish(p)
+    assert p.returncode == 0, log[-3000:]
+    return d / "out" / "checkpoint-40"
+
+
+def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path: Path, two_rank_reference: Path) -> None:
+    cfg = write_cfg(tmp_path / "c.yaml", TWO_RANKS)
+    out = tmp_path / "out"
+    p = torchrun(cfg)
+    wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 12, TIMEOUT, "step 12", interval=0.005)
+    victim = max(rank_pids(p.pid))
+    psutil.Process(victim).kill()  # SIGKILL one rank: the whole job must go down
+    finish(p)
+    assert p.returncode != 0 and not (out / "checkpoint-40").exists()
+    ckpt_dir = max(out.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f.name for f in ckpt_dir.iterdir()}
+    p = torchrun(cfg, "--resume")
+    log = finish(p)
+    assert p.returncode == 0, log[-3000:]
+    assert max_abs_diff(out / "checkpoint-40", two_rank_reference) == 0.0
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"num_train_epochs": 4, "save_steps": 100}})
+    out = tmp_path / "out"
+    p = torchrun(cfg)
+    wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 4, TIMEOUT, "step 4", interval=0.005)
+    p.send_signal(signal.SIGTERM)
+    finish(p)
+    reports = rank_reports(out)
+    assert set(reports) == {0, 1}
+    steps = {r["step"] for r in reports.values()}
+    assert {r["reason"] for r in reports.values()} == {"interrupted"} and len(steps) == 1
+    step = steps.pop()
+    ck = out / f"checkpoint-{step}"
+    from worker import checkpoint as ckpt
+
+    ckpt.validate(ck)
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f.name for f in ck.iterdir()}
+
+
+def test_real_allocator_oom_on_one_rank_is_reported_by_that_rank(tmp_path: Path) -> None:
+    over = {"model": {"scratch": {"image_size": 32}}, "data": {"limit": None},
+            "training": {"per_device_train_batch_size": 1024, "max_steps": 3}}
+    cfg = write_cfg(tmp_path / "c.yaml", over)
+    out = tmp_path / "out"
+    p = torchrun(cfg, env=worker_env(VIT_MEMORY_HEADROOM_MB="400", VIT_MEMORY_HEADROOM_RANKS="1"))
+    log = finish(p)
+    assert p.returncode != 0
+    reports = rank_reports(out)
+    assert reports[1]["reason"] == "oom", log[-3000:]
+    assert reports[1]["per_device_train_batch_size"] == 1024 and reports[1]["world_size"] == 2
