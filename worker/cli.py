@@ -19,7 +19,7 @@ from pathlib import Path
 
 from supervisor import seam
 from supervisor.schema import ConfigError, load_config
-from worker.fault import StopRequest, write_exit_report
+from worker.fault import StopRequest, set_process_name, write_exit_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()
     stop.install()  # a Ctrl+C during start-up must not become a traceback
     args = parse_args(argv)
+    set_process_name("vit-standby" if args.standby else "vit-train")
     try:
         cfg = load_config(args.config)
         for name, value in (("per_device_train_batch_size", args.per_device_train_batch_size),

@@ -221,3 +221,12 @@ def set_memory_headroom_from_env() -> int | None:
     limit = pages * os.sysconf("SC_PAGE_SIZE") + int(float(raw) * 2**20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return limit
+
+
+def set_process_name(name: str) -> None:
+    """Show as ``name`` in ps/top (Linux comm, at most 15 bytes); best effort."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass

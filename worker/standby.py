@@ -34,7 +34,7 @@ from typing import Any
 
 from supervisor import seam
 from supervisor.schema import Config
-from worker.fault import StopRequest, write_exit_report
+from worker.fault import StopRequest, set_process_name, write_exit_report
 
 log = logging.getLogger("vit_train")
 
@@ -94,6 +94,7 @@ def serve(cfg: Config, stop: StopRequest) -> int:
     except ValueError:
         log.error("Standby got a malformed go: %r", line[:200])
         return seam.EXIT_CRASH
+    set_process_name("vit-train")
     _apply_go(cfg, go)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import random
@@ -291,8 +292,23 @@ class SupervisionCallback(TrainerCallback):
                              force=ctx.stop.requested)
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-        if logs and "loss" in logs:
+        if not logs:
+            return
+        if "loss" in logs:
             self._last_loss = float(logs["loss"])
+        if state.is_world_process_zero:
+            # Every attempt appends here, steps that a restart redoes included: the run report
+            # draws one curve across attempts from it. JSON lines survive a kill mid-write.
+            row = {"time": time.time(), "attempt": int(os.environ.get(seam.ENV_ATTEMPT, "0") or 0),
+                   "step": state.global_step, "epoch": state.epoch,
+                   "per_device_train_batch_size": args.per_device_train_batch_size,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                   **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            try:
+                with open(seam.run_dir(self.ctx.output_dir) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError:
+                pass
 
 
 def compute_metrics(pred: Any) -> dict[str, float]:

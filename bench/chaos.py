@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""Chaos run: train under ``vit-supervisor start`` while injecting real faults on a seeded schedule.
+
+    python bench/chaos.py                      # 20+ faults of every kind, prints a table, exit 1 on any miss
+    python bench/chaos.py --faults 30 --seed 7
+    python bench/chaos.py --short              # the quick version the test suite runs
+
+Faults, all by real mechanisms: SIGKILL, SIGTERM and SIGINT to the worker; a real
+allocator out-of-memory (the worker's address space is capped with prlimit(2)
+while it trains, so its next allocation fails in torch's CPU allocator); SIGKILL
+in the middle of a checkpoint save; a hang (SIGSTOP); SIGKILL of the supervisor
+followed by a new ``start``; a truncated newest checkpoint; a full disk (the run
+lives on a small tmpfs that a ballast file fills, then frees).
+
+Checks, each a loud failure:
+  - the run completed the configured steps;
+  - while the batch was unchanged, every checkpoint the chaos run committed is
+    bit-identical to the uninterrupted reference run's checkpoint of the same step;
+  - after out-of-memory batch changes the effective batch never changed and the final
+    eval metric is within --tolerance of the reference;
+  - exactly one tracker run id; no checkpoint loaded that did not validate;
+  - never two workers at once; the global step never went back by more than the save
+    interval (twice that right after a deliberately corrupted checkpoint).
+Figures per fault type: count, detection latency (fault → supervisor acts), recovery
+time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
+time ÷ chaos wall time) and lost-work share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from supervisor import seam  # noqa: E402
+
+PY = sys.executable
+KINDS = ["sigkill", "sigterm", "sigint", "kill_during_save", "hang", "supervisor_kill", "truncate_checkpoint",
+         "low_disk", "oom"]
+BATCH_CHANGING = {"oom"}
+
+
+def config(out: Path, steps: int, save_steps: int, keep: int | None, tracking: bool) -> dict[str, Any]:
+    return {
+        "model": {"model_name": "scratch", "num_labels": 10,
+                  "scratch": {"image_size": 8, "patch_size": 2, "num_channels": 1, "hidden_size": 64,
+                              "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}},
+        "data": {"source": "digits", "train_test_split": 0.25, "random_seed": 7, "limit": 640},
+        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 16,
+                     "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 160, "learning_rate": 2e-3,
+                     "warmup_ratio": 0.05, "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 30,
+                     "save_strategy": "steps", "save_steps": save_steps, "save_total_limit": keep, "seed": 3},
+        "tracking": {"backend": "wandb" if tracking else "none", "mode": "offline"},
+        "disk": {"reserve_mb": 2, "on_low": "wait", "recheck_s": 0.2},
+        "supervisor": {"backoff_initial_s": 0.0, "backoff_max_s": 1.0, "max_failures_without_progress": 6,
+                       "hang_timeout_s": 4.0, "startup_timeout_s": 120, "eval_timeout_s": 60, "term_grace_s": 3,
+                       "heartbeat_interval_s": 0.0, "min_per_device_batch": 2},
+    }
+
+
+@dataclass
+class Event:
+    kind: str
+    t: float
+    step: int
+    pid: int
+    detail: str = ""
+    wall: float = field(default_factory=time.time)
+    detected: float | None = None
+    recovered: float | None = None
+    resumed_from: int | None = None
+
+
+@dataclass
+class Watch:
+    """Polls the heartbeat and the process table in a thread: the ground truth of the run."""
+
+    out: Path
+    cfg_path: Path
+    steps: list[tuple[float, int, int]] = field(default_factory=list)  # (time, pid, step)
+    max_workers: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        hb_path = seam.heartbeat_path(self.out)
+        last = None
+        while not self.stop.is_set():
+            hb = seam.read_json(hb_path) or {}
+            key = (hb.get("pid"), hb.get("global_step"))
+            if hb.get("global_step") is not None and key != last:
+                self.steps.append((time.monotonic(), hb["pid"], hb["global_step"]))
+                last = key
+            self.max_workers = max(self.max_workers, count_workers(self.cfg_path))
+            time.sleep(0.01)
+
+    def step_now(self) -> tuple[int | None, int]:
+        hb = seam.read_json(seam.heartbeat_path(self.out)) or {}
+        return hb.get("pid"), int(hb.get("global_step") or 0)
+
+    def first_step_after(self, t: float, not_pid: int | None) -> tuple[float, int] | None:
+        """The first new optimizer step by another process than ``not_pid`` after ``t``."""
+        seen: dict[int, int] = {}
+        for ts, pid, step in self.steps:
+            if pid == not_pid:
+                continue
+            if ts < t:
+                continue
+            if pid in seen and step > seen[pid]:
+                return ts, step
+            seen.setdefault(pid, step)
+        return None
+
+
+def count_workers(cfg_path: Path) -> int:
+    """Training processes of this run. Workers name themselves ``vit-train`` (an idle standby is
+    ``vit-standby`` until its go); DataLoader children inherit the name and are skipped."""
+    n = 0
+    for p in psutil.process_iter(["cmdline", "name", "ppid", "status"]):
+        try:
+            if p.info["name"] != "vit-train" or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if str(cfg_path) not in (p.info["cmdline"] or []):
+                continue
+            if psutil.Process(p.info["ppid"]).name() == "vit-train":
+                continue
+            n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return n
+
+
+def mount_tmpfs(path: Path, mb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def supervisor(cfg_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    # A fixed mmap threshold makes every sizeable allocation a fresh mapping, so a worker whose
+    # address space gets capped (the OOM fault) fails on its next one instead of reusing freed heap.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               XDG_STATE_HOME=str(log.parent / "state"), MALLOC_MMAP_THRESHOLD_="65536")
+    return subprocess.Popen([PY, "-m", "supervisor.cli", "start", str(cfg_path)], cwd=REPO, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait(pred: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.005)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def schedule(n: int, rng: random.Random, kinds: list[str]) -> list[str]:
+    """Every kind at least once; batch-changing faults last so exactness can be checked before them."""
+    plain = [k for k in kinds if k not in BATCH_CHANGING]
+    changing = [k for k in kinds if k in BATCH_CHANGING]
+    body = list(plain)
+    while len(body) + len(changing) < n:
+        body.append(rng.choice([k for k in plain if k not in ("low_disk", "supervisor_kill")] or plain))
+    rng.shuffle(body)
+    return body + changing
+
+
+def newest_ckpt(out: Path) -> Path | None:
+    c = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(c)[1] if c else None
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--faults", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (default: 14 per fault)")
+    ap.add_argument("--save-steps", type=int, default=6)
+    ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
+    ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-tracking", action="store_true")
+    ap.add_argument("--report", action="store_true", help="render the run report (PNG + HTML) at the end")
+    a = ap.parse_args(argv)
+    rng = random.Random(a.seed)
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="vit-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    kinds = list(KINDS)
+    if a.short:
+        kinds = ["sigkill", "sigterm", "kill_during_save", "truncate_checkpoint", "oom"]
+        a.faults = len(kinds)
+    disk = work / "disk"
+    mounted = "low_disk" in kinds and mount_tmpfs(disk, 96)
+    if not mounted and "low_disk" in kinds:
+        kinds.remove("low_disk")
+        print("chaos: cannot mount a tmpfs here (needs root); skipping the low-disk fault", file=sys.stderr)
+    base = disk if mounted else work
+    steps = a.steps or max(120, 14 * a.faults)
+    faults = schedule(a.faults, rng, kinds)
+    try:
+        return run(a, work, base, steps, faults, rng)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[str], rng: random.Random) -> int:
+    tracking = not a.no_tracking
+    ref_out, out = work / "reference", base / "chaos"
+    ref_cfg, cfg_path = work / "reference.yaml", work / "chaos.yaml"
+    ref_cfg.write_text(yaml.safe_dump(config(ref_out, steps, a.save_steps, None, False)))
+    cfg_path.write_text(yaml.safe_dump(config(out, steps, a.save_steps, 3, tracking)))
+    print(f"chaos: {len(faults)} faults over {steps} steps, save every {a.save_steps}; work dir {work}", flush=True)
+
+    t0 = time.monotonic()
+    r = subprocess.run([PY, "-m", "worker", str(ref_cfg)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ref_wall = time.monotonic() - t0
+    if r.returncode != 0:
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        raise SystemExit("chaos: the reference run failed")
+    ref_report = json.loads((ref_out / "run" / "exit_report.json").read_text())
+    print(f"chaos: reference run {ref_wall:.1f}s", flush=True)
+
+    watch = Watch(out, cfg_path)
+    th = threading.Thread(target=watch.run, daemon=True)
+    th.start()
+    sup_log = work / "supervisor.log"
+    t_start = time.monotonic()
+    sup = supervisor(cfg_path, sup_log)
+    events: list[Event] = []
+    misses: list[str] = []
+    truncated: set[str] = set()
+    exact_checked = 0
+    batch_changed = False
+    oom_budget = 2
+    try:
+        for kind in faults:
+            if kind == "oom" and oom_budget == 0:
+                kind = "sigkill"
+            # Let the current worker make some progress first.
+            pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
+            target = s0 + rng.randint(2, 2 * a.save_steps)
+            if target >= steps - 3:
+                print(f"chaos: out of steps before fault {len(events) + 1} ({kind}); ending the schedule")
+                break
+            pid, step = wait(lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}")
+            if not batch_changed:
+                exact_checked += check_exact(out, ref_out, misses)
+            ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
+            if ev.kind == "supervisor_kill":
+                sup = ev.detail_proc  # type: ignore[attr-defined]
+            if kind == "oom":
+                oom_budget -= 1
+                batch_changed = True
+            events.append(ev)
+            print(f"chaos: {len(events):2d} {ev.kind:<20s} at step {ev.step:4d} {ev.detail}", flush=True)
+        code = sup.wait(timeout=1200)
+    finally:
+        watch.stop.set()
+        th.join()
+        if sup.poll() is None:
+            sup.kill()
+    chaos_wall = time.monotonic() - t_start
+    state = seam.read_json(seam.state_path(out)) or {}
+    attempts = state.get("attempts") or []
+    finish_events(events, attempts, watch)
+    check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
+    print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked)
+    if a.report:
+        from supervisor.report import render
+
+        png, page = render(out)
+        shutil.copy(png, work / "report.png")
+        print(f"chaos: report {png} and {page}")
+    if misses:
+        print("\nCHAOS FAILED:")
+        for m in misses:
+            print("  -", m)
+        return 1
+    print(f"\nchaos: all checks passed ({len(events)} faults)")
+    return 0
+
+
+def inject(kind: str, out: Path, cfg_path: Path, pid: int, step: int, sup: subprocess.Popen[bytes],
+           watch: Watch, truncated: set[str], work: Path) -> Event:
+    now = time.monotonic
+    if kind in ("sigkill", "sigterm", "sigint"):
+        sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[kind]
+        ev = Event(kind, now(), step, pid)
+        os.kill(pid, sig)
+        return ev
+    if kind == "kill_during_save":
+        hb = wait(lambda: (h := seam.read_json(seam.heartbeat_path(out)) or {}).get("state") == "saving"
+                  and h.get("pid") == pid and h, 120, "a save")
+        ev = Event(kind, now(), hb["global_step"], pid)
+        os.kill(pid, signal.SIGKILL)
+        mid = bool(list(out.glob(".staging-checkpoint-*")))
+        ev.detail = "(landed mid-save)" if mid else "(save had just finished)"
+        return ev
+    if kind == "hang":
+        ev = Event(kind, now(), step, pid)
+        os.kill(pid, signal.SIGSTOP)
+        return ev
+    if kind == "oom":
+        # Cap the running worker's address space just above what it uses: its next sizeable
+        # allocation fails inside torch's CPU allocator, exactly as a real OOM does.
+        vsz = psutil.Process(pid).memory_info().vms
+        lim = vsz + (1 << 20)
+        ev = Event(kind, now(), step, pid, detail=f"(address space capped at {lim >> 20} MiB)")
+        resource.prlimit(pid, resource.RLIMIT_AS, (lim, lim))
+        return ev
+    if kind == "truncate_checkpoint":
+        ck = newest_ckpt(out)
+        ev = Event(kind, now(), step, pid)
+        if ck is not None:
+            f = ck / "model.safetensors"
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+            truncated.add(ck.name)
+            ev.detail = f"({ck.name}/model.safetensors cut in half, then SIGKILL)"
+        os.kill(pid, signal.SIGKILL)
+        return ev
+    if kind == "supervisor_kill":
+        ev = Event(kind, now(), step, pid)
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.wait()
+        new = supervisor(cfg_path, work / "supervisor.log")
+        ev.detail = f"(supervisor {sup.pid} killed; new supervisor {new.pid})"
+        ev.detail_proc = new  # type: ignore[attr-defined]
+        return ev
+    if kind == "low_disk":
+        ballast = out.parent / "ballast"
+        st = os.statvfs(out)
+        free = st.f_bavail * st.f_frsize
+        ev = Event(kind, now(), step, pid)
+        with open(ballast, "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * max(0, free - (1 << 20)))
+        try:
+            wait(lambda: (seam.read_json(seam.heartbeat_path(out)) or {}).get("state") == "waiting_for_disk", 60,
+                 "waiting_for_disk")
+            ev.detected = now()
+            time.sleep(0.5)  # hold the disk full for a moment: training must stay paused
+        finally:
+            ballast.unlink()
+        ev.detail = "(tmpfs filled by a ballast file, freed after the pause)"
+        ev.freed = now()  # type: ignore[attr-defined]
+        return ev
+    raise ValueError(kind)
+
+
+def finish_events(events: list[Event], attempts: list[dict[str, Any]], watch: Watch) -> None:
+    for ev in events:
+        if ev.kind == "low_disk":
+            nxt = next((ts for ts, p, s in watch.steps if ts > ev.freed and s > ev.step), None)  # type: ignore
+            ev.recovered = nxt
+            continue
+        att = next((x for x in attempts if x.get("pid") == ev.pid), None)
+        if att is not None and att.get("end"):
+            ev.detected = ev.t + max(0.0, att["end"] - ev.wall)  # state.json times are wall clock
+        nxt = watch.first_step_after(ev.t, ev.pid)
+        if nxt is not None:
+            ev.recovered, _ = nxt
+        following = [x for x in attempts if x.get("start") and att is not None and x["attempt"] > att["attempt"]]
+        if following:
+            ev.resumed_from = following[0].get("step_start")
+            if att.get("step_reached") is not None:
+                ev.step = max(ev.step, int(att["step_reached"]))  # the step the worker really died at
+
+
+def check_exact(out: Path, ref_out: Path, misses: list[str]) -> int:
+    ck = newest_ckpt(out)
+    if ck is None:
+        return 0
+    ref = ref_out / ck.name
+    try:
+        same = weights_equal(ck, ref)
+    except Exception:
+        return 0  # racing a rotation or a truncation; the next check covers it
+    if not same:
+        misses.append(f"{ck.name} differs from the uninterrupted reference run's {ref.name}")
+    return 1
+
+
+def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dict[str, Any], state: dict[str, Any],
+                code: int, watch: Watch, events: list[Event], truncated: set[str], misses: list[str],
+                tracking: bool, steps: int) -> None:
+    if code != 0 or state.get("state") != "completed":
+        misses.append(f"supervisor ended with exit {code}, state {state.get('state')}: {state.get('last_error')}")
+    reports = sorted((out / "run").glob("exit-*.json"), key=lambda p: p.stat().st_mtime)
+    final = json.loads(reports[-1].read_text()) if reports else {}
+    if final.get("reason") != "completed" or final.get("step") != steps:
+        misses.append(f"final exit report is {final.get('reason')} at step {final.get('step')}, wanted completed at {steps}")
+    attempts = state.get("attempts") or []
+    eff = {(x.get("per_device_train_batch_size") or 0) * (x.get("gradient_accumulation_steps") or 0) for x in attempts}
+    if len(eff) != 1:
+        misses.append(f"the effective batch changed across attempts: {sorted(eff)}")
+    if any(e.kind == "oom" for e in events):
+        ra = ref_report.get("metrics", {}).get("eval_accuracy")
+        ca = final.get("metrics", {}).get("eval_accuracy")
+        if ra is None or ca is None or abs(ra - ca) > a.tolerance:
+            misses.append(f"final eval accuracy {ca} vs reference {ra}: beyond tolerance {a.tolerance}")
+    elif (out / f"checkpoint-{steps}").is_dir() and not weights_equal(out / f"checkpoint-{steps}",
+                                                                    ref_out / f"checkpoint-{steps}"):
+        misses.append("final weights differ from the reference although no fault changed the batch")
+    if tracking:
+        ids = {p.name.rsplit("-", 1)[-1] for p in (out / "run" / "wandb").glob("offline-run-*")}
+        if len(ids) != 1:
+            misses.append(f"tracker run ids: {sorted(ids)} (wanted exactly one)")
+    # No checkpoint was loaded that did not validate: every "resume from" line names a checkpoint
+    # that was not corrupted at that time; the corrupted ones must have been set aside.
+    for log in (out / "run" / "logs").glob("attempt-*.log"):
+        for m in re.finditer(r"resume from checkpoint: (\S+)", log.read_text(errors="replace")):
+            if Path(m.group(1)).name in truncated and Path(m.group(1)).is_dir():
+                misses.append(f"{log.name} resumed from {m.group(1)}, which had been corrupted")
+    aside = {p.name.split(".")[0] for p in (out / "set-aside").glob("checkpoint-*")} if (out / "set-aside").is_dir() else set()
+    for name in truncated:
+        if name not in aside and (out / name).is_dir():
+            misses.append(f"corrupted {name} was neither set aside nor replaced")
+    if watch.max_workers > 1:
+        misses.append(f"{watch.max_workers} workers ran at once")
+    prev = None
+    for ev in events:
+        if ev.resumed_from is None:
+            continue
+        allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)
+        if ev.step - ev.resumed_from > allowed:
+            misses.append(f"{ev.kind} at step {ev.step} resumed from {ev.resumed_from}: "
+                          f"lost more than {allowed} steps")
+        prev = ev
+    del prev
+
+
+def print_table(events: list[Event], ref_wall: float, chaos_wall: float, steps: int, watch: Watch,
+                exact_checked: int) -> None:
+    print(f"\n{'fault':<20} {'count':>5} {'detect s':>9} {'recover s':>10} {'steps lost':>11}")
+    lost_total = 0
+    for kind in KINDS:
+        evs = [e for e in events if e.kind == kind]
+        if not evs:
+            continue
+        det = [e.detected - e.t for e in evs if e.detected is not None]
+        rec = [e.recovered - e.t for e in evs if e.recovered is not None]
+        lost = [e.step - e.resumed_from for e in evs if e.resumed_from is not None]
+        lost_total += sum(lost)
+
+        def med(xs: list[float]) -> str:
+            return f"{statistics.median(xs):.2f}" if xs else "-"
+
+        print(f"{kind:<20} {len(evs):>5} {med(det):>9} {med(rec):>10} "
+              f"{(f'{sum(lost)} ({max(lost)} max)' if lost else '-'):>11}")
+    goodput = ref_wall / chaos_wall if chaos_wall else 0.0
+    print(f"\nreference wall {ref_wall:.1f}s, chaos wall {chaos_wall:.1f}s: goodput {goodput:.2f}; "
+          f"{lost_total} of {steps + lost_total} optimizer steps were redone "
+          f"(lost-work share {lost_total / (steps + lost_total):.1%}); exactness checked at {exact_checked} "
+          f"checkpoints; most workers at once: {watch.max_workers}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

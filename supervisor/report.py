@@ -1,0 +1,174 @@
+"""``vit-supervisor report``: one picture of a whole run, across every attempt.
+
+Reads ``run/metrics.jsonl`` (every logged loss and eval metric, appended by each
+attempt, steps a restart redid included) and ``run/state.json`` (the attempts
+with their reasons), and writes ``run/report.png`` and ``run/report.html``
+(the picture embedded, plus a table of attempts).
+
+The picture: training loss and the eval metric against global step, one colour
+per attempt, a vertical marker at each restart labelled with why the previous
+attempt ended, and the per-device batch size in force underneath. A continuous
+curve with markers is what a healthy supervised run looks like; a gap or a
+jump back is lost work, and the table says how much.
+
+matplotlib is imported here only, so ``status`` stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor import seam
+
+
+@dataclass
+class RunData:
+    rows: list[dict[str, Any]]
+    attempts: list[dict[str, Any]]
+    state: dict[str, Any]
+
+
+def load(output_dir: Path) -> RunData:
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(seam.run_dir(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a kill
+    except OSError:
+        pass
+    state = seam.read_json(seam.state_path(output_dir)) or {}
+    return RunData(rows=rows, attempts=list(state.get("attempts") or []), state=state)
+
+
+def summary(data: RunData) -> list[dict[str, Any]]:
+    """Per attempt: how it ended and what the restart after it cost."""
+    out = []
+    atts = data.attempts
+    for i, a in enumerate(atts):
+        nxt = atts[i + 1] if i + 1 < len(atts) else None
+        downtime = None
+        redone = None
+        if nxt is not None and a.get("end") and nxt.get("start"):
+            downtime = max(0.0, float(nxt["start"]) - float(a["end"]))
+            if a.get("step_reached") is not None and nxt.get("step_start") is not None:
+                redone = max(0, int(a["step_reached"]) - int(nxt["step_start"]))
+        out.append({**a, "downtime_s": downtime, "steps_redone": redone})
+    return out
+
+
+def metric_key(rows: list[dict[str, Any]]) -> str | None:
+    for key in ("eval_f1", "eval_accuracy", "eval_loss"):
+        if any(key in r for r in rows):
+            return key
+    return None
+
+
+def render(output_dir: Path) -> tuple[Path, Path]:
+    """Write report.png and report.html into ``output_dir/run``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = load(output_dir)
+    if not data.rows and not data.attempts:
+        raise FileNotFoundError(f"nothing to report in {output_dir}: no run/metrics.jsonl and no run/state.json")
+    rows = data.rows
+    atts = summary(data)
+    fig, (ax, axb) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    attempt_ids = sorted({r.get("attempt", 0) for r in rows} | {a.get("attempt", 0) for a in atts})
+    colour_of = {a: colours[i % len(colours)] for i, a in enumerate(attempt_ids)}
+    mkey = metric_key(rows)
+    ax2 = ax.twinx() if mkey else None
+    for a in attempt_ids:
+        pts = sorted((r["step"], r["loss"]) for r in rows if r.get("attempt", 0) == a and "loss" in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour_of[a], lw=1.6,
+                    label=f"attempt {a}")
+        if ax2 is not None:
+            ev = sorted((r["step"], r[mkey]) for r in rows if r.get("attempt", 0) == a and mkey in r)
+            if ev:
+                ax2.plot([p[0] for p in ev], [p[1] for p in ev], "o", color=colour_of[a], ms=5, mfc="white")
+    for prev, a in zip(atts, atts[1:]):
+        x = a.get("step_start") or 0
+        why = prev.get("reason") or "?"
+        ax.axvline(x, color="0.35", ls="--", lw=1)
+        axb.axvline(x, color="0.35", ls="--", lw=1)
+        label = f"restart {a.get('attempt')}: {why}"
+        if prev.get("exit"):
+            label += f"\n({prev['exit']})"
+        if prev.get("downtime_s") is not None:
+            label += f"\n{prev['downtime_s']:.1f}s down"
+        ax.annotate(label, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4),
+                    textcoords="offset points", va="top", fontsize=8, color="0.2", rotation=0)
+    ax.set_ylabel("training loss")
+    if ax2 is not None:
+        ax2.set_ylabel(f"{mkey} (circles)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    # Batch size in force, as a step function over the steps each attempt covered.
+    for a in atts:
+        start = a.get("step_start") or 0
+        end = a.get("step_reached")
+        if end is None:
+            steps = [r["step"] for r in rows if r.get("attempt") == a.get("attempt")]
+            end = max(steps) if steps else start
+        b = a.get("per_device_train_batch_size")
+        if b:
+            axb.plot([start, max(end, start)], [b, b], color=colour_of.get(a.get("attempt", 0), "k"), lw=3)
+            axb.annotate(f"{b}×{a.get('gradient_accumulation_steps')}", xy=(start, b), xytext=(2, 3),
+                         textcoords="offset points", fontsize=7)
+    if not atts:
+        for a in attempt_ids:
+            pts = [(r["step"], r.get("per_device_train_batch_size")) for r in rows if r.get("attempt", 0) == a]
+            if pts:
+                axb.plot([p[0] for p in pts], [p[1] for p in pts], color=colour_of[a], lw=3)
+    axb.set_ylabel("per-device\nbatch")
+    axb.set_xlabel("global step")
+    axb.grid(alpha=0.3)
+    st = data.state
+    lost = sum(a["downtime_s"] or 0 for a in atts)
+    redone = sum(a["steps_redone"] or 0 for a in atts)
+    title = (f"{Path(output_dir).name}: {st.get('state', 'no supervisor state')}, {len(atts)} attempt(s), "
+             f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s down, {redone} step(s) redone")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    rd = seam.run_dir(output_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    png = rd / "report.png"
+    tmp = rd / ".report.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(png)
+    page = _html(title, png.read_bytes(), atts)
+    seam.atomic_write_bytes(rd / "report.html", page.encode())
+    return png, rd / "report.html"
+
+
+def _html(title: str, png: bytes, atts: list[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            v = f"{v:.1f}"
+        return f"<td>{html.escape('' if v is None else str(v))}</td>"
+
+    cols = ["attempt", "pid", "reason", "exit", "step_start", "step_reached", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "downtime_s", "steps_redone", "message"]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(cell(a.get(c)) for c in cols) + "</tr>" for a in atts)
+    img = base64.b64encode(png).decode()
+    return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}</style>"
+            f"<h1>{html.escape(title)}</h1><img alt='run report' src='data:image/png;base64,{img}'>"
+            f"<h2>Attempts</h2><table><tr>{head}</tr>{body}</table>"
+            f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by vit-supervisor report.</p>")
