@@ -182,3 +182,20 @@ def describe_exit(returncode: int) -> str:
         return f"killed by {name}"
     reason = REASON_BY_CODE.get(returncode)
     return f"exit {returncode}" + (f" ({reason})" if reason else "")
+
+
+# ----------------------------------------------------------------------------- checkpoints (supervisor's view)
+
+
+def newest_checkpoint_step(output_dir: str | os.PathLike[str]) -> int:
+    """Step of the newest ``checkpoint-N`` folder, -1 if none (the worker decides which one is good)."""
+    best = -1
+    try:
+        for entry in os.scandir(output_dir):
+            if entry.name.startswith("checkpoint-") and entry.is_dir():
+                tail = entry.name[len("checkpoint-"):]
+                if tail.isdigit():
+                    best = max(best, int(tail))
+    except OSError:
+        pass
+    return best

@@ -1,0 +1,250 @@
+"""The supervisor's only door to the operating system: processes, signals, clock, disk, wake-ups.
+
+:class:`RealOS` is the production object; tests/test_state_machine.py drives
+the state machine with a fake of the same shape (fake clock, fake children).
+
+Waiting is event driven, never a busy poll: one self-pipe wakes the main loop.
+Writers are a thread blocked in ``Popen.wait`` per child (exit), watchdog's
+inotify observer (heartbeat and checkpoint changes) and ``signal.set_wakeup_fd``
+(signals). The loop sleeps in ``select`` on the pipe with a timeout that is its
+next deadline (hang check, backoff, escalation, systemd watchdog ping).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+
+class OS(Protocol):
+    """What the state machine needs from the operating system."""
+
+    def monotonic(self) -> float: ...
+    def time(self) -> float: ...
+    def wait(self, timeout: float) -> None:
+        """Sleep until something may have happened (child exit, file change, signal) or ``timeout``."""
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
+        """Start a child in its own session, output to ``log_path``; return (pid, create_time)."""
+    def exit_status(self, pid: int) -> int | None:
+        """The child's return code once it has exited, else None (never blocks)."""
+    def kill(self, pid: int, sig: int, *, group: bool = False) -> bool:
+        """Send a signal; False if the process is already gone."""
+    def alive(self, pid: int, create_time: float | None) -> bool:
+        """Whether ``pid`` is still the process that started at ``create_time`` (any parent)."""
+    def free_disk(self, path: Path) -> int: ...
+    def oom_kills(self) -> int:
+        """Kernel plus cgroup OOM-kill counters (only their movement matters)."""
+
+
+class RealOS:
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._codes: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ waking
+
+    @property
+    def wake_fd(self) -> int:
+        """Write end of the self-pipe; ``signal.set_wakeup_fd`` points here."""
+        return self._w
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already guarantees a wake-up
+
+    def wait(self, timeout: float) -> None:
+        try:
+            ready, _, _ = select.select([self._r], [], [], max(0.0, timeout))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            return
+        if ready:
+            try:
+                while os.read(self._r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ clock
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    # ------------------------------------------------------------------ children
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            # Own session: a terminal's Ctrl+C reaches only the supervisor, which decides what the
+            # worker gets. Spawned from the main thread on purpose: PR_SET_PDEATHSIG in the worker
+            # fires when the *thread* that forked it exits, not only the process.
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)
+        try:
+            created = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            created = time.time()
+        with self._lock:
+            self._children[proc.pid] = proc
+        threading.Thread(target=self._reap, args=(proc,), name=f"wait-{proc.pid}", daemon=True).start()
+        return proc.pid, created
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.wait()
+        with self._lock:
+            self._codes[proc.pid] = code
+        self.wake()
+
+    def exit_status(self, pid: int) -> int | None:
+        with self._lock:
+            return self._codes.get(pid)
+
+    def kill(self, pid: int, sig: int, *, group: bool = False) -> bool:
+        try:
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            return False  # already gone: exactly what we wanted
+        return True
+
+    def alive(self, pid: int, create_time: float | None) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+                return False  # the pid was reused by another process
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    # ------------------------------------------------------------------ resources
+
+    def free_disk(self, path: Path) -> int:
+        path.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(path).free
+
+    def oom_kills(self) -> int:
+        return oom_kill_count()
+
+
+def oom_kill_count() -> int:
+    """Sum of the system-wide and this cgroup's OOM-kill counters (cgroup v2 or v1)."""
+    total = 0
+    total += _counter(Path("/proc/vmstat"), "oom_kill")
+    for path in _cgroup_memory_files():
+        total += _counter(path, "oom_kill")
+    return total
+
+
+def _cgroup_memory_files() -> list[Path]:
+    out: list[Path] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # cgroup v2 unified hierarchy
+            out.append(Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events")
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory")
+            for candidate in (base / rel.lstrip("/"), base):  # inside a container the path may be the root
+                if (candidate / "memory.oom_control").exists():
+                    out.append(candidate / "memory.oom_control")
+                    break
+    return out
+
+
+def _counter(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value.strip() or 0)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+_WRITE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
+
+
+class RunDirWatch:
+    """Wakes the main loop when the heartbeat, an exit report or a checkpoint folder changes.
+
+    Best effort: without inotify (or if its limits are reached) the loop still
+    re-reads the heartbeat on its own timeout, only with more latency.
+    """
+
+    def __init__(self, output_dir: Path, wake: Callable[[], None]) -> None:
+        self.output_dir = output_dir
+        self.wake = wake
+        self.observer = None
+
+    def start(self) -> bool:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:  # pragma: no cover - a declared dependency
+            return False
+        wake = self.wake
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: object) -> None:
+                # Only writes matter. Opens and reads are events too (our own reads of the
+                # heartbeat among them): waking on those would spin the loop.
+                if getattr(event, "event_type", None) in _WRITE_EVENTS:
+                    wake()
+
+        try:
+            observer = Observer()
+            handler = _Handler()
+            observer.schedule(handler, str(self.output_dir), recursive=False)  # checkpoint-N/ appearing
+            observer.schedule(handler, str(self.output_dir / "run"), recursive=False)  # heartbeat, reports
+            observer.daemon = True
+            observer.start()
+        except (OSError, RuntimeError):
+            return False
+        self.observer = observer
+        return True
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=2)
+            self.observer = None
+
+
+def self_create_time() -> float:
+    return psutil.Process().create_time()
+
+
+def install_signal_wakeup(fd: int) -> None:
+    signal.set_wakeup_fd(fd, warn_on_full_buffer=False)

@@ -1,0 +1,213 @@
+"""``vit-supervisor status``: read the state file (and heartbeat) of a run and say where it is.
+
+Reads files only, so it works when the supervisor is dead (and says so), and
+imports nothing heavy, so it answers in well under a second.
+
+A small registry of runs lets ``status`` with no argument list every run on this
+machine: one file per run directory in ``$STATE_DIRECTORY`` (set by systemd's
+``StateDirectory=``) or ``$XDG_STATE_HOME/vit-supervisor/runs`` (default
+``~/.local/state``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from supervisor import seam
+from supervisor.states import ACTIVE_STATES, State
+
+# LSB / supervisorctl status codes, so scripts and systemd can branch on them.
+STATUS_RUNNING = 0
+STATUS_NOT_RUNNING = 3
+STATUS_UNKNOWN = 4
+
+
+def registry_dir(env: dict[str, str] | None = None) -> Path:
+    env = dict(os.environ) if env is None else env
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0]) / "runs"
+    base = Path(env["XDG_STATE_HOME"]) if env.get("XDG_STATE_HOME") else Path.home() / ".local" / "state"
+    return base / "vit-supervisor" / "runs"
+
+
+def register(output_dir: Path, config_path: str) -> Path:
+    """Record a run directory in the registry (idempotent: one file per run directory)."""
+    key = hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
+    path = registry_dir() / f"{key}.json"
+    seam.atomic_write_json(path, {"output_dir": str(output_dir), "config": config_path, "registered": time.time()},
+                           durable=False)
+    return path
+
+
+def registered_runs() -> list[dict[str, Any]]:
+    out = []
+    d = registry_dir()
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.json")):
+        entry = seam.read_json(p)
+        if entry and entry.get("output_dir"):
+            out.append(entry)
+    return out
+
+
+def supervisor_alive(pid: Any, create_time: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if isinstance(create_time, (int, float)) and abs(proc.create_time() - create_time) > 1.0:
+            return False  # pid reused
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def view(output_dir: Path) -> dict[str, Any]:
+    """Everything ``status`` shows about one run, as plain data (this is also ``--json``)."""
+    output_dir = Path(output_dir)
+    state = seam.read_json(seam.state_path(output_dir))
+    hb = seam.read_json(seam.heartbeat_path(output_dir)) or {}
+    v: dict[str, Any] = {"output_dir": str(output_dir), "known": state is not None}
+    if state is None:
+        v.update(state="unknown", running=False, status_code=STATUS_UNKNOWN,
+                 note=f"no supervisor state in {seam.state_path(output_dir)}")
+        return v
+    alive = supervisor_alive(state.get("supervisor_pid"), state.get("supervisor_create_time"))
+    name = state.get("state")
+    active = name in {s.value for s in ACTIVE_STATES}
+    running = active and alive
+    note = None
+    if active and not alive:
+        note = f"supervisor not running (pid {state.get('supervisor_pid')} died)"
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    worker_pid = state.get("worker_pid")
+    hb_current = bool(hb) and (hb.get("pid") == worker_pid or not running)
+    tracker = state.get("tracker_run_id") or hb.get("tracker_run_id")
+    if not tracker:
+        try:
+            tracker = (seam.run_dir(output_dir) / seam.TRACKER_ID).read_text().strip() or None
+        except OSError:
+            tracker = None
+    attempts = state.get("attempts") or []
+    v.update(
+        state=name, running=running, status_code=STATUS_RUNNING if running else STATUS_NOT_RUNNING, note=note,
+        state_reason=state.get("state_reason"), config=state.get("config"),
+        supervisor_pid=state.get("supervisor_pid"), supervisor_alive=alive,
+        worker_pid=worker_pid if running else None, attempt=state.get("attempt") or len(attempts),
+        restart_count=state.get("restart_count", 0),
+        restarts=[{"attempt": a.get("attempt"), "reason": a.get("reason"), "exit": a.get("exit"),
+                   "message": a.get("message"), "step_reached": a.get("step_reached")}
+                  for a in attempts if a.get("end") is not None],
+        per_device_train_batch_size=state.get("per_device_train_batch_size"),
+        gradient_accumulation_steps=state.get("gradient_accumulation_steps"),
+        effective_batch=state.get("effective_batch"), last_error=state.get("last_error"),
+        waiting_reason=state.get("waiting_reason"), backoff_until=state.get("backoff_until"),
+        tracker_run_id=tracker, free_disk_bytes=free, updated=state.get("updated"),
+        log=state.get("log"), attempts=attempts,
+        heartbeat={k: hb.get(k) for k in ("state", "global_step", "max_steps", "epoch", "loss", "samples_per_s",
+                                          "last_checkpoint", "time", "disk_free_bytes", "disk_needed_bytes")}
+        if hb_current else None,
+    )
+    v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
+    return v
+
+
+def eta_seconds(hb: dict[str, Any] | None, batch: Any, accum: Any) -> float | None:
+    if not hb:
+        return None
+    step, total, sps = hb.get("global_step"), hb.get("max_steps"), hb.get("samples_per_s")
+    if not (isinstance(step, int) and isinstance(total, int) and isinstance(sps, (int, float)) and sps > 0):
+        return None
+    if not (isinstance(batch, int) and isinstance(accum, int)):
+        return None
+    return max(total - step, 0) * batch * accum / sps
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return "?"  # pragma: no cover
+
+
+def progress_bar(step: Any, total: Any, width: int = 30) -> str:
+    if not (isinstance(step, int) and isinstance(total, int) and total > 0):
+        return "[" + "?" * width + "]"
+    filled = min(width, int(width * step / total))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {step}/{total} ({100 * step / total:.0f}%)"
+
+
+def render(v: dict[str, Any]) -> str:
+    """The human view of one run."""
+    lines = [f"{v['output_dir']}"]
+    if not v.get("known"):
+        lines.append(f"  state:       unknown ({v.get('note')})")
+        return "\n".join(lines)
+    state = v["state"]
+    who = f"supervisor pid {v['supervisor_pid']}" if v.get("supervisor_alive") else (v.get("note") or "")
+    lines.append(f"  state:       {state}" + (f" ({who})" if who and state in {s.value for s in ACTIVE_STATES}
+                                              else "") + (f": {v['state_reason']}" if v.get("state_reason") else ""))
+    if v.get("note") and not v.get("supervisor_alive") and state in {s.value for s in ACTIVE_STATES}:
+        lines.append(f"  warning:     {v['note']}; run `vit-supervisor start {v.get('config') or 'CONFIG'}` to resume")
+    if v.get("worker_pid"):
+        lines.append(f"  worker:      pid {v['worker_pid']}, attempt {v.get('attempt')}")
+    lines.append(f"  restarts:    {v.get('restart_count', 0)}")
+    for r in v.get("restarts", [])[-5:]:
+        lines.append(f"    attempt {r['attempt']}: {r['reason']} ({r['exit']}) at step {r['step_reached']}: "
+                     f"{(r['message'] or '')[:100]}")
+    hb = v.get("heartbeat") or {}
+    if hb:
+        extra = []
+        if hb.get("epoch") is not None:
+            extra.append(f"epoch {hb['epoch']:.2f}")
+        if hb.get("samples_per_s"):
+            extra.append(f"{hb['samples_per_s']:.1f} samples/s")
+        if v.get("eta_s") is not None and state == State.RUNNING.value:
+            extra.append(f"ETA {_duration(v['eta_s'])}")
+        if hb.get("loss") is not None:
+            extra.append(f"loss {hb['loss']:.4f}")
+        lines.append(f"  progress:    {progress_bar(hb.get('global_step'), hb.get('max_steps'))}"
+                     + (f"  {', '.join(extra)}" if extra else ""))
+        if hb.get("state"):
+            lines.append(f"  worker says: {hb['state']}")
+    lines.append(f"  batch:       per-device {v.get('per_device_train_batch_size')} x accumulation "
+                 f"{v.get('gradient_accumulation_steps')} = {v.get('effective_batch')}")
+    lines.append(f"  checkpoint:  {hb.get('last_checkpoint') or _newest_checkpoint(v['output_dir']) or 'none yet'}")
+    lines.append(f"  free disk:   {_bytes(v.get('free_disk_bytes'))}")
+    if v.get("waiting_reason"):
+        lines.append(f"  waiting:     {v['waiting_reason']}")
+    if v.get("tracker_run_id"):
+        lines.append(f"  tracker run: {v['tracker_run_id']}")
+    if v.get("last_error"):
+        lines.append(f"  last error:  {v['last_error']}")
+    if v.get("log"):
+        lines.append(f"  log:         {v['log']}")
+    return "\n".join(lines)
+
+
+def _newest_checkpoint(output_dir: str) -> str | None:
+    step = seam.newest_checkpoint_step(output_dir)
+    return str(Path(output_dir) / f"checkpoint-{step}") if step >= 0 else None

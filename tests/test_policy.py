@@ -1,0 +1,165 @@
+"""The supervisor's decisions as pure functions: no processes, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor import policy, seam
+from supervisor.policy import BatchChoice, ExitInfo
+from supervisor.schema import SupervisorConfig
+
+
+def cfg(**kw: object) -> SupervisorConfig:
+    return SupervisorConfig(**kw)  # type: ignore[arg-type]
+
+
+def _chain(batch: int, effective: int, **kw: object) -> list[tuple[int, int] | str]:
+    out: list[tuple[int, int] | str] = []
+    while True:
+        choice = policy.lower_batch(batch, effective, factor=kw.get("factor", 0.5), minimum=kw.get("minimum", 1),
+                                    allow_effective_batch_change=kw.get("allow", False))
+        if isinstance(choice, str):
+            out.append(choice)
+            return out
+        out.append((choice.per_device_train_batch_size, choice.gradient_accumulation_steps))
+        batch = choice.per_device_train_batch_size
+
+
+def test_oom_halves_batch_and_doubles_accumulation_keeping_effective_batch() -> None:
+    chain = _chain(48, 48)
+    assert chain[:-1] == [(24, 2), (12, 4), (6, 8), (3, 16), (1, 48)]
+    assert all(b * a == 48 for b, a in chain[:-1])
+    assert "cannot lower it further" in chain[-1]
+
+
+def test_oom_picks_largest_divisor_not_above_the_lowered_batch() -> None:
+    # 40 * 0.5 = 20 divides 40; 20 -> 10; 10 -> 5; 5 -> floor(2.5)=2 divides 40.
+    assert _chain(40, 40)[:4] == [(20, 2), (10, 4), (5, 8), (2, 20)]
+    # effective 36, batch 36, factor 0.3: floor(10.8)=10 does not divide 36, 9 does.
+    assert policy.lower_batch(36, 36, factor=0.3, minimum=1) == BatchChoice(9, 4)
+
+
+def test_oom_at_minimum_fails_with_clear_message() -> None:
+    msg = policy.lower_batch(8, 32, factor=0.5, minimum=8)
+    assert isinstance(msg, str)
+    assert "min_per_device_batch" in msg and "8" in msg
+
+
+def test_oom_with_no_fitting_divisor_refuses_unless_effective_change_allowed() -> None:
+    msg = policy.lower_batch(7, 7, factor=0.5, minimum=2)  # 3 and 2 do not divide 7
+    assert isinstance(msg, str) and "allow_effective_batch_change" in msg
+    choice = policy.lower_batch(7, 7, factor=0.5, minimum=2, allow_effective_batch_change=True)
+    assert isinstance(choice, BatchChoice)
+    assert choice.per_device_train_batch_size == 3 and choice.gradient_accumulation_steps == 2
+    assert "effective batch changed from 7 to 6" in choice.note
+
+
+def test_backoff_grows_exponentially_up_to_the_cap() -> None:
+    c = cfg(backoff_initial_s=1.0, backoff_factor=2.0, backoff_max_s=5.0)
+    assert [policy.backoff_delay(n, c) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert policy.backoff_delay(10_000, c) == 5.0  # no overflow
+
+
+@pytest.mark.parametrize("rc, report, kw, kind", [
+    (0, None, {}, "completed"),
+    (0, {"reason": "completed", "message": "done"}, {}, "completed"),
+    (1, {"reason": "crash", "message": "ValueError: x"}, {}, "crash"),
+    (1, None, {}, "crash"),
+    (2, {"reason": "incompatible_checkpoint", "message": "model_name changed"}, {}, "user_error"),
+    (2, None, {}, "user_error"),
+    (4, {"reason": "oom", "message": "CUDA out of memory"}, {}, "oom"),
+    (5, {"reason": "disk_low", "message": "no space"}, {}, "disk_low"),
+    (3, {"reason": "interrupted", "message": "stop"}, {"stop_sent": True}, "stopped"),
+    (3, {"reason": "interrupted", "message": "stop"}, {}, "external_signal"),
+    (3, {"reason": "interrupted", "message": "stop"}, {"hang_killed": True}, "hang"),
+    (-15, None, {}, "external_signal"),
+    (-2, None, {}, "external_signal"),
+    (-9, None, {"hang_killed": True}, "hang"),
+    (-9, None, {}, "crash"),
+    (-9, None, {"host_oom": True}, "host_oom"),
+    (-11, None, {}, "crash"),
+])
+def test_exit_is_classified_from_report_then_code_then_signal(rc: int, report: dict | None, kw: dict,
+                                                              kind: str) -> None:
+    assert policy.classify(ExitInfo(rc, report, **kw)).kind == kind
+
+
+def test_signal_deaths_are_named_never_negative_numbers() -> None:
+    out = policy.classify(ExitInfo(-9, None))
+    assert out.exit == "killed by SIGKILL" and "SIGKILL" in out.message and "-9" not in out.message
+    assert policy.classify(ExitInfo(-11, None)).exit == "killed by SIGSEGV"
+
+
+def _decide(kind: str, *, progressed: bool = False, failures: int = 0, batch: int = 16, accum: int = 1,
+            stop: bool = False, **kw: object) -> policy.Decision:
+    return policy.decide(policy.Outcome(kind, f"{kind} happened", "exit ?"), progressed=progressed,  # type: ignore[arg-type]
+                         failures_without_progress=failures, batch=batch, accum=accum, cfg=cfg(**kw),
+                         stop_requested=stop)
+
+
+def test_crash_restarts_with_backoff_and_counts_failures_without_progress() -> None:
+    d = _decide("crash", failures=1, backoff_initial_s=1.0, backoff_factor=3.0)
+    assert d.action == "restart" and d.failures_without_progress == 2 and d.delay_s == 3.0
+
+
+def test_progress_resets_the_failure_count() -> None:
+    d = _decide("crash", progressed=True, failures=4, max_failures_without_progress=5)
+    assert d.action == "restart" and d.failures_without_progress == 0
+
+
+def test_backoff_to_failed_after_retries_without_progress() -> None:
+    d = _decide("crash", failures=2, max_failures_without_progress=3)
+    assert d.action == "fail" and "gave up after 3 consecutive attempts" in d.message
+    assert "crash happened" in d.message  # the last error is in the message
+
+
+def test_non_retryable_fails_at_once_with_the_workers_message() -> None:
+    d = _decide("user_error")
+    assert d.action == "fail" and "user_error happened" in d.message
+
+
+def test_oom_restarts_at_once_with_lower_batch_and_does_not_count_as_failure() -> None:
+    d = _decide("oom", batch=16, accum=2, failures=1)
+    assert (d.action, d.delay_s, d.per_device_train_batch_size, d.gradient_accumulation_steps) == ("restart", 0.0, 8, 4)
+    assert d.failures_without_progress == 1
+
+
+def test_oom_at_minimum_fails() -> None:
+    d = _decide("oom", batch=4, accum=1, min_per_device_batch=4)
+    assert d.action == "fail" and "min_per_device_batch" in d.message
+
+
+def test_external_signal_restarts_unless_configured_off() -> None:
+    assert _decide("external_signal").action == "restart"
+    d = _decide("external_signal", restart_on_external_signal=False)
+    assert d.action == "stop" and "restart_on_external_signal" in d.message
+
+
+def test_stop_requested_wins_over_restart_but_completion_still_counts() -> None:
+    assert _decide("crash", stop=True).action == "stop"
+    assert _decide("completed", stop=True).action == "complete"
+
+
+def test_disk_low_exit_waits_for_space() -> None:
+    assert _decide("disk_low").action == "wait_disk"
+
+
+def test_hang_allowances_differ_for_startup_training_and_evaluation() -> None:
+    c = cfg(hang_timeout_s=10, startup_timeout_s=100, eval_timeout_s=50)
+    check = lambda **kw: policy.hang_check(cfg=c, **kw)  # noqa: E731
+    # start-up: only startup_timeout_s counts
+    assert check(hb_state=None, seen_step=False, since_change_s=99, since_launch_s=99) is None
+    assert "startup_timeout_s" in check(hb_state="starting", seen_step=False, since_change_s=101, since_launch_s=101)
+    # training
+    assert check(hb_state="training", seen_step=True, since_change_s=9, since_launch_s=500) is None
+    assert "hang_timeout_s" in check(hb_state="training", seen_step=True, since_change_s=11, since_launch_s=500)
+    # evaluating/saving
+    assert check(hb_state="evaluating", seen_step=True, since_change_s=49, since_launch_s=500) is None
+    assert "eval_timeout_s" in check(hb_state="saving", seen_step=True, since_change_s=51, since_launch_s=500)
+    # waiting for disk is never a hang
+    assert check(hb_state=seam.HB_WAITING_FOR_DISK, seen_step=True, since_change_s=1e6, since_launch_s=1e6) is None
+
+
+def test_disk_shortfall_compares_free_space_with_reserve() -> None:
+    assert policy.disk_shortfall(600 * 2**20, 512) is None
+    assert "disk.reserve_mb is 512" in policy.disk_shortfall(100 * 2**20, 512)
