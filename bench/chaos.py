@@ -91,6 +91,33 @@ class Event:
     resumed_from: int | None = None
 
 
+def become_subreaper() -> None:
+    """Adopt orphaned descendants, as systemd or a normal init does.
+
+    When the supervisor is SIGKILLed its worker is orphaned and must be free to finish
+    its checkpoint; some container inits kill adopted orphans outright.
+    """
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_adopted(own: set[int]) -> None:
+    """Collect exited orphans we adopted (never our own Popen children: Popen waits for those)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in own:
+            return
+        try:
+            os.waitpid(info.si_pid, 0)
+        except ChildProcessError:
+            return
+
+
 @dataclass
 class Watch:
     """Polls the heartbeat and the process table in a thread: the ground truth of the run."""
@@ -100,6 +127,7 @@ class Watch:
     steps: list[tuple[float, int, int]] = field(default_factory=list)  # (time, pid, step)
     max_workers: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
+    own: set[int] = field(default_factory=set)
 
     def run(self) -> None:
         hb_path = seam.heartbeat_path(self.out)
@@ -111,6 +139,7 @@ class Watch:
                 self.steps.append((time.monotonic(), hb["pid"], hb["global_step"]))
                 last = key
             self.max_workers = max(self.max_workers, count_workers(self.cfg_path))
+            reap_adopted(self.own)
             time.sleep(0.01)
 
     def step_now(self) -> tuple[int | None, int]:
@@ -210,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="render the run report (PNG + HTML) at the end")
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
+    become_subreaper()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="vit-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     kinds = list(KINDS)
@@ -255,6 +285,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     sup_log = work / "supervisor.log"
     t_start = time.monotonic()
     sup = supervisor(cfg_path, sup_log)
+    watch.own.add(sup.pid)
     events: list[Event] = []
     misses: list[str] = []
     truncated: set[str] = set()
@@ -277,6 +308,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
             if ev.kind == "supervisor_kill":
                 sup = ev.detail_proc  # type: ignore[attr-defined]
+                watch.own.add(sup.pid)
             if kind == "oom":
                 oom_budget -= 1
                 batch_changed = True

@@ -3,6 +3,7 @@
     vit-supervisor start CONFIG [--detach]     # foreground (what systemd runs), or back to the prompt
     vit-supervisor status [CONFIG | --run-dir DIR] [--json]
     vit-supervisor stop [CONFIG | --run-dir DIR] [--force]
+    vit-supervisor report [CONFIG | --run-dir DIR]   # run/report.png and run/report.html
 
 Exit codes. start: 0 completed or stopped, 2 bad config, 3 failed (gave up or
 non-retryable worker error), 4 another supervisor runs this directory.
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=None, metavar="S",
                     help="wait at most S seconds for the supervisor to exit (default: term_grace_s + 30)")
     sp.set_defaults(func=cmd_stop, config_error_code=2)
+    rp = sub.add_parser("report", help="draw the whole run (loss, eval metric, restarts) to a PNG and an HTML page")
+    _target(rp)
+    rp.set_defaults(func=cmd_report, config_error_code=2)
     return p
 
 
@@ -213,5 +217,26 @@ def _wait(pred: Any, timeout: float) -> bool:
     return False
 
 
+
+# ----------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = _output_dir(args)
+    if out is None:
+        print("vit-supervisor: error: report needs CONFIG or --run-dir DIR", file=sys.stderr)
+        return 2
+    from supervisor.report import render  # matplotlib only here: status and start stay light
+
+    try:
+        png, page = render(out)
+    except FileNotFoundError as exc:
+        print(f"vit-supervisor: error: {exc}", file=sys.stderr)
+        return 3
+    print(f"wrote {png}\nwrote {page}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -96,6 +98,16 @@ class _Worker:
 
 
 @dataclass
+class _Standby:
+    """A pre-warmed worker waiting on its stdin for a go (worker/standby.py)."""
+
+    pid: int
+    create_time: float
+    log_path: Path
+    config_sha: str | None  # of the config file when it was spawned
+
+
+@dataclass
 class Supervisor:
     cfg: Config
     os: OS
@@ -120,6 +132,9 @@ class Supervisor:
         self.accum = self.cfg.training.gradient_accumulation_steps
         self.failures_without_progress = 0
         self.high_water = -1  # highest step any attempt reached: "progress" means going past it
+        self.standby: _Standby | None = None
+        self.standby_deaths = 0
+        self.force_cold: str | None = None  # why the next launch must not use a standby
 
     # ------------------------------------------------------------------ public
 
@@ -141,9 +156,11 @@ class Supervisor:
             if handler is None:  # pragma: no cover - a state added without a handler
                 raise RuntimeError(f"no handler for state {self.state}")
             handler()
+            self._check_standby()
             self.notifier.watchdog()  # only a loop that got here is healthy
             if self.state == before and self.state not in FINAL_STATES:
                 self.os.wait(self._timeout())
+        self._dismiss_standby("the run is over")
         return self.exit_code
 
     # ------------------------------------------------------------------ the one place that changes state
@@ -227,7 +244,10 @@ class Supervisor:
             return
         now = self.os.monotonic()
         self._observe_heartbeat(now)
+        if self.state == State.RUNNING and w.seen_step and not self.stop_requested:
+            self._maybe_start_standby()
         if self.stop_requested and self.state == State.RUNNING:
+            self._dismiss_standby("stop requested")
             # Only the worker, not its group: dataloader workers must not die under the step.
             if not w.hang_killed:
                 self.os.kill(w.pid, signal.SIGTERM)
@@ -283,6 +303,10 @@ class Supervisor:
             w.step_reached = step if w.step_reached is None else max(w.step_reached, step)
             if hb.get("state") == seam.HB_TRAINING:
                 w.seen_step = True
+            if step > max(w.step_at_start, 0) and not self.record["attempts"][-1].get("first_step_at"):
+                # The restart's real cost ends here: the first optimizer step this attempt added.
+                self.record["attempts"][-1]["first_step_at"] = hb.get("time") or self.os.time()
+                self._write_state()
         if hb.get("tracker_run_id") and hb["tracker_run_id"] != self.record.get("tracker_run_id"):
             self.record["tracker_run_id"] = hb["tracker_run_id"]
             self._write_state()
@@ -315,7 +339,14 @@ class Supervisor:
         # that crashes at the same step after every resume is a crash loop.
         step_at_start = max(self.high_water, resume_step)
         oom_before = self.os.oom_kills()
-        pid, created = self.os.spawn(argv, env, log_path)
+        used, fallback = self._hand_over(attempt, report_path)
+        if used is not None:
+            pid, created, log_path = used.pid, used.create_time, used.log_path
+            self.log.info("standby", pid=pid, attempt=attempt, action="took over")
+        else:
+            pid, created = self.os.spawn(argv, env, log_path)
+            if fallback:
+                self.log.info("standby", attempt=attempt, action="cold start", why=fallback)
         now = self.os.monotonic()
         self.worker = _Worker(pid=pid, create_time=created, attempt=attempt, launched=now,
                               step_at_start=step_at_start, report_path=report_path, oom_kills_before=oom_before,
@@ -324,6 +355,7 @@ class Supervisor:
             "attempt": attempt, "pid": pid, "start": self.os.time(), "end": None, "reason": None, "exit": None,
             "message": None, "step_start": max(resume_step, 0), "step_reached": None, "log": str(log_path),
             "per_device_train_batch_size": self.batch, "gradient_accumulation_steps": self.accum,
+            "standby": used is not None, "standby_fallback": fallback,
         })
         self.record.update(worker_pid=pid, worker_create_time=created, attempt=attempt)
         self.log.info("launch", pid=pid, attempt=attempt, batch=self.batch, accum=self.accum, log=str(log_path))
@@ -335,6 +367,15 @@ class Supervisor:
         report = seam.read_json(w.report_path)
         if report is not None and report.get("pid") not in (None, w.pid):
             report = None  # someone else's report
+        if code == seam.EXIT_STANDBY_STALE and self.record["attempts"][-1].get("standby"):
+            why = (report or {}).get("message") or "the standby found its prepared state out of date"
+            self.record["attempts"][-1].update(end=self.os.time(), reason=seam.REASON_STANDBY_STALE,
+                                               exit=seam.describe_exit(code), message=why, step_reached=None)
+            self.worker = None
+            self.force_cold = f"standby unusable: {why}"
+            # RUNNING -> STARTING (not a failure: nothing was trained or touched)
+            self._transition(State.STARTING, f"standby unusable ({why}): cold start", worker_pid=None)
+            return
         host_oom = seam.signal_name(code) == "SIGKILL" and report is None and self.os.oom_kills() > w.oom_kills_before
         outcome = policy.classify(policy.ExitInfo(code, report, stop_sent=w.stop_sent, hang_killed=w.hang_killed,
                                                   host_oom=host_oom))
@@ -393,6 +434,101 @@ class Supervisor:
                 self._transition(State.STARTING, f"restart now: {decision.message}", **common)
         else:  # pragma: no cover - a new action without a branch
             raise RuntimeError(f"unknown decision {decision.action!r}")
+
+    # ------------------------------------------------------------------ the standby worker
+
+    @property
+    def standby_enabled(self) -> bool:
+        return self.cfg.supervisor.standby and self.standby_deaths < 3
+
+    def _config_sha(self) -> str | None:
+        try:
+            return hashlib.sha256(Path(self.cfg.source_path).read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def _maybe_start_standby(self) -> None:
+        """One standby at a time, started once the active worker trains (so that it never
+        competes with a restart's own start-up for the CPU)."""
+        if not self.standby_enabled or self.standby is not None:
+            return
+        n = int(self.record.get("standby_count") or 0) + 1
+        self.record["standby_count"] = n
+        log_path = self.run_dir / seam.LOGS_SUBDIR / f"standby-{n}.log"
+        env = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
+        env.update({seam.ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+        argv = [self.python, "-m", "worker", self.cfg.source_path, "--standby"]
+        try:
+            pid, created = self.os.spawn(argv, env, log_path, stdin_pipe=True)
+        except OSError as exc:
+            self.log.warning("standby", action="not started", error=str(exc))
+            self.standby_deaths += 1
+            return
+        self.standby = _Standby(pid=pid, create_time=created, log_path=log_path, config_sha=self._config_sha())
+        self.record["standby"] = {"pid": pid, "ready": False, "log": str(log_path)}
+        self.log.info("standby", pid=pid, action="started", log=str(log_path))
+        self._write_state()
+
+    def _check_standby(self) -> None:
+        sb = self.standby
+        if sb is None:
+            return
+        code = self.os.exit_status(sb.pid)
+        if code is not None:
+            self.standby = None
+            self.standby_deaths += 1
+            self.record["standby"] = None
+            self.log.warning("standby", pid=sb.pid, action="exited while waiting", exit=seam.describe_exit(code),
+                             log=str(sb.log_path))
+            self._write_state()
+            return
+        rec = self.record.get("standby") or {}
+        if not rec.get("ready") and seam.standby_announcement(self.out, sb.pid).exists():
+            rec["ready"] = True
+            self.record["standby"] = rec
+            self.log.info("standby", pid=sb.pid, action="ready")
+            self._write_state()
+
+    def _hand_over(self, attempt: int, report_path: Path) -> tuple[_Standby | None, str | None]:
+        """Give the go to the standby; (None, why) when a cold start must be made instead."""
+        if self.force_cold is not None:
+            why, self.force_cold = self.force_cold, None
+            self._dismiss_standby(why)
+            return None, why
+        sb = self.standby
+        if sb is None:
+            if self.cfg.supervisor.standby and not self.standby_enabled:
+                return None, f"standby given up after it died {self.standby_deaths} times (see logs/standby-*.log)"
+            # Only a restart can miss a standby: the first launch never has one.
+            first = not any(a.get("end") for a in self.record.get("attempts") or [])
+            return None, ("no standby was running yet" if self.standby_enabled and not first else None)
+        if self.os.exit_status(sb.pid) is not None:
+            self._check_standby()
+            return None, "the standby had died"
+        announced = seam.read_json(seam.standby_announcement(self.out, sb.pid)) or {}
+        spawned_with = announced.get("config_sha256") or sb.config_sha
+        if self._config_sha() != spawned_with:
+            self._dismiss_standby("config changed")
+            return None, "the config file changed since the standby started"
+        # A standby still preparing gets the go too: it reads it as soon as it is ready, which is
+        # sooner than a cold start that has not even begun importing.
+        go = {"attempt": attempt, "resume": True, "per_device_train_batch_size": self.batch,
+              "gradient_accumulation_steps": self.accum, "exit_report": str(report_path),
+              "supervisor_pid": os.getpid()}
+        self.standby = None
+        self.record["standby"] = None
+        if not self.os.send_line(sb.pid, json.dumps(go)):
+            return None, "the standby did not take the go"
+        return sb, None
+
+    def _dismiss_standby(self, why: str) -> None:
+        sb = self.standby
+        if sb is None:
+            return
+        self.standby = None
+        self.record["standby"] = None
+        self.os.send_line(sb.pid, None)  # EOF: "not needed", it exits 0
+        self.log.info("standby", pid=sb.pid, action="dismissed", why=why)
 
     # ------------------------------------------------------------------ recovery after a previous supervisor
 

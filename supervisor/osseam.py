@@ -95,14 +95,15 @@ class RealOS:
 
     # ------------------------------------------------------------------ children
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, *,
+              stdin_pipe: bool = False) -> tuple[int, float]:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             # Own session: a terminal's Ctrl+C reaches only the supervisor, which decides what the
             # worker gets. Spawned from the main thread on purpose: PR_SET_PDEATHSIG in the worker
             # fires when the *thread* that forked it exits, not only the process.
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         try:
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
@@ -121,6 +122,28 @@ class RealOS:
     def exit_status(self, pid: int) -> int | None:
         with self._lock:
             return self._codes.get(pid)
+
+    def send_line(self, pid: int, line: str | None) -> bool:
+        """Write one line to a child's stdin pipe and close it (None: just close, i.e. EOF).
+
+        False if the child is gone or has no pipe.
+        """
+        with self._lock:
+            proc = self._children.get(pid)
+        if proc is None or proc.stdin is None or proc.stdin.closed:
+            return False
+        try:
+            if line is not None:
+                proc.stdin.write(line.encode() + b"\n")
+                proc.stdin.flush()
+            return line is not None
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        finally:
+            try:
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
 
     def kill(self, pid: int, sig: int, *, group: bool = False) -> bool:
         try:

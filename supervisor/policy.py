@@ -192,7 +192,10 @@ def decide(outcome: Outcome, *, progressed: bool, failures_without_progress: int
         return Decision("fail", f"gave up after {failures} consecutive attempts without training progress; "
                                 f"last: {outcome.message}", per_device_train_batch_size=batch,
                         gradient_accumulation_steps=accum, failures_without_progress=failures)
-    return Decision("restart", outcome.message, backoff_delay(failures, cfg), batch, accum, failures)
+    # An attempt that trained new steps restarts at once: back-off is for crash loops, and a job
+    # that dies after hours of progress should lose no time on top of the crash itself.
+    delay = backoff_delay(failures, cfg) if failures else 0.0
+    return Decision("restart", outcome.message, delay, batch, accum, failures)
 
 
 # ----------------------------------------------------------------------------- hangs and disk

@@ -57,8 +57,9 @@ def summary(data: RunData) -> list[dict[str, Any]]:
         nxt = atts[i + 1] if i + 1 < len(atts) else None
         downtime = None
         redone = None
-        if nxt is not None and a.get("end") and nxt.get("start"):
-            downtime = max(0.0, float(nxt["start"]) - float(a["end"]))
+        if nxt is not None and a.get("end") and (nxt.get("first_step_at") or nxt.get("start")):
+            # From this attempt's end to the next one's first new optimizer step (or its start).
+            downtime = max(0.0, float(nxt.get("first_step_at") or nxt["start"]) - float(a["end"]))
             if a.get("step_reached") is not None and nxt.get("step_start") is not None:
                 redone = max(0, int(a["step_reached"]) - int(nxt["step_start"]))
         out.append({**a, "downtime_s": downtime, "steps_redone": redone})
@@ -104,13 +105,13 @@ def render(output_dir: Path) -> tuple[Path, Path]:
         why = prev.get("reason") or "?"
         ax.axvline(x, color="0.35", ls="--", lw=1)
         axb.axvline(x, color="0.35", ls="--", lw=1)
-        label = f"restart {a.get('attempt')}: {why}"
-        if prev.get("exit"):
-            label += f"\n({prev['exit']})"
+        exit_ = str(prev.get("exit") or "").replace("killed by ", "")
+        label = why if not exit_ or why in ("oom", "hang", "completed") else f"{why} ({exit_})"
         if prev.get("downtime_s") is not None:
-            label += f"\n{prev['downtime_s']:.1f}s down"
-        ax.annotate(label, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4),
-                    textcoords="offset points", va="top", fontsize=8, color="0.2", rotation=0)
+            label += f", {prev['downtime_s']:.1f}s"
+        # Vertical labels along each marker: many restarts close together stay readable.
+        ax.annotate(label, xy=(x, 0.99), xycoords=("data", "axes fraction"), xytext=(2, 0),
+                    textcoords="offset points", va="top", ha="left", fontsize=7, color="0.25", rotation=90)
     ax.set_ylabel("training loss")
     if ax2 is not None:
         ax2.set_ylabel(f"{mkey} (circles)")
@@ -140,7 +141,7 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     lost = sum(a["downtime_s"] or 0 for a in atts)
     redone = sum(a["steps_redone"] or 0 for a in atts)
     title = (f"{Path(output_dir).name}: {st.get('state', 'no supervisor state')}, {len(atts)} attempt(s), "
-             f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s down, {redone} step(s) redone")
+             f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s from death to next step, {redone} step(s) redone")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     rd = seam.run_dir(output_dir)

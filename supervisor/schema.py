@@ -301,6 +301,9 @@ class SupervisorConfig:
     """Restart a worker that died from a SIGINT/SIGTERM the supervisor did not send."""
     heartbeat_interval_s: float = 1.0
     """Least time between two heartbeat writes of the worker."""
+    standby: bool = True
+    """Keep a pre-warmed standby worker (imported, data and model prepared, no GPU memory) that takes
+    over at once when the active worker dies. Single-process launcher only."""
 
     def __post_init__(self) -> None:
         _check_min("supervisor.backoff_initial_s", self.backoff_initial_s, 0.0)

@@ -34,6 +34,7 @@ EXIT_USER_ERROR = 2  # config_error, incompatible_checkpoint, data_error: never 
 EXIT_INTERRUPTED = 3  # stop signal honoured: checkpoint committed, resume continues at the next step
 EXIT_OOM = 4
 EXIT_DISK_LOW = 5
+EXIT_STANDBY_STALE = 6  # a standby found the data changed since it prepared: start a cold worker instead
 
 REASON_COMPLETED = "completed"
 REASON_INTERRUPTED = "interrupted"
@@ -43,6 +44,7 @@ REASON_CONFIG_ERROR = "config_error"
 REASON_INCOMPATIBLE = "incompatible_checkpoint"
 REASON_DATA_ERROR = "data_error"
 REASON_CRASH = "crash"
+REASON_STANDBY_STALE = "standby_stale"
 
 EXIT_CODES: dict[str, int] = {
     REASON_COMPLETED: EXIT_COMPLETED,
@@ -53,6 +55,7 @@ EXIT_CODES: dict[str, int] = {
     REASON_INTERRUPTED: EXIT_INTERRUPTED,
     REASON_OOM: EXIT_OOM,
     REASON_DISK_LOW: EXIT_DISK_LOW,
+    REASON_STANDBY_STALE: EXIT_STANDBY_STALE,
 }
 """Reason → exit code. The exit report names the reason; the code is the fallback."""
 
@@ -65,6 +68,7 @@ REASON_BY_CODE: dict[int, str] = {
     EXIT_INTERRUPTED: REASON_INTERRUPTED,
     EXIT_OOM: REASON_OOM,
     EXIT_DISK_LOW: REASON_DISK_LOW,
+    EXIT_STANDBY_STALE: REASON_STANDBY_STALE,
 }
 
 # ----------------------------------------------------------------------------- files
@@ -199,3 +203,8 @@ def newest_checkpoint_step(output_dir: str | os.PathLike[str]) -> int:
     except OSError:
         pass
     return best
+
+
+def standby_announcement(output_dir: str | os.PathLike[str], pid: int) -> Path:
+    """Where a standby worker says it is ready (written by the worker, read by the supervisor)."""
+    return run_dir(output_dir) / f"standby-{pid}.json"

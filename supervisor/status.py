@@ -114,7 +114,7 @@ def view(output_dir: Path) -> dict[str, Any]:
         effective_batch=state.get("effective_batch"), last_error=state.get("last_error"),
         waiting_reason=state.get("waiting_reason"), backoff_until=state.get("backoff_until"),
         tracker_run_id=tracker, free_disk_bytes=free, updated=state.get("updated"),
-        log=state.get("log"), attempts=attempts,
+        log=state.get("log"), attempts=attempts, standby=state.get("standby") if running else None,
         heartbeat={k: hb.get(k) for k in ("state", "global_step", "max_steps", "epoch", "loss", "samples_per_s",
                                           "last_checkpoint", "time", "disk_free_bytes", "disk_needed_bytes")}
         if hb_current else None,
@@ -201,6 +201,10 @@ def render(v: dict[str, Any]) -> str:
         lines.append(f"  waiting:     {v['waiting_reason']}")
     if v.get("tracker_run_id"):
         lines.append(f"  tracker run: {v['tracker_run_id']}")
+    if v.get("running"):
+        sb = v.get("standby")
+        lines.append("  standby:     " + (f"{'ready' if sb.get('ready') else 'preparing'} (pid {sb['pid']})"
+                                          if sb else "none"))
     if v.get("last_error"):
         lines.append(f"  last error:  {v['last_error']}")
     if v.get("log"):

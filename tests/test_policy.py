@@ -102,9 +102,9 @@ def test_crash_restarts_with_backoff_and_counts_failures_without_progress() -> N
     assert d.action == "restart" and d.failures_without_progress == 2 and d.delay_s == 3.0
 
 
-def test_progress_resets_the_failure_count() -> None:
-    d = _decide("crash", progressed=True, failures=4, max_failures_without_progress=5)
-    assert d.action == "restart" and d.failures_without_progress == 0
+def test_progress_resets_the_failure_count_and_restarts_at_once() -> None:
+    d = _decide("crash", progressed=True, failures=4, max_failures_without_progress=5, backoff_initial_s=1.0)
+    assert d.action == "restart" and d.failures_without_progress == 0 and d.delay_s == 0.0
 
 
 def test_backoff_to_failed_after_retries_without_progress() -> None:

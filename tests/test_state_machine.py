@@ -149,7 +149,7 @@ def make_cfg(tmp_path: Path, **sup: Any) -> Config:
                      "disk": {"reserve_mb": 1, "recheck_s": 5},
                      "supervisor": {"backoff_initial_s": 1, "backoff_factor": 2, "backoff_max_s": 60,
                                     "hang_timeout_s": 30, "startup_timeout_s": 100, "eval_timeout_s": 200,
-                                    "term_grace_s": 10, **sup}})
+                                    "term_grace_s": 10, "standby": False, **sup}})
     cfg.source_path = str(tmp_path / "config.yaml")
     return cfg
 
@@ -212,12 +212,12 @@ def test_worker_is_launched_with_resume_batch_flags_and_seam_environment(tmp_pat
     assert child.env[seam.ENV_SUPERVISOR_PID].isdigit()
 
 
-def test_crash_restarts_after_backoff_then_completes(tmp_path: Path) -> None:
+def test_crash_after_progress_restarts_at_once_then_completes(tmp_path: Path) -> None:
     sup, fake, log, code = run(tmp_path, script_of(crashes_after(10), completes))
     assert code == SUPERVISOR_OK and len(fake.children) == 2
-    assert ("running", "backoff") in log.transitions() and ("backoff", "starting") in log.transitions()
+    assert ("running", "starting") in log.transitions() and ("running", "backoff") not in log.transitions()
     crashed_at = fake.children[0].spawned_at + 3
-    assert fake.children[1].spawned_at == pytest.approx(crashed_at + 1.0)  # backoff_initial_s
+    assert fake.children[1].spawned_at == pytest.approx(crashed_at)  # progress: no back-off
     st = state_file(sup)
     assert st["restart_count"] == 1
     assert st["attempts"][0]["reason"] == "crash" and st["attempts"][0]["message"] == "ValueError: boom"

@@ -105,10 +105,14 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(tmp_path: Path, make_config: Any, new_run: Any) -> None:
-    run = new_run(make_config(LONGER))
+@pytest.mark.parametrize("standby", [True, False], ids=["standby", "cold"])
+def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(tmp_path: Path, make_config: Any, new_run: Any,
+                                                                       standby: bool) -> None:
+    run = new_run(make_config({"training": {"num_train_epochs": 40}, "supervisor": {"standby": standby}}))
     sup = run.start()
     run.worker_at_step(20)
+    if standby:
+        wait_for(lambda: (run.state().get("standby") or {}).get("ready"), 45, "a ready standby")
     victim = run.state()["worker_pid"]
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
@@ -126,6 +130,7 @@ def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(tmp_path:
     assert first["reason"] == "crash" and first["exit"] == "killed by SIGKILL" and first["pid"] == victim
     assert "SIGKILL" in first["message"] and "-9" not in first["message"]
     assert second["step_start"] == resume_from and second["reason"] == "completed"
+    assert second["standby"] is standby and second["standby_fallback"] is None
     assert Path(first["log"]).name == "attempt-1.log" and Path(second["log"]).exists()
     r = run.cli("status", str(run.config))
     assert r.returncode == 3 and "completed" in r.stdout and "attempt 1: crash (killed by SIGKILL)" in r.stdout

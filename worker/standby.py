@@ -38,7 +38,7 @@ from worker.fault import StopRequest, set_process_name, write_exit_report
 
 log = logging.getLogger("vit_train")
 
-EXIT_STANDBY_STALE = 6
+EXIT_STANDBY_STALE = seam.EXIT_STANDBY_STALE
 STANDBY_NICE = 10
 
 
@@ -47,7 +47,7 @@ def config_sha(path: str) -> str:
 
 
 def standby_path(output_dir: Path, pid: int | None = None) -> Path:
-    return seam.run_dir(output_dir) / f"standby-{pid or os.getpid()}.json"
+    return seam.standby_announcement(output_dir, pid or os.getpid())
 
 
 def serve(cfg: Config, stop: StopRequest) -> int:
@@ -105,8 +105,7 @@ def serve(cfg: Config, stop: StopRequest) -> int:
     if fresh != prepared.splits.fingerprint:
         msg = f"the data changed since the standby started (fingerprint {prepared.splits.fingerprint} -> {fresh})"
         log.warning("Standby unusable: %s", msg)
-        write_exit_report(cfg.output_dir, "crash", msg, standby_stale=True)
-        return EXIT_STANDBY_STALE
+        return write_exit_report(cfg.output_dir, seam.REASON_STANDBY_STALE, msg)
     log.info("Standby taking over as attempt %s", go.get("attempt"))
     return run(cfg, resume=bool(go.get("resume", True)), checkpoint=None, stop=stop, prepared=prepared)
 
