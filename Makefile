@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,5 +19,6 @@ demo: $(STAMP)
 	$(BIN)/vit-supervisor start configs/demo.yaml
 	$(BIN)/vit-supervisor status configs/demo.yaml || true
 
+# Two test processes (one per core); each file's tests stay together in one of them.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -71,6 +71,13 @@ def _target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, help="the run's output directory (instead of CONFIG)")
 
 
+def _node_rank(args: argparse.Namespace) -> int:
+    """The node whose supervisor CONFIG names (multi-node torchrun); --run-dir means node 0."""
+    if args.run_dir is None and args.config:
+        return load_config(args.config, check_paths=False).node_rank
+    return 0
+
+
 def _output_dir(args: argparse.Namespace) -> Path | None:
     if args.run_dir is not None:
         return args.run_dir.resolve()
@@ -95,7 +102,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def _start_detached(cfg: Config, timeout: float) -> int:
     from supervisor import daemon
 
-    run_dir = seam.run_dir(cfg.training.output_dir)
+    run_dir = seam.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
     try:
         os.close(daemon.acquire_lock(run_dir))  # refuse here, with the pid, rather than in a log file
     except daemon.LockHeld as exc:
@@ -112,7 +119,7 @@ def _start_detached(cfg: Config, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = child.poll()
-        state = seam.read_json(seam.state_path(cfg.training.output_dir)) or {}
+        state = seam.read_json(seam.state_path(cfg.training.output_dir, cfg.node_rank)) or {}
         mine = state.get("supervisor_pid") == child.pid
         if mine and state.get("state") in ("running", "waiting", "completed", "stopped", "failed"):
             worker = f", worker pid {state['worker_pid']}" if state.get("worker_pid") else ""
@@ -138,7 +145,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     out = _output_dir(args)
     if out is not None:
-        v = status.view(out)
+        v = status.view(out, _node_rank(args))
         print(json.dumps(v, indent=2, default=str) if args.json else status.render(v))
         return v["status_code"]
     runs = status.registered_runs()
@@ -166,7 +173,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if out is None:
         print("vit-supervisor: error: stop needs CONFIG or --run-dir DIR", file=sys.stderr)
         return 2
-    state = seam.read_json(seam.state_path(out))
+    node = _node_rank(args)
+    state = seam.read_json(seam.state_path(out, node))
     if state is None:
         print(f"vit-supervisor: no run in {out}")
         return 0
@@ -179,7 +187,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     if args.force:
         # The second signal is what forces; wait until the first was taken, or the two would merge.
-        _wait(lambda: (seam.read_json(seam.state_path(out)) or {}).get("state") != "running", 5.0)
+        _wait(lambda: (seam.read_json(seam.state_path(out, node)) or {}).get("state") != "running", 5.0)
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -193,7 +201,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"vit-supervisor: still stopping after {timeout:.0f}s (use --force to kill the worker)",
               file=sys.stderr)
         return 1
-    final: dict[str, Any] = seam.read_json(seam.state_path(out)) or {}
+    final: dict[str, Any] = seam.read_json(seam.state_path(out, node)) or {}
     step = (seam.read_json(seam.heartbeat_path(out)) or {}).get("global_step")
     ckpt = seam.newest_checkpoint_step(out)
     print(f"vit-supervisor: {final.get('state')} at step {step}"

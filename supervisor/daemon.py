@@ -118,7 +118,8 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
-        self.run_dir = seam.run_dir(self.out)
+        self.node_rank = self.cfg.node_rank
+        self.run_dir = seam.supervisor_dir(self.out, self.node_rank)
         self.state: State | None = None
         self.signals: list[int] = []  # appended by the handler, consumed by the loop
         self.stop_requested = False
@@ -292,7 +293,13 @@ class Supervisor:
         if w is None:
             return
         hb = seam.read_json(seam.heartbeat_path(self.out))
-        if not hb or hb.get("pid") != w.pid:
+        if not hb:
+            return
+        if self.cfg.launcher == "torchrun":
+            # Rank 0 (on node 0) writes it; it belongs to this attempt if it is no older than the launch.
+            if hb.get("attempt") != w.attempt and hb.get("time", 0) < self.record["attempts"][-1]["start"]:
+                return
+        elif hb.get("pid") != w.pid:
             return  # none yet, or the previous attempt's
         step = hb.get("global_step")
         key = (hb.get("state"), step)
@@ -328,11 +335,13 @@ class Supervisor:
         attempt = len(attempts) + 1
         report_path = self.run_dir / f"exit-{attempt}.json"
         report_path.unlink(missing_ok=True)  # a stale report must never explain a new exit
+        for stale in self.run_dir.glob(f"exit-{attempt}.rank*.json"):
+            stale.unlink(missing_ok=True)
         log_path = self.run_dir / seam.LOGS_SUBDIR / f"attempt-{attempt}.log"
         env = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
         env.update({seam.ENV_SUPERVISOR_PID: str(os.getpid()), seam.ENV_ATTEMPT: str(attempt),
                     seam.ENV_EXIT_REPORT: str(report_path), "PYTHONUNBUFFERED": "1"})
-        argv = [self.python, "-m", "worker", self.cfg.source_path, "--resume",
+        argv = [*self._launcher_argv(), self.cfg.source_path, "--resume",
                 "--per-device-train-batch-size", str(self.batch), "--gradient-accumulation-steps", str(self.accum)]
         resume_step = seam.newest_checkpoint_step(self.out)
         # Progress means a step no earlier attempt reached, not just past the checkpoint: a worker
@@ -360,13 +369,39 @@ class Supervisor:
         self.record.update(worker_pid=pid, worker_create_time=created, attempt=attempt)
         self.log.info("launch", pid=pid, attempt=attempt, batch=self.batch, accum=self.accum, log=str(log_path))
 
+    def _launcher_argv(self) -> list[str]:
+        """``python -m worker``, or torchrun around it with its own restarts off (one policy decides)."""
+        if self.cfg.launcher != "torchrun":
+            return [self.python, "-m", "worker"]
+        d = self.cfg.distributed
+        argv = [self.python, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
+                "--max-restarts=0", "--monitor-interval=0.5"]
+        if d.nnodes == 1:
+            argv.append("--standalone")  # a free local port: several jobs may share the machine
+        else:
+            host, _, port = d.rdzv_endpoint.rpartition(":")
+            # Static rendezvous: node ranks are the configured ones, so node 0 always holds rank 0.
+            argv += [f"--nnodes={d.nnodes}", f"--node_rank={d.node_rank}", f"--master_addr={host}",
+                     f"--master_port={port}", f"--rdzv_id={d.rdzv_id or self.out.name}"]
+        return [*argv, "-m", "worker"]
+
+    def _read_report(self, w: _Worker) -> dict[str, Any] | None:
+        """The attempt's exit report; under torchrun, the root cause among the ranks' reports."""
+        if self.cfg.launcher != "torchrun":
+            report = seam.read_json(w.report_path)
+            if report is not None and report.get("pid") not in (None, w.pid):
+                return None  # someone else's report
+            return report
+        d = self.cfg.distributed
+        ranks = range(d.node_rank * d.nproc_per_node, (d.node_rank + 1) * d.nproc_per_node)
+        reports = {r: seam.read_json(w.report_path.with_name(f"{w.report_path.stem}.rank{r}.json")) for r in ranks}
+        return policy.root_cause(reports)
+
     def _on_exit(self, code: int) -> None:
         w = self.worker
         assert w is not None
         self._observe_heartbeat(self.os.monotonic())
-        report = seam.read_json(w.report_path)
-        if report is not None and report.get("pid") not in (None, w.pid):
-            report = None  # someone else's report
+        report = self._read_report(w)
         if code == seam.EXIT_STANDBY_STALE and self.record["attempts"][-1].get("standby"):
             why = (report or {}).get("message") or "the standby found its prepared state out of date"
             self.record["attempts"][-1].update(end=self.os.time(), reason=seam.REASON_STANDBY_STALE,
@@ -439,7 +474,8 @@ class Supervisor:
 
     @property
     def standby_enabled(self) -> bool:
-        return self.cfg.supervisor.standby and self.standby_deaths < 3
+        # Under torchrun the ranks are torchrun's children, not ours to pre-warm.
+        return self.cfg.supervisor.standby and self.cfg.launcher == "python" and self.standby_deaths < 3
 
     def _config_sha(self) -> str | None:
         try:
@@ -497,7 +533,7 @@ class Supervisor:
             return None, why
         sb = self.standby
         if sb is None:
-            if self.cfg.supervisor.standby and not self.standby_enabled:
+            if self.cfg.supervisor.standby and self.standby_deaths >= 3:
                 return None, f"standby given up after it died {self.standby_deaths} times (see logs/standby-*.log)"
             # Only a restart can miss a standby: the first launch never has one.
             first = not any(a.get("end") for a in self.record.get("attempts") or [])
@@ -533,7 +569,7 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery after a previous supervisor
 
     def _load_previous(self) -> None:
-        prev = seam.read_json(seam.state_path(self.out)) or {}
+        prev = seam.read_json(seam.state_path(self.out, self.node_rank)) or {}
         self.record = {
             "output_dir": str(self.out), "config": self.cfg.source_path, "attempts": list(prev.get("attempts") or []),
             "restart_count": int(prev.get("restart_count") or 0), "tracker_run_id": prev.get("tracker_run_id"),
@@ -558,9 +594,9 @@ class Supervisor:
         self.record.update(per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accum)
         pid, created = prev.get("worker_pid"), prev.get("worker_create_time")
         if isinstance(pid, int) and self.os.alive(pid, created):
-            # The previous supervisor died. Its worker got SIGTERM from PR_SET_PDEATHSIG (and checks its
-            # parent at every step), so it is already saving a checkpoint. Sending SIGTERM again would be
-            # the "second signal" that kills it mid-save: only wait, and SIGKILL after term_grace_s.
+            # The previous supervisor died. Its worker got SIGUSR1 from PR_SET_PDEATHSIG (and checks its
+            # parent at every step), so it is already saving a checkpoint. A SIGTERM on top would be
+            # redundant at best: only wait, and SIGKILL after term_grace_s.
             self.orphan = {"pid": pid, "create_time": created,
                            "deadline": self.os.monotonic() + self.cfg.supervisor.term_grace_s, "killed": False}
             self.log.warning("orphan", pid=pid, why="a worker of a previous supervisor is still alive; "
@@ -584,7 +620,7 @@ class Supervisor:
                            per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accum)
         if self.worker is not None:
             self.record["worker_pid"] = self.worker.pid
-        seam.atomic_write_json(seam.state_path(self.out), self.record)
+        seam.atomic_write_json(seam.state_path(self.out, self.node_rank), self.record)
 
 
 # ----------------------------------------------------------------------------- the process around it
@@ -600,7 +636,7 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
     from supervisor import status as status_mod
 
     log = logs.get()
-    run_dir = seam.run_dir(cfg.training.output_dir)
+    run_dir = seam.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
     try:
         lock_fd = acquire_lock(run_dir)
     except LockHeld as exc:

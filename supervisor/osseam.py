@@ -146,6 +146,14 @@ class RealOS:
                 pass
 
     def kill(self, pid: int, sig: int, *, group: bool = False) -> bool:
+        """``group``: the child's process group and every descendant (torchrun starts each rank in
+        a session of its own, out of reach of the group)."""
+        descendants: list[psutil.Process] = []
+        if group:
+            try:
+                descendants = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                pass
         try:
             if group:
                 os.killpg(pid, sig)
@@ -153,6 +161,12 @@ class RealOS:
                 os.kill(pid, sig)
         except ProcessLookupError:
             return False  # already gone: exactly what we wanted
+        finally:
+            for p in descendants:
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
         return True
 
     def alive(self, pid: int, create_time: float | None) -> bool:

@@ -48,6 +48,50 @@ class Outcome:
 
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
+# A rank whose peer died fails inside a collective with one of these: a consequence, not a cause.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "ProcessGroupNCCL", "Socket Timeout", "connection refused")
+
+
+def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One report for a torchrun attempt from its ranks' reports (rank -> report or None).
+
+    An OOM anywhere is the cause (the batch is lowered for all ranks). Then a rank that
+    left no report at all (killed by a signal): the others only saw their peer vanish.
+    Then a non-retryable error, then the earliest crash that is not a lost peer. All
+    ranks agreeing (completed, interrupted) is the attempt's outcome.
+    """
+    got = {r: rep for r, rep in reports.items() if rep is not None}
+    if not got:
+        return None
+
+    def tagged(rank: int, rep: dict[str, Any], note: str = "") -> dict[str, Any]:
+        return {**rep, "rank": rank, "message": f"rank {rank}: {rep.get('message')}{note}"}
+
+    by_time = sorted(got.items(), key=lambda kv: kv[1].get("time") or 0)
+    for r, rep in by_time:
+        if rep.get("reason") == seam.REASON_OOM:
+            return tagged(r, rep)
+    missing = sorted(r for r, rep in reports.items() if rep is None)
+    if missing:
+        # A rank that wrote nothing was killed by a signal (SIGKILL, the kernel's OOM killer, a
+        # segfault); the others only saw their peer vanish.
+        steps = [rep.get("step") for rep in got.values() if isinstance(rep.get("step"), int)]
+        return {"reason": seam.REASON_CRASH, "exit_code": seam.EXIT_CRASH, "rank": missing[0],
+                "step": max(steps) if steps else None,
+                "message": f"rank {', '.join(map(str, missing))} died without an exit report (killed by a signal?)"}
+    reasons = {rep.get("reason") for rep in got.values()}
+    if len(reasons) == 1 and reasons <= {seam.REASON_COMPLETED, seam.REASON_INTERRUPTED}:
+        r, rep = by_time[0]
+        return tagged(r, rep)
+    for r, rep in by_time:
+        if rep.get("reason") in seam.NON_RETRYABLE_REASONS:
+            return tagged(r, rep)
+    causes = [(r, rep) for r, rep in by_time if rep.get("reason") not in (seam.REASON_INTERRUPTED,
+              seam.REASON_COMPLETED) and not any(s in str(rep.get("message")) for s in _PEER_GONE)]
+    r, rep = (causes or [x for x in by_time if x[1].get("reason") != seam.REASON_COMPLETED] or by_time)[0]
+    return tagged(r, rep)
+
 
 def classify(info: ExitInfo) -> Outcome:
     """The exit report first (the worker knows best why it stopped), then the code or the signal."""

@@ -318,6 +318,37 @@ class SupervisorConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-GPU and multi-node training through torchrun (with ``launcher: torchrun``)."""
+
+    nproc_per_node: int = 1
+    """Worker processes (ranks) on this machine: usually its GPU count."""
+    nnodes: int = 1
+    """Machines in the job; each runs its own supervisor with its own ``node_rank``."""
+    node_rank: int = 0
+    """This machine's index, 0 .. nnodes-1 (node 0 hosts global rank 0: heartbeat, checkpoints, tracker)."""
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    """host:port of node 0, where the ranks meet (multi-node only; one node uses a free local port)."""
+    rdzv_id: str | None = None
+    """Job id shared by all nodes (default: the output directory's name)."""
+
+    def __post_init__(self) -> None:
+        _check_min("distributed.nproc_per_node", self.nproc_per_node, 1)
+        _check_min("distributed.nnodes", self.nnodes, 1)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"distributed.node_rank is {self.node_rank}; it must be in [0, {self.nnodes - 1}] "
+                              f"for nnodes {self.nnodes}")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} must be host:port, "
+                              "e.g. 10.0.0.1:29500")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
 class Config:
     """A whole run: what to train, where, and how to keep it alive."""
 
@@ -333,6 +364,10 @@ class Config:
     """Disk-space checks."""
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     """Restart policy."""
+    launcher: Literal["python", "torchrun"] = "python"
+    """``python``: one worker process; ``torchrun``: one process per GPU (and node), see ``distributed``."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """torchrun settings."""
     source_path: str = ""
     """Absolute path of the YAML file this was read from (set by the loader, not a YAML key)."""
 
@@ -348,12 +383,20 @@ class Config:
         if self.data.source != "pairs_csv" and self.model.concat_mode != "none":
             raise ConfigError(f"model.concat_mode is {self.model.concat_mode} but data.source is {self.data.source}: "
                               "image pairs need data.source: pairs_csv (or set concat_mode: none)")
+        if self.launcher == "python" and self.distributed.world_size > 1:
+            raise ConfigError(f"distributed asks for {self.distributed.world_size} processes but launcher is "
+                              "python: set launcher: torchrun")
         if self.data.source == "digits" and self.model.num_labels != 10:
             raise ConfigError(f"model.num_labels is {self.model.num_labels} but the digits data set has 10 classes")
 
     @property
     def output_dir(self) -> Path:
         return Path(self.training.output_dir)
+
+    @property
+    def node_rank(self) -> int:
+        """This machine's node in a multi-node torchrun job (0 otherwise)."""
+        return self.distributed.node_rank if self.launcher == "torchrun" else 0
 
     @property
     def image_size(self) -> int:

@@ -103,6 +103,13 @@ def run_dir(output_dir: str | os.PathLike[str]) -> Path:
     return Path(output_dir) / RUN_SUBDIR
 
 
+def supervisor_dir(output_dir: str | os.PathLike[str], node_rank: int = 0) -> Path:
+    """The supervisor's own files (lock, state, logs, exit reports): one folder per node, because
+    every node's supervisor of a multi-node job shares the output directory."""
+    base = run_dir(output_dir)
+    return base if node_rank == 0 else base / f"node-{node_rank}"
+
+
 def heartbeat_path(output_dir: str | os.PathLike[str]) -> Path:
     return run_dir(output_dir) / HEARTBEAT
 
@@ -111,8 +118,8 @@ def exit_report_path(output_dir: str | os.PathLike[str]) -> Path:
     return run_dir(output_dir) / EXIT_REPORT
 
 
-def state_path(output_dir: str | os.PathLike[str]) -> Path:
-    return run_dir(output_dir) / STATE
+def state_path(output_dir: str | os.PathLike[str], node_rank: int = 0) -> Path:
+    return supervisor_dir(output_dir, node_rank) / STATE
 
 
 # ----------------------------------------------------------------------------- atomic I/O

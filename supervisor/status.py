@@ -70,15 +70,15 @@ def supervisor_alive(pid: Any, create_time: Any) -> bool:
         return False
 
 
-def view(output_dir: Path) -> dict[str, Any]:
+def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
     """Everything ``status`` shows about one run, as plain data (this is also ``--json``)."""
     output_dir = Path(output_dir)
-    state = seam.read_json(seam.state_path(output_dir))
+    state = seam.read_json(seam.state_path(output_dir, node_rank))
     hb = seam.read_json(seam.heartbeat_path(output_dir)) or {}
     v: dict[str, Any] = {"output_dir": str(output_dir), "known": state is not None}
     if state is None:
         v.update(state="unknown", running=False, status_code=STATUS_UNKNOWN,
-                 note=f"no supervisor state in {seam.state_path(output_dir)}")
+                 note=f"no supervisor state in {seam.state_path(output_dir, node_rank)}")
         return v
     alive = supervisor_alive(state.get("supervisor_pid"), state.get("supervisor_create_time"))
     name = state.get("state")
@@ -92,7 +92,8 @@ def view(output_dir: Path) -> dict[str, Any]:
     except OSError:
         free = None
     worker_pid = state.get("worker_pid")
-    hb_current = bool(hb) and (hb.get("pid") == worker_pid or not running)
+    hb_current = bool(hb) and (hb.get("pid") == worker_pid or not running
+                               or (hb.get("attempt") is not None and hb.get("attempt") == state.get("attempt")))
     tracker = state.get("tracker_run_id") or hb.get("tracker_run_id")
     if not tracker:
         try:

@@ -163,3 +163,36 @@ def test_hang_allowances_differ_for_startup_training_and_evaluation() -> None:
 def test_disk_shortfall_compares_free_space_with_reserve() -> None:
     assert policy.disk_shortfall(600 * 2**20, 512) is None
     assert "disk.reserve_mb is 512" in policy.disk_shortfall(100 * 2**20, 512)
+
+
+# ----------------------------------------------------------------------------- torchrun: root cause among ranks
+
+
+def _rank_report(reason: str, t: float, message: str = "", step: int = 7) -> dict:
+    return {"reason": reason, "time": t, "message": message or reason, "step": step, "exit_code": 0}
+
+
+def test_oom_on_any_rank_is_the_root_cause() -> None:
+    r = policy.root_cause({0: _rank_report("crash", 1.0, "RuntimeError: Connection reset by peer"),
+                           1: _rank_report("oom", 2.0, "DefaultCPUAllocator: can't allocate memory")})
+    assert r is not None and r["reason"] == "oom" and r["rank"] == 1 and r["message"].startswith("rank 1:")
+
+
+def test_a_rank_without_a_report_was_killed_and_is_the_cause() -> None:
+    r = policy.root_cause({0: _rank_report("crash", 1.0, "RuntimeError: Connection reset by peer"), 1: None})
+    assert r is not None and r["reason"] == "crash" and "rank 1 died without an exit report" in r["message"]
+
+
+def test_all_ranks_interrupted_is_an_interruption() -> None:
+    r = policy.root_cause({0: _rank_report("interrupted", 1.0), 1: _rank_report("interrupted", 1.1)})
+    assert r is not None and r["reason"] == "interrupted"
+
+
+def test_lost_peer_errors_are_consequences_not_causes() -> None:
+    r = policy.root_cause({0: _rank_report("crash", 1.0, "Connection closed by peer"),
+                           1: _rank_report("crash", 2.0, "ValueError: bad label")})
+    assert r is not None and r["rank"] == 1 and "bad label" in r["message"]
+
+
+def test_no_rank_reports_leaves_the_launchers_exit_code_to_explain() -> None:
+    assert policy.root_cause({0: None, 1: None}) is None

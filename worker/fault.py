@@ -41,7 +41,15 @@ class StopRequest:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        signal.signal(ParentWatch.DEATH_SIGNAL, self._parent_died)
         self._installed = True
+
+    def _parent_died(self, signum: int, frame: FrameType | None) -> None:
+        # Its own signal, never a "second signal": Linux repeats the parent-death signal as each
+        # thread of a multi-threaded parent exits, and a repeat must not force anything.
+        if not self.requested:
+            self.reason = "the supervisor process is gone"
+            self.received_at = time.monotonic()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
@@ -77,14 +85,15 @@ def world_size() -> int:
 class ParentWatch:
     """The worker must not train on unsupervised.
 
-    Linux delivers SIGTERM when the parent dies (PR_SET_PDEATHSIG), which becomes
-    the usual safe stop. The parent is the supervisor, or torchrun under it, so at
+    Linux delivers SIGUSR1 when the parent dies (PR_SET_PDEATHSIG), which becomes
+    the usual safe stop (a signal of its own: the kernel may send it several times). The parent is the supervisor, or torchrun under it, so at
     every step the worker also checks that its parent is still the one it started
     with and that the supervisor (``VIT_SUPERVISOR_PID``) is alive: the death may
     have happened before prctl ran, or torchrun may outlive the supervisor.
     """
 
     PR_SET_PDEATHSIG = 1
+    DEATH_SIGNAL = signal.SIGUSR1
 
     def __init__(self) -> None:
         raw = os.environ.get(seam.ENV_SUPERVISOR_PID)
@@ -96,7 +105,7 @@ class ParentWatch:
             return
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(self.PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            libc.prctl(self.PR_SET_PDEATHSIG, int(self.DEATH_SIGNAL), 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the per-step check still covers it
 
