@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -127,3 +129,80 @@ def reference_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     final = d / "out" / "checkpoint-38"
     assert final.is_dir()
     return final
+
+
+# ----------------------------------------------------------------------------- supervised runs
+
+
+class Run:
+    """One run directory driven through `python -m supervisor.cli`."""
+
+    def __init__(self, tmp_path: Path, config: Path, **env: str) -> None:
+        self.tmp = tmp_path
+        self.config = config
+        self.out = tmp_path / "out"
+        self.env = worker_env(XDG_STATE_HOME=str(tmp_path / "xdg"), **env)
+        self.env.pop("STATE_DIRECTORY", None)
+        self.n = 0
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, *extra: str) -> subprocess.Popen[str]:
+        self.n += 1
+        log = open(self.tmp / f"supervisor-{self.n}.log", "w")
+        proc = subprocess.Popen([PYTHON, "-m", "supervisor.cli", "start", str(self.config), *extra], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        """A failed test must not leave a supervisor or worker behind to slow down the next one."""
+        pids = [p.pid for p in self.procs if p.poll() is None]
+        st = self.state()
+        pids += [pid for pid in (st.get("supervisor_pid"), st.get("worker_pid")) if isinstance(pid, int)]
+        for pid in pids:
+            try:
+                if psutil.Process(pid).cmdline()[1:3] in (["-m", "supervisor.cli"], ["-m", "worker"]):
+                    os.kill(pid, signal.SIGKILL)
+            except (psutil.Error, IndexError, ProcessLookupError):
+                pass
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "supervisor.cli", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def state(self) -> dict[str, Any]:
+        return read_json(self.out / "run" / "state.json") or {}
+
+    def worker_at_step(self, step: int, attempt: int | None = None) -> dict[str, Any]:
+        """Wait until the current worker has trained past ``step``; return its heartbeat."""
+        def ok() -> dict[str, Any] | None:
+            hb, st = heartbeat(self.out), self.state()
+            if (hb.get("state") == "training" and (hb.get("global_step") or 0) > step
+                    and hb.get("pid") == st.get("worker_pid") and (attempt is None or st.get("attempt") == attempt)):
+                return hb
+            return None
+        return wait_for(ok, 45, f"worker past step {step}")
+
+    def log(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.tmp.glob("supervisor-*.log")))
+
+
+@pytest.fixture
+def new_run(tmp_path: Path) -> Any:
+    made: list[Run] = []
+
+    def make(config: Path, **env: str) -> Run:
+        made.append(Run(tmp_path, config, **env))
+        return made[-1]
+
+    yield make
+    for run in made:
+        run.cleanup()
+
+
+def finish(proc: subprocess.Popen[str], run: Run, timeout: float = 45) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"supervisor did not exit in {timeout}s; state {run.state()}\n{run.log()[-3000:]}")

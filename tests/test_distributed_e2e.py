@@ -1,9 +1,11 @@
-"""The worker under torchrun: 2 CPU ranks over gloo, real kills, exact resume."""
+"""The worker under torchrun: 2 CPU ranks over gloo, a real kill, exact resume.
+
+Stop signals and OOMs under torchrun are tested through the supervisor
+(tests/test_distributed_supervisor_e2e.py)."""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,35 +72,3 @@ def test_two_ranks_killed_and_resumed_end_bit_identical(tmp_path: Path, two_rank
     log = finish(p)
     assert p.returncode == 0, log[-3000:]
     assert max_abs_diff(out / "checkpoint-40", two_rank_reference) == 0.0
-
-
-def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"num_train_epochs": 4, "save_steps": 100}})
-    out = tmp_path / "out"
-    p = torchrun(cfg)
-    wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 4, TIMEOUT, "step 4", interval=0.005)
-    p.send_signal(signal.SIGTERM)
-    finish(p)
-    reports = rank_reports(out)
-    assert set(reports) == {0, 1}
-    steps = {r["step"] for r in reports.values()}
-    assert {r["reason"] for r in reports.values()} == {"interrupted"} and len(steps) == 1
-    step = steps.pop()
-    ck = out / f"checkpoint-{step}"
-    from worker import checkpoint as ckpt
-
-    ckpt.validate(ck)
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f.name for f in ck.iterdir()}
-
-
-def test_real_allocator_oom_on_one_rank_is_reported_by_that_rank(tmp_path: Path) -> None:
-    over = {"model": {"scratch": {"image_size": 32}}, "data": {"limit": None},
-            "training": {"per_device_train_batch_size": 1024, "max_steps": 3}}
-    cfg = write_cfg(tmp_path / "c.yaml", over)
-    out = tmp_path / "out"
-    p = torchrun(cfg, env=worker_env(VIT_MEMORY_HEADROOM_MB="400", VIT_MEMORY_HEADROOM_RANKS="1"))
-    log = finish(p)
-    assert p.returncode != 0
-    reports = rank_reports(out)
-    assert reports[1]["reason"] == "oom", log[-3000:]
-    assert reports[1]["per_device_train_batch_size"] == 1024 and reports[1]["world_size"] == 2

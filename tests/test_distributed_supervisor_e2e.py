@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import time
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import heartbeat, wait_for
-from tests.test_supervisor_e2e import Run, finish, new_run  # noqa: F401 (fixture)
+from tests.conftest import Run, finish
 
 pytestmark = pytest.mark.e2e
 

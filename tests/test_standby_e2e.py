@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_supervisor_e2e import finish, new_run  # noqa: F401 (fixture)
+from tests.conftest import finish
 from tests.test_worker_e2e import _digit_pngs, max_abs_diff, run_to_end, write_cfg
 
 pytestmark = pytest.mark.e2e

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY, deep_update, heartbeat, read_json, vit_train, wait_for, worker_env
+from tests.conftest import TINY, deep_update, heartbeat, read_json, vit_train, wait_for
 
 pytestmark = pytest.mark.e2e
 
