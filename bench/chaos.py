@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--report", action="store_true", help="render the run report (PNG + HTML) at the end")
+    ap.add_argument("--no-standby-wait", dest="standby_ready", action="store_false",
+                    help="inject faults without waiting for the standby worker to be ready")
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
     become_subreaper()
@@ -296,8 +298,16 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
         for kind in faults:
             if kind == "oom" and oom_budget == 0:
                 kind = "sigkill"
-            # Let the current worker make some progress first.
+            # Let the current worker make some progress first, and (as in a real run, where faults
+            # are hours apart) its standby get ready.
             pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
+            if a.standby_ready:
+                try:
+                    wait(lambda: (seam.read_json(seam.state_path(out)) or {}).get("standby", {}) and
+                         (seam.read_json(seam.state_path(out)) or {})["standby"].get("ready"), 60, "a ready standby")
+                except TimeoutError:
+                    pass
+                pid0, s0 = watch.step_now()
             target = s0 + rng.randint(2, 2 * a.save_steps)
             if target >= steps - 3:
                 print(f"chaos: out of steps before fault {len(events) + 1} ({kind}); ending the schedule")
@@ -331,6 +341,8 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
 
         png, page = render(out)
         shutil.copy(png, work / "report.png")
+        shutil.copy(page, work / "report.html")
+        shutil.copy(seam.state_path(out), work / "state.json")
         print(f"chaos: report {png} and {page}")
     if misses:
         print("\nCHAOS FAILED:")
@@ -500,7 +512,7 @@ def print_table(events: list[Event], ref_wall: float, chaos_wall: float, steps: 
             continue
         det = [e.detected - e.t for e in evs if e.detected is not None]
         rec = [e.recovered - e.t for e in evs if e.recovered is not None]
-        lost = [e.step - e.resumed_from for e in evs if e.resumed_from is not None]
+        lost = [max(0, e.step - e.resumed_from) for e in evs if e.resumed_from is not None]
         lost_total += sum(lost)
 
         def med(xs: list[float]) -> str:

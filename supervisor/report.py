@@ -105,8 +105,9 @@ def render(output_dir: Path) -> tuple[Path, Path]:
         why = prev.get("reason") or "?"
         ax.axvline(x, color="0.35", ls="--", lw=1)
         axb.axvline(x, color="0.35", ls="--", lw=1)
-        exit_ = str(prev.get("exit") or "").replace("killed by ", "")
-        label = why if not exit_ or why in ("oom", "hang", "completed") else f"{why} ({exit_})"
+        exit_ = str(prev.get("exit") or "")
+        label = f"{why} ({exit_.replace('killed by ', '')})" if exit_.startswith("killed by ") and why != "hang" \
+            else why
         if prev.get("downtime_s") is not None:
             label += f", {prev['downtime_s']:.1f}s"
         # Vertical labels along each marker: many restarts close together stay readable.
@@ -116,7 +117,10 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     if ax2 is not None:
         ax2.set_ylabel(f"{mkey} (circles)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    if len(attempt_ids) <= 12:
+        ax.legend(loc="lower left", fontsize=7, ncol=2 if len(attempt_ids) > 6 else 1)
+    else:
+        ax.set_title("one colour per attempt", fontsize=8, loc="left")
     # Batch size in force, as a step function over the steps each attempt covered.
     for a in atts:
         start = a.get("step_start") or 0
