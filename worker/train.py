@@ -9,6 +9,7 @@ import os
 import random
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,9 @@ class SupervisionCallback(TrainerCallback):
         self._last_loss: float | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        # A resume reloads trainer_state.json, whose logging/eval/save intervals would silently
+        # override the config's: the config in force decides.
+        state.compute_steps(args, state.max_steps)
         limit = set_memory_headroom_from_env()
         if limit:
             log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
@@ -378,6 +382,8 @@ def init_tracking(cfg: Config, run_id: str) -> None:
 
 
 def finish_tracking(code: int) -> None:
+    if "wandb" not in sys.modules:
+        return  # never started: importing it now would only delay the exit
     try:
         import wandb
 
