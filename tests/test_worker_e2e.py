@@ -229,3 +229,14 @@ def test_image_pairs_train_with_shared_backbone_and_resume(tmp_path: Path) -> No
     m, info = ViTPairForImageClassification.from_pretrained(str(out / "checkpoint-8"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert m.concat_mode == "abs_diff"
+
+
+def test_changed_save_interval_applies_after_resume(tmp_path: Path) -> None:
+    """trainer_state.json carries the old intervals; the config in force must win."""
+    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 4, "save_steps": 1, "save_total_limit": None}})
+    run_to_end(cfg)
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 10, "save_steps": 100,
+                                                                  "save_total_limit": None}})))
+    run_to_end(cfg, "--resume")
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert steps == [1, 2, 3, 4, 10]  # no checkpoint at 5..9: the new interval is in force
