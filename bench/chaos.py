@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--faults", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (default: 14 per fault)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps (default: 160 per fault, 14 with --no-standby-wait)")
     ap.add_argument("--save-steps", type=int, default=6)
     ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
     ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds.remove("low_disk")
         print("chaos: cannot mount a tmpfs here (needs root); skipping the low-disk fault", file=sys.stderr)
     base = disk if mounted else work
-    steps = a.steps or max(120, 14 * a.faults)
+    # Waiting for the standby before each fault costs seconds of training: budget the steps for it.
+    steps = a.steps or max(120, (160 if a.standby_ready else 14) * a.faults)
     faults = schedule(a.faults, rng, kinds)
     try:
         return run(a, work, base, steps, faults, rng)
