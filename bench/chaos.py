@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faults", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=0,
-                    help="optimizer steps (default: 160 per fault, 14 with --no-standby-wait)")
+                    help="optimizer steps (default: 260 per fault, 14 with --no-standby-wait)")
     ap.add_argument("--save-steps", type=int, default=6)
     ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
     ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print("chaos: cannot mount a tmpfs here (needs root); skipping the low-disk fault", file=sys.stderr)
     base = disk if mounted else work
     # Waiting for the standby before each fault costs seconds of training: budget the steps for it.
-    steps = a.steps or max(120, (160 if a.standby_ready else 14) * a.faults)
+    steps = a.steps or max(120, (260 if a.standby_ready else 14) * a.faults)
     faults = schedule(a.faults, rng, kinds)
     try:
         return run(a, work, base, steps, faults, rng)
@@ -297,9 +297,14 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     batch_changed = False
     oom_budget = 2
     try:
+        attempts_before = 0
         for kind in faults:
             if kind == "oom" and oom_budget == 0:
                 kind = "sigkill"
+            if events and events[-1].kind != "low_disk":
+                # The last fault's restart must have happened before the next fault is aimed.
+                wait(lambda: len((seam.read_json(seam.state_path(out)) or {}).get("attempts") or []) > attempts_before,
+                     180, "the restart after the last fault")
             # Let the current worker make some progress first, and (as in a real run, where faults
             # are hours apart) its standby get ready.
             pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
@@ -317,6 +322,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             pid, step = wait(lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}")
             if not batch_changed:
                 exact_checked += check_exact(out, ref_out, misses)
+            attempts_before = len((seam.read_json(seam.state_path(out)) or {}).get("attempts") or [])
             ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
             if ev.kind == "supervisor_kill":
                 sup = ev.detail_proc  # type: ignore[attr-defined]
