@@ -295,6 +295,13 @@ class SupervisionCallback(TrainerCallback):
                              samples_per_s=round(self._rate, 2) if self._rate else None,
                              force=ctx.stop.requested)
 
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.ctx.stop.requested:
+            # A stop breaks out mid-epoch; the Trainer would still run its epoch-end evaluation
+            # (and, under torchrun, its collectives) before exiting. The step is committed: go.
+            control.should_evaluate = False
+            control.should_save = False
+
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
         if not logs:
             return
