@@ -33,6 +33,19 @@ def test_demo_config_is_valid() -> None:
     assert Path(cfg.training.output_dir).is_absolute()
 
 
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu-vit-base.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    cfg = load_config(REPO / "configs" / name, check_paths=False)  # the GPU example's data is not here
+    assert cfg.training.save_total_limit and cfg.training.save_total_limit >= 2
+
+
+def test_torchrun_settings_are_checked(tmp_path: Path) -> None:
+    msg = error_for(tmp_path, {"launcher": "torchrun", "distributed": {"nnodes": 2, "node_rank": 2}})
+    assert "distributed.node_rank is 2" in msg
+    msg = error_for(tmp_path, {"distributed": {"nproc_per_node": 2}})
+    assert "set launcher: torchrun" in msg
+
+
 def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
     msg = error_for(tmp_path, {"training": {"per_device_train_batch_sise": 8}})
     assert "training.per_device_train_batch_sise" in msg
