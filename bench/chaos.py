@@ -498,7 +498,6 @@ def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dic
             misses.append(f"corrupted {name} was neither set aside nor replaced")
     if watch.max_workers > 1:
         misses.append(f"{watch.max_workers} workers ran at once")
-    prev = None
     for ev in events:
         if ev.resumed_from is None:
             continue
@@ -506,8 +505,6 @@ def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dic
         if ev.step - ev.resumed_from > allowed:
             misses.append(f"{ev.kind} at step {ev.step} resumed from {ev.resumed_from}: "
                           f"lost more than {allowed} steps")
-        prev = ev
-    del prev
 
 
 def print_table(events: list[Event], ref_wall: float, chaos_wall: float, steps: int, watch: Watch,

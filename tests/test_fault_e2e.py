@@ -132,11 +132,16 @@ def test_real_allocator_oom_in_evaluation_commits_an_emergency_checkpoint(tmp_pa
     assert all_checkpoints_validate(out) == [3]
 
 
+def inject(fault: str, cfg: Path) -> subprocess.CompletedProcess[str]:
+    """A real worker with a fault raised from a hook (tests/inject_worker.py)."""
+    return subprocess.run([PYTHON, str(REPO / "tests" / "inject_worker.py"), fault, str(cfg)], env=worker_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
 def test_injected_cuda_oom_in_forward_loses_no_step(tmp_path: Path, reference_tiny: Path) -> None:
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"save_steps": 100}})
     out = tmp_path / "out"
-    p = subprocess.run([PYTHON, str(REPO / "tests" / "inject_worker.py"), "oom-forward:12", str(cfg)],
-                       env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    p = inject("oom-forward:12", cfg)
     assert p.returncode == 4, p.stderr[-3000:]
     r = report(out)
     assert r["reason"] == "oom" and r["exception_type"] == "OutOfMemoryError"
@@ -149,8 +154,7 @@ def test_injected_cuda_oom_in_forward_loses_no_step(tmp_path: Path, reference_ti
 def test_oom_inside_the_optimizer_step_makes_no_emergency_checkpoint(tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"save_steps": 5}})
     out = tmp_path / "out"
-    p = subprocess.run([PYTHON, str(REPO / "tests" / "inject_worker.py"), "oom-optimizer:8", str(cfg)],
-                       env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    p = inject("oom-optimizer:8", cfg)
     assert p.returncode == 4, p.stderr[-3000:]
     r = report(out)
     assert r["emergency_checkpoint"] is False and r["phase"] == "optimizer"
@@ -160,8 +164,7 @@ def test_oom_inside_the_optimizer_step_makes_no_emergency_checkpoint(tmp_path: P
 def test_crash_writes_a_report_with_the_traceback(tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path / "c.yaml")
     out = tmp_path / "out"
-    p = subprocess.run([PYTHON, str(REPO / "tests" / "inject_worker.py"), "crash:4", str(cfg)],
-                       env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    p = inject("crash:4", cfg)
     assert p.returncode == 1
     r = report(out)
     assert r["reason"] == "crash" and r["exception_type"] == "ValueError" and r["step"] == 3

@@ -32,7 +32,6 @@ class StopRequest:
         self.signum: int | None = None
         self.reason: str | None = None
         self.received_at: float | None = None
-        self._installed = False
 
     @property
     def requested(self) -> bool:
@@ -42,7 +41,6 @@ class StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         signal.signal(ParentWatch.DEATH_SIGNAL, self._parent_died)
-        self._installed = True
 
     def _parent_died(self, signum: int, frame: FrameType | None) -> None:
         # Its own signal, never a "second signal": Linux repeats the parent-death signal as each

@@ -344,7 +344,7 @@ def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
         eval_strategy=t.eval_strategy, eval_steps=t.eval_steps, save_strategy=t.save_strategy,
         save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end,
-        metric_for_best_model=t.metric_for_best_model if t.metric_for_best_model != "loss" else "loss",
+        metric_for_best_model=t.metric_for_best_model,
         greater_is_better=t.greater_is_better, dataloader_num_workers=t.dataloader_num_workers, seed=t.seed,
         data_seed=t.seed, fp16=t.fp16, bf16=t.bf16, tf32=t.tf32, full_determinism=t.full_determinism,
         optim=t.optim, report_to=report_to, run_name=cfg.tracking.run_name or cfg.output_dir.name,
