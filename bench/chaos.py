@@ -52,29 +52,68 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from supervisor import seam  # noqa: E402
+from supervisor import protocol
 
 PY = sys.executable
-KINDS = ["sigkill", "sigterm", "sigint", "kill_during_save", "hang", "supervisor_kill", "truncate_checkpoint",
-         "low_disk", "oom"]
+KINDS = [
+    "sigkill",
+    "sigterm",
+    "sigint",
+    "kill_during_save",
+    "hang",
+    "supervisor_kill",
+    "truncate_checkpoint",
+    "low_disk",
+    "oom",
+]
 BATCH_CHANGING = {"oom"}
 
 
 def config(out: Path, steps: int, save_steps: int, keep: int | None, tracking: bool) -> dict[str, Any]:
     return {
-        "model": {"model_name": "scratch", "num_labels": 10,
-                  "scratch": {"image_size": 8, "patch_size": 2, "num_channels": 1, "hidden_size": 64,
-                              "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}},
+        "model": {
+            "model_name": "scratch",
+            "num_labels": 10,
+            "scratch": {
+                "image_size": 8,
+                "patch_size": 2,
+                "num_channels": 1,
+                "hidden_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+            },
+        },
         "data": {"source": "digits", "train_test_split": 0.25, "random_seed": 7, "limit": 640},
-        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 16,
-                     "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 160, "learning_rate": 2e-3,
-                     "warmup_ratio": 0.05, "logging_steps": 5, "eval_strategy": "steps", "eval_steps": 30,
-                     "save_strategy": "steps", "save_steps": save_steps, "save_total_limit": keep, "seed": 3},
+        "training": {
+            "output_dir": str(out),
+            "max_steps": steps,
+            "per_device_train_batch_size": 16,
+            "gradient_accumulation_steps": 1,
+            "per_device_eval_batch_size": 160,
+            "learning_rate": 2e-3,
+            "warmup_ratio": 0.05,
+            "logging_steps": 5,
+            "eval_strategy": "steps",
+            "eval_steps": 30,
+            "save_strategy": "steps",
+            "save_steps": save_steps,
+            "save_total_limit": keep,
+            "seed": 3,
+        },
         "tracking": {"backend": "wandb" if tracking else "none", "mode": "offline"},
         "disk": {"reserve_mb": 2, "on_low": "wait", "recheck_s": 0.2},
-        "supervisor": {"backoff_initial_s": 0.0, "backoff_max_s": 1.0, "max_failures_without_progress": 6,
-                       "hang_timeout_s": 4.0, "startup_timeout_s": 120, "eval_timeout_s": 60, "term_grace_s": 3,
-                       "heartbeat_interval_s": 0.0, "min_per_device_batch": 2},
+        "supervisor": {
+            "backoff_initial_s": 0.0,
+            "backoff_max_s": 1.0,
+            "max_failures_without_progress": 6,
+            "hang_timeout_s": 4.0,
+            "startup_timeout_s": 120,
+            "eval_timeout_s": 60,
+            "term_grace_s": 3,
+            "heartbeat_interval_s": 0.0,
+            "min_per_device_batch": 2,
+        },
     }
 
 
@@ -130,10 +169,10 @@ class Watch:
     own: set[int] = field(default_factory=set)
 
     def run(self) -> None:
-        hb_path = seam.heartbeat_path(self.out)
+        hb_path = protocol.heartbeat_path(self.out)
         last = None
         while not self.stop.is_set():
-            hb = seam.read_json(hb_path) or {}
+            hb = protocol.read_json(hb_path) or {}
             key = (hb.get("pid"), hb.get("global_step"))
             if hb.get("global_step") is not None and key != last:
                 self.steps.append((time.monotonic(), hb["pid"], hb["global_step"]))
@@ -143,7 +182,7 @@ class Watch:
             time.sleep(0.01)
 
     def step_now(self) -> tuple[int | None, int]:
-        hb = seam.read_json(seam.heartbeat_path(self.out)) or {}
+        hb = protocol.read_json(protocol.heartbeat_path(self.out)) or {}
         return hb.get("pid"), int(hb.get("global_step") or 0)
 
     def first_step_after(self, t: float, not_pid: int | None) -> tuple[float, int] | None:
@@ -187,10 +226,22 @@ def mount_tmpfs(path: Path, mb: int) -> bool:
 def supervisor(cfg_path: Path, log: Path) -> subprocess.Popen[bytes]:
     # A fixed mmap threshold makes every sizeable allocation a fresh mapping, so a worker whose
     # address space gets capped (the OOM fault) fails on its next one instead of reusing freed heap.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-               XDG_STATE_HOME=str(log.parent / "state"), MALLOC_MMAP_THRESHOLD_="65536")
-    return subprocess.Popen([PY, "-m", "supervisor.cli", "start", str(cfg_path)], cwd=REPO, env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        XDG_STATE_HOME=str(log.parent / "state"),
+        MALLOC_MMAP_THRESHOLD_="65536",
+    )
+    return subprocess.Popen(
+        [PY, "-m", "supervisor.cli", "start", str(cfg_path)],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait(pred: Any, timeout: float, what: str) -> Any:
@@ -230,16 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--faults", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="optimizer steps (default: 260 per fault, 14 with --no-standby-wait)")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="optimizer steps (default: 260 per fault, 14 with --no-standby-wait)"
+    )
     ap.add_argument("--save-steps", type=int, default=6)
     ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
     ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--report", action="store_true", help="render the run report (PNG + HTML) at the end")
-    ap.add_argument("--no-standby-wait", dest="standby_ready", action="store_false",
-                    help="inject faults without waiting for the standby worker to be ready")
+    ap.add_argument(
+        "--no-standby-wait",
+        dest="standby_ready",
+        action="store_false",
+        help="inject faults without waiting for the standby worker to be ready",
+    )
     a = ap.parse_args(argv)
     rng = random.Random(a.seed)
     become_subreaper()
@@ -274,8 +330,13 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     print(f"chaos: {len(faults)} faults over {steps} steps, save every {a.save_steps}; work dir {work}", flush=True)
 
     t0 = time.monotonic()
-    r = subprocess.run([PY, "-m", "worker", str(ref_cfg)], cwd=REPO, capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [PY, "-m", "worker", str(ref_cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     ref_wall = time.monotonic() - t0
     if r.returncode != 0:
         print(r.stdout[-3000:], r.stderr[-3000:])
@@ -303,18 +364,30 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
                 kind = "sigkill"
             if events and events[-1].kind != "low_disk":
                 # The last fault's restart must have happened before the next fault is aimed.
-                wait(lambda: len((seam.read_json(seam.state_path(out)) or {}).get("attempts") or []) > attempts_before,
-                     180, "the restart after the last fault")
+                wait(
+                    lambda: (
+                        len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
+                        > attempts_before
+                    ),
+                    180,
+                    "the restart after the last fault",
+                )
             # Let the current worker make some progress first, and (as in a real run, where faults
             # are hours apart) its standby get ready.
-            pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
+            _pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
             if a.standby_ready:
                 try:
-                    wait(lambda: (seam.read_json(seam.state_path(out)) or {}).get("standby", {}) and
-                         (seam.read_json(seam.state_path(out)) or {})["standby"].get("ready"), 60, "a ready standby")
+                    wait(
+                        lambda: (
+                            (protocol.read_json(protocol.state_path(out)) or {}).get("standby", {})
+                            and (protocol.read_json(protocol.state_path(out)) or {})["standby"].get("ready")
+                        ),
+                        60,
+                        "a ready standby",
+                    )
                 except TimeoutError:
                     pass
-                pid0, s0 = watch.step_now()
+                _pid0, s0 = watch.step_now()
             target = s0 + rng.randint(2, 2 * a.save_steps)
             if target >= steps - 3:
                 print(f"chaos: out of steps before fault {len(events) + 1} ({kind}); ending the schedule")
@@ -322,7 +395,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             pid, step = wait(lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}")
             if not batch_changed:
                 exact_checked += check_exact(out, ref_out, misses)
-            attempts_before = len((seam.read_json(seam.state_path(out)) or {}).get("attempts") or [])
+            attempts_before = len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
             ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
             if ev.kind == "supervisor_kill":
                 sup = ev.detail_proc  # type: ignore[attr-defined]
@@ -339,7 +412,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
         if sup.poll() is None:
             sup.kill()
     chaos_wall = time.monotonic() - t_start
-    state = seam.read_json(seam.state_path(out)) or {}
+    state = protocol.read_json(protocol.state_path(out)) or {}
     attempts = state.get("attempts") or []
     finish_events(events, attempts, watch)
     check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
@@ -350,7 +423,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
         png, page = render(out)
         shutil.copy(png, work / "report.png")
         shutil.copy(page, work / "report.html")
-        shutil.copy(seam.state_path(out), work / "state.json")
+        shutil.copy(protocol.state_path(out), work / "state.json")
         print(f"chaos: report {png} and {page}")
     if misses:
         print("\nCHAOS FAILED:")
@@ -361,8 +434,17 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     return 0
 
 
-def inject(kind: str, out: Path, cfg_path: Path, pid: int, step: int, sup: subprocess.Popen[bytes],
-           watch: Watch, truncated: set[str], work: Path) -> Event:
+def inject(
+    kind: str,
+    out: Path,
+    cfg_path: Path,
+    pid: int,
+    step: int,
+    sup: subprocess.Popen[bytes],
+    watch: Watch,
+    truncated: set[str],
+    work: Path,
+) -> Event:
     now = time.monotonic
     if kind in ("sigkill", "sigterm", "sigint"):
         sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[kind]
@@ -370,8 +452,15 @@ def inject(kind: str, out: Path, cfg_path: Path, pid: int, step: int, sup: subpr
         os.kill(pid, sig)
         return ev
     if kind == "kill_during_save":
-        hb = wait(lambda: (h := seam.read_json(seam.heartbeat_path(out)) or {}).get("state") == "saving"
-                  and h.get("pid") == pid and h, 120, "a save")
+        hb = wait(
+            lambda: (
+                (h := protocol.read_json(protocol.heartbeat_path(out)) or {}).get("state") == "saving"
+                and h.get("pid") == pid
+                and h
+            ),
+            120,
+            "a save",
+        )
         ev = Event(kind, now(), hb["global_step"], pid)
         os.kill(pid, signal.SIGKILL)
         mid = bool(list(out.glob(".staging-checkpoint-*")))
@@ -416,8 +505,11 @@ def inject(kind: str, out: Path, cfg_path: Path, pid: int, step: int, sup: subpr
             f.truncate(0)
             f.write(b"\0" * max(0, free - (1 << 20)))
         try:
-            wait(lambda: (seam.read_json(seam.heartbeat_path(out)) or {}).get("state") == "waiting_for_disk", 60,
-                 "waiting_for_disk")
+            wait(
+                lambda: (protocol.read_json(protocol.heartbeat_path(out)) or {}).get("state") == "waiting_for_disk",
+                60,
+                "waiting_for_disk",
+            )
             ev.detected = now()
             time.sleep(0.5)  # hold the disk full for a moment: training must stay paused
         finally:
@@ -461,15 +553,28 @@ def check_exact(out: Path, ref_out: Path, misses: list[str]) -> int:
     return 1
 
 
-def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dict[str, Any], state: dict[str, Any],
-                code: int, watch: Watch, events: list[Event], truncated: set[str], misses: list[str],
-                tracking: bool, steps: int) -> None:
+def check_final(
+    a: argparse.Namespace,
+    out: Path,
+    ref_out: Path,
+    ref_report: dict[str, Any],
+    state: dict[str, Any],
+    code: int,
+    watch: Watch,
+    events: list[Event],
+    truncated: set[str],
+    misses: list[str],
+    tracking: bool,
+    steps: int,
+) -> None:
     if code != 0 or state.get("state") != "completed":
         misses.append(f"supervisor ended with exit {code}, state {state.get('state')}: {state.get('last_error')}")
     reports = sorted((out / "run").glob("exit-*.json"), key=lambda p: p.stat().st_mtime)
     final = json.loads(reports[-1].read_text()) if reports else {}
     if final.get("reason") != "completed" or final.get("step") != steps:
-        misses.append(f"final exit report is {final.get('reason')} at step {final.get('step')}, wanted completed at {steps}")
+        misses.append(
+            f"final exit report is {final.get('reason')} at step {final.get('step')}, wanted completed at {steps}"
+        )
     attempts = state.get("attempts") or []
     eff = {(x.get("per_device_train_batch_size") or 0) * (x.get("gradient_accumulation_steps") or 0) for x in attempts}
     if len(eff) != 1:
@@ -479,8 +584,9 @@ def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dic
         ca = final.get("metrics", {}).get("eval_accuracy")
         if ra is None or ca is None or abs(ra - ca) > a.tolerance:
             misses.append(f"final eval accuracy {ca} vs reference {ra}: beyond tolerance {a.tolerance}")
-    elif (out / f"checkpoint-{steps}").is_dir() and not weights_equal(out / f"checkpoint-{steps}",
-                                                                    ref_out / f"checkpoint-{steps}"):
+    elif (out / f"checkpoint-{steps}").is_dir() and not weights_equal(
+        out / f"checkpoint-{steps}", ref_out / f"checkpoint-{steps}"
+    ):
         misses.append("final weights differ from the reference although no fault changed the batch")
     if tracking:
         ids = {p.name.rsplit("-", 1)[-1] for p in (out / "run" / "wandb").glob("offline-run-*")}
@@ -492,7 +598,11 @@ def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dic
         for m in re.finditer(r"resume from checkpoint: (\S+)", log.read_text(errors="replace")):
             if Path(m.group(1)).name in truncated and Path(m.group(1)).is_dir():
                 misses.append(f"{log.name} resumed from {m.group(1)}, which had been corrupted")
-    aside = {p.name.split(".")[0] for p in (out / "set-aside").glob("checkpoint-*")} if (out / "set-aside").is_dir() else set()
+    aside = (
+        {p.name.split(".")[0] for p in (out / "set-aside").glob("checkpoint-*")}
+        if (out / "set-aside").is_dir()
+        else set()
+    )
     for name in truncated:
         if name not in aside and (out / name).is_dir():
             misses.append(f"corrupted {name} was neither set aside nor replaced")
@@ -503,12 +613,12 @@ def check_final(a: argparse.Namespace, out: Path, ref_out: Path, ref_report: dic
             continue
         allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)
         if ev.step - ev.resumed_from > allowed:
-            misses.append(f"{ev.kind} at step {ev.step} resumed from {ev.resumed_from}: "
-                          f"lost more than {allowed} steps")
+            misses.append(f"{ev.kind} at step {ev.step} resumed from {ev.resumed_from}: lost more than {allowed} steps")
 
 
-def print_table(events: list[Event], ref_wall: float, chaos_wall: float, steps: int, watch: Watch,
-                exact_checked: int) -> None:
+def print_table(
+    events: list[Event], ref_wall: float, chaos_wall: float, steps: int, watch: Watch, exact_checked: int
+) -> None:
     print(f"\n{'fault':<20} {'count':>5} {'detect s':>9} {'recover s':>10} {'steps lost':>11}")
     lost_total = 0
     for kind in KINDS:
@@ -523,13 +633,17 @@ def print_table(events: list[Event], ref_wall: float, chaos_wall: float, steps: 
         def med(xs: list[float]) -> str:
             return f"{statistics.median(xs):.2f}" if xs else "-"
 
-        print(f"{kind:<20} {len(evs):>5} {med(det):>9} {med(rec):>10} "
-              f"{(f'{sum(lost)} ({max(lost)} max)' if lost else '-'):>11}")
+        print(
+            f"{kind:<20} {len(evs):>5} {med(det):>9} {med(rec):>10} "
+            f"{(f'{sum(lost)} ({max(lost)} max)' if lost else '-'):>11}"
+        )
     goodput = ref_wall / chaos_wall if chaos_wall else 0.0
-    print(f"\nreference wall {ref_wall:.1f}s, chaos wall {chaos_wall:.1f}s: goodput {goodput:.2f}; "
-          f"{lost_total} of {steps + lost_total} optimizer steps were redone "
-          f"(lost-work share {lost_total / (steps + lost_total):.1%}); exactness checked at {exact_checked} "
-          f"checkpoints; most workers at once: {watch.max_workers}")
+    print(
+        f"\nreference wall {ref_wall:.1f}s, chaos wall {chaos_wall:.1f}s: goodput {goodput:.2f}; "
+        f"{lost_total} of {steps + lost_total} optimizer steps were redone "
+        f"(lost-work share {lost_total / (steps + lost_total):.1%}); exactness checked at {exact_checked} "
+        f"checkpoints; most workers at once: {watch.max_workers}"
+    )
 
 
 if __name__ == "__main__":

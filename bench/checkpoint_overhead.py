@@ -32,25 +32,48 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 DEFAULT_SAVE_STEPS = 500  # supervisor/schema.py TrainingConfig.save_steps
 SCALE_SAVE_STEPS = 2
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(c.TINY["model"]["scratch"]),
-    "small": {"image_size": 32, "patch_size": 4, "num_channels": 1, "hidden_size": 192, "num_hidden_layers": 6,
-              "num_attention_heads": 3, "intermediate_size": 768},
-    "vit-s/16": {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 384,
-                 "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "small": {
+        "image_size": 32,
+        "patch_size": 4,
+        "num_channels": 1,
+        "hidden_size": 192,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+    },
+    "vit-s/16": {
+        "image_size": 224,
+        "patch_size": 16,
+        "num_channels": 3,
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
     "vit-b/16": dict(c.VIT_BASE),
 }
 
 
 def measured_share(work: Path, save_steps: int, steps: int) -> list[Any]:
-    cfg = c.write_config(work / f"share-{save_steps}.yaml", {"training": {
-        "output_dir": f"share-{save_steps}", "max_steps": steps, "save_steps": save_steps, "eval_strategy": "no",
-        "logging_steps": 50}})
+    cfg = c.write_config(
+        work / f"share-{save_steps}.yaml",
+        {
+            "training": {
+                "output_dir": f"share-{save_steps}",
+                "max_steps": steps,
+                "save_steps": save_steps,
+                "eval_strategy": "no",
+                "logging_steps": 50,
+            }
+        },
+    )
     out = c.output_dir(cfg)
     if c.run_worker(cfg, log=work / f"share-{save_steps}.log") != 0:
         raise SystemExit(f"share run failed; see {work / f'share-{save_steps}.log'}")
@@ -86,10 +109,20 @@ def time_to_step(cfg: Path, args: list[str], log: Path, target: int) -> tuple[fl
 
 def scale_row(work: Path, name: str, arch: dict[str, int]) -> list[Any]:
     slug = name.replace("/", "")
-    over = {"model": {"scratch": arch}, "data": {"limit": 64}, "training": {
-        "output_dir": f"scale-{slug}", "max_steps": 4, "save_steps": SCALE_SAVE_STEPS,
-        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "eval_strategy": "no",
-        "logging_steps": 1, "warmup_ratio": 0.0}}
+    over = {
+        "model": {"scratch": arch},
+        "data": {"limit": 64},
+        "training": {
+            "output_dir": f"scale-{slug}",
+            "max_steps": 4,
+            "save_steps": SCALE_SAVE_STEPS,
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 2,
+            "eval_strategy": "no",
+            "logging_steps": 1,
+            "warmup_ratio": 0.0,
+        },
+    }
     cfg = c.write_config(work / f"{slug}.yaml", over)
     log = work / f"scale-{slug}.log"
     fresh_s, _, rc = time_to_step(cfg, [], log, 1)
@@ -108,10 +141,21 @@ def scale_row(work: Path, name: str, arch: dict[str, int]) -> list[Any]:
     save_s = c.median(save_secs)
     mib = (rep.get("checkpoint_bytes") or 0) / 2**20
     share = 100 * save_s / (DEFAULT_SAVE_STEPS * step_s + save_s) if step_s else None
-    c.say(f"{name}: {mib:.1f} MiB, save {save_s:.2f}s, step {step_s:.3f}s, fresh {fresh_s:.1f}s, "
-          f"resume {resume_s:.1f}s")
-    return [name, mib, len(save_secs), save_s, mib / save_s if save_s else None, step_s, save_s / step_s if step_s else None,
-            share, fresh_s, resume_s]
+    c.say(
+        f"{name}: {mib:.1f} MiB, save {save_s:.2f}s, step {step_s:.3f}s, fresh {fresh_s:.1f}s, resume {resume_s:.1f}s"
+    )
+    return [
+        name,
+        mib,
+        len(save_secs),
+        save_s,
+        mib / save_s if save_s else None,
+        step_s,
+        save_s / step_s if step_s else None,
+        share,
+        fresh_s,
+        resume_s,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,17 +168,45 @@ def main(argv: list[str] | None = None) -> int:
     work = c.work_dir("ckpt-overhead", a.workdir)
     if a.share_steps:
         rows = [measured_share(work, s, a.share_steps) for s in (DEFAULT_SAVE_STEPS, 5)]
-        print(c.table(["model", "save_steps", "steps", "saves", "save s (sum)", "train_runtime s",
-                       "% of training time saving"], rows))
+        print(
+            c.table(
+                [
+                    "model",
+                    "save_steps",
+                    "steps",
+                    "saves",
+                    "save s (sum)",
+                    "train_runtime s",
+                    "% of training time saving",
+                ],
+                rows,
+            )
+        )
         print()
     rows = [scale_row(work, n, SIZES[n]) for n in a.sizes.split(",")]
-    print(c.table(["model", "checkpoint MiB", "saves", "save s (median)", "MiB/s", "step s (batch 2)",
-                   "save ÷ step", f"projected % saving at save_steps {DEFAULT_SAVE_STEPS}",
-                   "start → 1st step s (fresh)", "start → 1st new step s (--resume)"], rows))
+    print(
+        c.table(
+            [
+                "model",
+                "checkpoint MiB",
+                "saves",
+                "save s (median)",
+                "MiB/s",
+                "step s (batch 2)",
+                "save ÷ step",
+                f"projected % saving at save_steps {DEFAULT_SAVE_STEPS}",
+                "start → 1st step s (fresh)",
+                "start → 1st new step s (--resume)",
+            ],
+            rows,
+        )
+    )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        print(f"\n{last[0]} vs {first[0]}: checkpoint x{last[1] / first[1]:.0f}, save time x{last[3] / first[3]:.0f}, "
-              f"cold restart (--resume) x{last[9] / first[9]:.1f}")
+        print(
+            f"\n{last[0]} vs {first[0]}: checkpoint x{last[1] / first[1]:.0f}, save time x{last[3] / first[3]:.0f}, "
+            f"cold restart (--resume) x{last[9] / first[9]:.1f}"
+        )
     if a.workdir is None:  # the ViT-B run leaves gigabytes of checkpoints: keep only configs and logs
         for d in work.glob("scale-*"):
             if d.is_dir():

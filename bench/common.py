@@ -35,7 +35,7 @@ PY = sys.executable
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from supervisor import seam  # noqa: E402
+from supervisor import protocol
 
 # The test suite's tiny from-scratch ViT (configs/tiny.yaml): about 20 steps a second on 2 cores,
 # a worker reaches its first step in a few seconds (mostly imports).
@@ -44,8 +44,13 @@ TINY["training"]["output_dir"] = "out"  # relative to each copy's own folder
 
 # ViT-base-sized from-scratch architecture (86M parameters at 224 px, patch 16, 3 channels).
 VIT_BASE: dict[str, int] = {
-    "image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
 }
 
 
@@ -89,19 +94,37 @@ def env(**extra: str) -> dict[str, str]:
     """The environment every benchmark child gets: quiet, offline, one BLAS thread per process
     (two processes on two cores must not fight over threads)."""
     e = dict(os.environ)
-    e.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
-              "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    e.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "WANDB_SILENT": "true",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+    )
     e.update(extra)
     return e
 
 
-def spawn(argv: Sequence[str | os.PathLike[str]], log: Path, environ: dict[str, str] | None = None,
-          ) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    log: Path,
+    environ: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session (so it can be killed as a group), output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
-        return subprocess.Popen([str(a) for a in argv], cwd=REPO, env=environ or env(), stdout=f,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            [str(a) for a in argv],
+            cwd=REPO,
+            env=environ or env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def worker_argv(cfg: Path, *args: str | os.PathLike[str]) -> list[str]:
@@ -112,8 +135,14 @@ def supervisor_argv(cfg: Path) -> list[str]:
     return [PY, "-m", "supervisor.cli", "start", str(cfg)]
 
 
-def run_worker(cfg: Path, *args: str | os.PathLike[str], log: Path, timeout: float = 600,
-               environ: dict[str, str] | None = None, argv: list[str] | None = None) -> int:
+def run_worker(
+    cfg: Path,
+    *args: str | os.PathLike[str],
+    log: Path,
+    timeout: float = 600,
+    environ: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> int:
     """Run a worker to its end; return its exit code."""
     p = spawn(argv or worker_argv(cfg, *args), log, environ)
     try:
@@ -148,7 +177,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 def heartbeat(out: Path) -> dict[str, Any]:
-    return seam.read_json(seam.heartbeat_path(out)) or {}
+    return protocol.read_json(protocol.heartbeat_path(out)) or {}
 
 
 @dataclass
@@ -177,10 +206,10 @@ class StepWatch:
             self._thread.join()
 
     def _run(self) -> None:
-        path = seam.heartbeat_path(self.out)
+        path = protocol.heartbeat_path(self.out)
         last: tuple[Any, Any] | None = None
         while not self._stop.is_set():
-            hb = seam.read_json(path) or {}
+            hb = protocol.read_json(path) or {}
             key = (hb.get("pid"), hb.get("global_step"))
             if isinstance(key[0], int) and isinstance(key[1], int) and key != last:
                 self.records.append((float(hb.get("time") or time.time()), time.monotonic(), key[0], key[1]))
@@ -202,7 +231,7 @@ class StepWatch:
 
 
 def newest_checkpoint_step(out: Path) -> int:
-    return seam.newest_checkpoint_step(out)
+    return protocol.newest_checkpoint_step(out)
 
 
 # ----------------------------------------------------------------------------- logs and reports
@@ -216,7 +245,7 @@ def committed_checkpoints(log_text: str) -> list[tuple[int, float, float]]:
 
 
 def exit_report(out: Path) -> dict[str, Any]:
-    return seam.read_json(seam.exit_report_path(out)) or {}
+    return protocol.read_json(protocol.exit_report_path(out)) or {}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -225,10 +254,10 @@ def exit_report(out: Path) -> dict[str, Any]:
 def load_weights(checkpoint: Path, cfg_path: Path) -> dict[str, Any]:
     """The in-memory state dict of a saved model, read through ``from_pretrained`` (which maps
     transformers 5's on-disk names to the module's names)."""
+    from transformers.utils import logging as hf_logging
+
     from supervisor.schema import load_config
     from worker import model as model_mod
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     cfg = load_config(cfg_path)
@@ -275,7 +304,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (readable as plain text too)."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths)) + " |"  # noqa: E731
+    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths, strict=False)) + " |"  # noqa: E731
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
@@ -296,15 +325,19 @@ def machine() -> str:
             versions.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
             pass
-    return (f"{platform.machine()} Linux, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}, "
-            + ", ".join(versions))
+    return f"{platform.machine()} Linux, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}, " + ", ".join(
+        versions
+    )
 
 
 def banner(title: str) -> None:
     """Print what is measured, the exact command line, the date and the machine."""
     cmd = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-    print(f"# {title}\n\ncommand: `{cmd}`\ndate:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"
-          f"machine: {machine()}\n", flush=True)
+    print(
+        f"# {title}\n\ncommand: `{cmd}`\ndate:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"
+        f"machine: {machine()}\n",
+        flush=True,
+    )
 
 
 def say(msg: str) -> None:

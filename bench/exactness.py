@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 
 def stock_resume(cfg_path: Path, checkpoint: Path, final_dir: Path) -> None:
@@ -42,8 +42,13 @@ def stock_resume(cfg_path: Path, checkpoint: Path, final_dir: Path) -> None:
     logging.getLogger("transformers").setLevel(logging.INFO)  # its "missing keys" warning is the point
     cfg = load_config(cfg_path)
     prepared = prepare(cfg)  # same seed, data split and initial weights as the worker
-    trainer = Trainer(model=prepared.model, args=training_arguments(cfg, []), train_dataset=prepared.splits.train,
-                      eval_dataset=prepared.splits.eval, compute_metrics=compute_metrics)
+    trainer = Trainer(
+        model=prepared.model,
+        args=training_arguments(cfg, []),
+        train_dataset=prepared.splits.train,
+        eval_dataset=prepared.splits.eval,
+        compute_metrics=compute_metrics,
+    )
     trainer.train(resume_from_checkpoint=str(checkpoint))
     trainer.save_model(str(final_dir))
 
@@ -53,8 +58,11 @@ def one_trial(work: Path, ref_cfg: Path, ref_final: Path, kill_step: int, final_
     out = c.output_dir(cfg)
     p = c.spawn(c.worker_argv(cfg), work / f"ours-{kill_step}.log")
     try:
-        pid, step = c.wait_for(lambda: (hb := c.heartbeat(out)).get("global_step", 0) >= kill_step
-                               and (hb["pid"], hb["global_step"]), 300, f"step {kill_step}")
+        _pid, step = c.wait_for(
+            lambda: (hb := c.heartbeat(out)).get("global_step", 0) >= kill_step and (hb["pid"], hb["global_step"]),
+            300,
+            f"step {kill_step}",
+        )
         p.send_signal(signal.SIGKILL)
         p.wait()
     finally:
@@ -71,8 +79,11 @@ def one_trial(work: Path, ref_cfg: Path, ref_final: Path, kill_step: int, final_
 
     stock_cfg = c.write_config(work / f"stock{kill_step}.yaml", {"training": {"output_dir": f"stock-{kill_step}"}})
     stock_final = c.output_dir(stock_cfg) / "final"
-    rc = c.run_worker(stock_cfg, log=work / f"stock-{kill_step}.log",
-                      argv=[c.PY, __file__, "--stock", str(stock_cfg), str(saved), str(stock_final)])
+    rc = c.run_worker(
+        stock_cfg,
+        log=work / f"stock-{kill_step}.log",
+        argv=[c.PY, __file__, "--stock", str(stock_cfg), str(saved), str(stock_final)],
+    )
     if rc != 0:
         raise SystemExit(f"the stock Trainer resume failed (exit {rc}); see {work / f'stock-{kill_step}.log'}")
     stock = c.load_weights(stock_final, stock_cfg)
@@ -86,13 +97,22 @@ def one_trial(work: Path, ref_cfg: Path, ref_final: Path, kill_step: int, final_
         worst, differ, total = c.weight_diff(w, ref)
         enc = [k for k in w if ".layers." in k]
         enc_worst, enc_differ, _ = c.weight_diff({k: w[k] for k in enc}, {k: ref[k] for k in enc})
-        rows.append([kill_step, ck_step, name, f"{worst:.3g}", f"{differ}/{total}",
-                     f"{enc_differ}/{len(enc)} (max {enc_worst:.3g})",
-                     missing if name.startswith("stock") else 0])
+        rows.append(
+            [
+                kill_step,
+                ck_step,
+                name,
+                f"{worst:.3g}",
+                f"{differ}/{total}",
+                f"{enc_differ}/{len(enc)} (max {enc_worst:.3g})",
+                missing if name.startswith("stock") else 0,
+            ]
+        )
     # For scale: how far the reference itself moved between the checkpoint and the end.
     moved, _, _ = c.weight_diff(c.load_weights(saved, cfg), ref)
-    rows.append([kill_step, ck_step, f"(for scale: checkpoint-{ck_step} vs the reference final)", f"{moved:.3g}",
-                 "", "", ""])
+    rows.append(
+        [kill_step, ck_step, f"(for scale: checkpoint-{ck_step} vs the reference final)", f"{moved:.3g}", "", "", ""]
+    )
     return rows
 
 
@@ -116,8 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k in [int(s) for s in a.kill_steps.split(",") if s]:
         rows += one_trial(work, ref_cfg, ref_out / f"checkpoint-{final_step}", k, final_step)
-    print(c.table(["killed at step", "resumed from", "resume by", "max abs diff vs reference",
-                   "tensors differing", "encoder-layer tensors differing", "keys reported missing at load"], rows))
+    print(
+        c.table(
+            [
+                "killed at step",
+                "resumed from",
+                "resume by",
+                "max abs diff vs reference",
+                "tensors differing",
+                "encoder-layer tensors differing",
+                "keys reported missing at load",
+            ],
+            rows,
+        )
+    )
     print(f"\nconfig: tests' TINY ({final_step} steps, save_steps 5, CPU, OMP_NUM_THREADS=1); work dir {work}")
     ours_exact = all(r[3] == "0" for r in rows if r[2].startswith("ours"))
     print("ours bit-exact:", "yes" if ours_exact else "NO")

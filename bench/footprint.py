@@ -27,10 +27,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
-from recovery import CONFIG, ready, teardown  # noqa: E402
+import common as c
+from recovery import CONFIG, ready, teardown
 
-from supervisor import seam  # noqa: E402
+from supervisor import protocol
 
 
 def sample(pids: dict[str, int], seconds: float) -> dict[str, dict[str, float]]:
@@ -44,8 +44,14 @@ def sample(pids: dict[str, int], seconds: float) -> dict[str, dict[str, float]]:
             rss[n].append(p.memory_info().rss)
         time.sleep(0.25)
     wall = time.monotonic() - t0
-    return {n: {"rss_mib": statistics.median(rss[n]) / 2**20, "rss_max_mib": max(rss[n]) / 2**20,
-                "cpu_pct": 100 * (sum(p.cpu_times()[:2]) - cpu0[n]) / wall} for n, p in procs.items()}
+    return {
+        n: {
+            "rss_mib": statistics.median(rss[n]) / 2**20,
+            "rss_max_mib": max(rss[n]) / 2**20,
+            "cpu_pct": 100 * (sum(p.cpu_times()[:2]) - cpu0[n]) / wall,
+        }
+        for n, p in procs.items()
+    }
 
 
 def timed(argv: list[str], environ: dict[str, str]) -> tuple[float, int]:
@@ -58,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--heartbeat-intervals", default="0,1",
-                    help="supervisor.heartbeat_interval_s values to sample under (default 0,1; 1 is the default)")
+    ap.add_argument(
+        "--heartbeat-intervals",
+        default="0,1",
+        help="supervisor.heartbeat_interval_s values to sample under (default 0,1; 1 is the default)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args(argv)
     c.banner("Supervisor footprint and status latency")
@@ -70,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     base: list[float] = []
     for hb_s in [float(x) for x in a.heartbeat_intervals.split(",")]:
         name = f"hb{hb_s:g}"
-        cfg = c.write_config(work / f"{name}.yaml", c.deep_update(CONFIG, {
-            "training": {"output_dir": name}, "supervisor": {"heartbeat_interval_s": hb_s}}))
+        cfg = c.write_config(
+            work / f"{name}.yaml",
+            c.deep_update(CONFIG, {"training": {"output_dir": name}, "supervisor": {"heartbeat_interval_s": hb_s}}),
+        )
         out = c.output_dir(cfg)
         sup = c.spawn(c.supervisor_argv(cfg), work / f"{name}.log", environ)
         try:
             c.wait_for(lambda: ready("supervisor", out, 30), 240, "a training worker and a ready standby")
             time.sleep(1.0)
-            st = seam.read_json(seam.state_path(out)) or {}
+            st = protocol.read_json(protocol.state_path(out)) or {}
             pids = {"supervisor": sup.pid, "worker": st["worker_pid"], "standby (idle)": st["standby"]["pid"]}
             steps0 = c.heartbeat(out).get("global_step") or 0
             fig = sample(pids, a.seconds)
@@ -93,17 +104,23 @@ def main(argv: list[str] | None = None) -> int:
             teardown(sup)
         rows += [[f"{hb_s:g} s", n, f["rss_mib"], f["rss_max_mib"], f["cpu_pct"]] for n, f in fig.items()]
         s, w = fig["supervisor"], fig["worker"]
-        ratios.append(f"heartbeat_interval_s {hb_s:g}: supervisor/worker RSS {s['rss_mib'] / w['rss_mib']:.3f}, "
-                      f"CPU {s['cpu_pct'] / max(w['cpu_pct'], 1e-9):.4f} ({steps / a.seconds:.0f} steps/s "
-                      f"over {a.seconds:.0f}s)")
-    print(c.table(["heartbeat_interval_s", "process", "RSS MiB (median)", "RSS MiB (max)", "CPU % of one core"],
-                  rows))
+        ratios.append(
+            f"heartbeat_interval_s {hb_s:g}: supervisor/worker RSS {s['rss_mib'] / w['rss_mib']:.3f}, "
+            f"CPU {s['cpu_pct'] / max(w['cpu_pct'], 1e-9):.4f} ({steps / a.seconds:.0f} steps/s "
+            f"over {a.seconds:.0f}s)"
+        )
+    print(c.table(["heartbeat_interval_s", "process", "RSS MiB (median)", "RSS MiB (max)", "CPU % of one core"], rows))
     print("\n" + "\n".join(ratios) + "\n")
     ml, mb = statistics.median(lat), statistics.median(base)
-    print(c.table(["command", "calls", "median ms", "min ms", "max ms", "x python -c pass"], [
-        ["vit-supervisor status CONFIG", len(lat), 1000 * ml, 1000 * min(lat), 1000 * max(lat), ml / mb],
-        ["python -c pass (floor)", len(base), 1000 * mb, 1000 * min(base), 1000 * max(base), 1.0],
-    ]))
+    print(
+        c.table(
+            ["command", "calls", "median ms", "min ms", "max ms", "x python -c pass"],
+            [
+                ["vit-supervisor status CONFIG", len(lat), 1000 * ml, 1000 * min(lat), 1000 * max(lat), ml / mb],
+                ["python -c pass (floor)", len(base), 1000 * mb, 1000 * min(base), 1000 * max(base), 1.0],
+            ],
+        )
+    )
     print(f"\nstatus exit codes seen: {sorted(codes)} (0 = running); work dir {work}")
     return 0 if codes == {0} else 1
 

@@ -45,9 +45,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import itertools
 
-from supervisor import seam  # noqa: E402
+import common as c
+
+from supervisor import protocol
 
 NO_GPU_EXIT = 77
 GB = 1e9
@@ -81,8 +83,10 @@ def no_gpu_line(probe: dict[str, Any]) -> str:
     if probe.get("error"):
         return f"no CUDA GPU here: could not ask torch ({probe['error']})"
     build = probe.get("cuda_build") or "none (CPU-only build)"
-    return (f"no CUDA GPU here: torch {probe.get('torch')} reports torch.cuda.is_available() False "
-            f"(CUDA build: {build}); this check needs one")
+    return (
+        f"no CUDA GPU here: torch {probe.get('torch')} reports torch.cuda.is_available() False "
+        f"(CUDA build: {build}); this check needs one"
+    )
 
 
 def next_pow2(x: float) -> int:
@@ -92,7 +96,7 @@ def next_pow2(x: float) -> int:
 
 def digits_train_size(test_split: float = TEST_SPLIT, n: int = DIGITS) -> int:
     """Training examples of the digits after the worker's split (worker/data.py split_indices)."""
-    return n - max(1, int(round(n * test_split)))
+    return n - max(1, round(n * test_split))
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,15 @@ class OomPlan:
     note: str = ""
 
 
-def plan_oom_phase(total_memory: int, n_train: int, *, margin: float = 2.0, need: float = 1.5,
-                   force_batch: int | None = None, force_bf16: bool | None = None) -> OomPlan:
+def plan_oom_phase(
+    total_memory: int,
+    n_train: int,
+    *,
+    margin: float = 2.0,
+    need: float = 1.5,
+    force_batch: int | None = None,
+    force_bf16: bool | None = None,
+) -> OomPlan:
     """Choose the first attempt's batch (and precision) so that it surely runs out of memory.
 
     The batch is the power of two at least ``margin`` × memory ÷ bytes per sample; a batch
@@ -126,9 +137,14 @@ def plan_oom_phase(total_memory: int, n_train: int, *, margin: float = 2.0, need
         if expected >= need * total_memory:
             return plan
     assert plan is not None
-    return OomPlan(plan.batch, plan.bf16, plan.expected_bytes, plan.lowered,
-                   note=f"the data set caps a batch at {n_train} samples (about {plan.expected_bytes / GB:.0f} GB), "
-                        f"less than {need:g} x this card's {total_memory / GB:.0f} GB: it may not run out of memory")
+    return OomPlan(
+        plan.batch,
+        plan.bf16,
+        plan.expected_bytes,
+        plan.lowered,
+        note=f"the data set caps a batch at {n_train} samples (about {plan.expected_bytes / GB:.0f} GB), "
+        f"less than {need:g} x this card's {total_memory / GB:.0f} GB: it may not run out of memory",
+    )
 
 
 def attempt_reports(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -136,41 +152,53 @@ def attempt_reports(run_dir: Path) -> dict[int, dict[str, Any]]:
     out = {}
     for p in run_dir.glob("exit-*.json"):
         tail = p.stem.split("-", 1)[1]
-        rep = seam.read_json(p)
+        rep = protocol.read_json(p)
         if tail.isdigit() and rep is not None:
             out[int(tail)] = rep
     return out
 
 
-def check_oom_phase(state: dict[str, Any], reports: dict[int, dict[str, Any]], first_batch: int,
-                    oom_types: tuple[str, ...] = ("OutOfMemoryError",)) -> list[str]:
+def check_oom_phase(
+    state: dict[str, Any],
+    reports: dict[int, dict[str, Any]],
+    first_batch: int,
+    oom_types: tuple[str, ...] = ("OutOfMemoryError",),
+) -> list[str]:
     """Misses of phase 1, from ``state.json`` and the attempts' exit reports (empty: all good)."""
     misses = []
     attempts = state.get("attempts") or []
     if state.get("state") != "completed":
-        misses.append(f"the supervised run ended in state {state.get('state')!r}, not 'completed' "
-                      f"(last error: {state.get('last_error')})")
+        misses.append(
+            f"the supervised run ended in state {state.get('state')!r}, not 'completed' "
+            f"(last error: {state.get('last_error')})"
+        )
     if not attempts:
-        return misses + ["state.json lists no attempts"]
+        return [*misses, "state.json lists no attempts"]
     effective = state.get("effective_batch") or first_batch
-    products = {(a.get("per_device_train_batch_size") or 0) * (a.get("gradient_accumulation_steps") or 0)
-                for a in attempts}
+    products = {
+        (a.get("per_device_train_batch_size") or 0) * (a.get("gradient_accumulation_steps") or 0) for a in attempts
+    }
     if products != {effective}:
-        misses.append(f"per-device batch x accumulation changed across attempts: {sorted(products)} "
-                      f"(configured {effective})")
+        misses.append(
+            f"per-device batch x accumulation changed across attempts: {sorted(products)} (configured {effective})"
+        )
     ooms = [a for a in attempts if a.get("reason") == "oom"]
     if not ooms:
-        misses.append(f"no attempt ran out of memory at per-device batch {first_batch} "
-                      "(raise --oom-batch, or use --oom-precision fp32)")
+        misses.append(
+            f"no attempt ran out of memory at per-device batch {first_batch} "
+            "(raise --oom-batch, or use --oom-precision fp32)"
+        )
     for a in ooms:
         rep = reports.get(a["attempt"]) or {}
         if rep.get("exception_type") not in oom_types:
-            misses.append(f"attempt {a['attempt']} reported reason oom with exception {rep.get('exception_type')!r}, "
-                          f"not {' or '.join(oom_types)}")
+            misses.append(
+                f"attempt {a['attempt']} reported reason oom with exception {rep.get('exception_type')!r}, "
+                f"not {' or '.join(oom_types)}"
+            )
     batches = [a.get("per_device_train_batch_size") or 0 for a in attempts]
     if ooms and not min(batches) < first_batch:
         misses.append(f"the per-device batch was never lowered below {first_batch}: {batches}")
-    if any(b > a for a, b in zip(batches, batches[1:])):
+    if any(b > a for a, b in itertools.pairwise(batches)):
         misses.append(f"the per-device batch went up between attempts: {batches}")
     last = attempts[-1]
     if last.get("reason") != "completed":
@@ -182,7 +210,7 @@ def oom_reactions(state: dict[str, Any], reports: dict[int, dict[str, Any]]) -> 
     """Seconds from each OOM exit report's write to the launch of the next attempt."""
     attempts = state.get("attempts") or []
     out = []
-    for a, nxt in zip(attempts, attempts[1:]):
+    for a, nxt in itertools.pairwise(attempts):
         rep = reports.get(a.get("attempt"))
         if a.get("reason") == "oom" and rep and rep.get("time") and nxt.get("start"):
             out.append(float(nxt["start"]) - float(rep["time"]))
@@ -194,8 +222,15 @@ def memory_rows(labelled: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
     rows = []
     for label, rep in labelled:
         peak = rep.get("gpu_mem_peak_bytes")
-        rows.append([label, rep.get("per_device_train_batch_size"), rep.get("gradient_accumulation_steps"),
-                     rep.get("reason"), peak / 2**30 if isinstance(peak, (int, float)) else None])
+        rows.append(
+            [
+                label,
+                rep.get("per_device_train_batch_size"),
+                rep.get("gradient_accumulation_steps"),
+                rep.get("reason"),
+                peak / 2**30 if isinstance(peak, (int, float)) else None,
+            ]
+        )
     return rows
 
 
@@ -216,25 +251,52 @@ def probe_gpu() -> dict[str, Any]:
 
 # --dry-run-cpu: the same plumbing on a CPU with a small model and a real allocator OOM
 # (VIT_MEMORY_HEADROOM_MB caps each worker's address space), to test this script without a GPU.
-DRY_ARCH = {"image_size": 32, "patch_size": 2, "num_channels": 1, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 64}
+DRY_ARCH = {
+    "image_size": 32,
+    "patch_size": 2,
+    "num_channels": 1,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 DRY_HEADROOM_MB = "400"
 DRY_OOM_BATCH = 1024
 
 
-def vit_base_config(output_dir: str, training: dict[str, Any], supervisor: dict[str, Any] | None = None,
-                    arch: dict[str, int] | None = None) -> dict[str, Any]:
+def vit_base_config(
+    output_dir: str,
+    training: dict[str, Any],
+    supervisor: dict[str, Any] | None = None,
+    arch: dict[str, int] | None = None,
+) -> dict[str, Any]:
     return {
         "model": {"model_name": "scratch", "num_labels": 10, "scratch": dict(arch or c.VIT_BASE)},
         "data": {"source": "digits", "train_test_split": TEST_SPLIT, "random_seed": 7, "limit": None},
-        "training": {"output_dir": output_dir, "learning_rate": 1e-4, "warmup_ratio": 0.0, "logging_steps": 1,
-                     "eval_strategy": "no", "save_strategy": "steps", "save_total_limit": 3,
-                     "per_device_eval_batch_size": 64, "seed": 3, "dataloader_num_workers": 0,
-                     "gradient_accumulation_steps": 1, **training},
+        "training": {
+            "output_dir": output_dir,
+            "learning_rate": 1e-4,
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "eval_strategy": "no",
+            "save_strategy": "steps",
+            "save_total_limit": 3,
+            "per_device_eval_batch_size": 64,
+            "seed": 3,
+            "dataloader_num_workers": 0,
+            "gradient_accumulation_steps": 1,
+            **training,
+        },
         "tracking": {"backend": "none"},
         "disk": {"reserve_mb": 1024, "recheck_s": 1.0},
-        "supervisor": {"backoff_initial_s": 0.0, "heartbeat_interval_s": 0.0, "term_grace_s": 60,
-                       "hang_timeout_s": 300, "startup_timeout_s": 300, **(supervisor or {})},
+        "supervisor": {
+            "backoff_initial_s": 0.0,
+            "heartbeat_interval_s": 0.0,
+            "term_grace_s": 60,
+            "hang_timeout_s": 300,
+            "startup_timeout_s": 300,
+            **(supervisor or {}),
+        },
     }
 
 
@@ -258,20 +320,34 @@ def phase_oom(work: Path, environ: dict[str, str], total: int, a: argparse.Names
         force_bf16, a.oom_batch = False, a.oom_batch or DRY_OOM_BATCH
         environ = dict(environ, VIT_MEMORY_HEADROOM_MB=DRY_HEADROOM_MB)
     plan = plan_oom_phase(total, digits_train_size(), force_batch=a.oom_batch, force_bf16=force_bf16)
-    print(f"phase 1: per-device batch {plan.batch} in {'bf16' if plan.bf16 else 'fp32'} (needs about "
-          f"{plan.expected_bytes / GB:.0f} GB of this card's {total / GB:.0f} GB); expect "
-          f"{plan.batch} -> {plan.lowered} x {plan.batch // plan.lowered} accumulation", flush=True)
+    print(
+        f"phase 1: per-device batch {plan.batch} in {'bf16' if plan.bf16 else 'fp32'} (needs about "
+        f"{plan.expected_bytes / GB:.0f} GB of this card's {total / GB:.0f} GB); expect "
+        f"{plan.batch} -> {plan.lowered} x {plan.batch // plan.lowered} accumulation",
+        flush=True,
+    )
     if plan.note:
         print(f"phase 1: warning: {plan.note}", flush=True)
-    cfg = write(work / "oom.yaml", vit_base_config("oom", {
-        "max_steps": OOM_STEPS, "per_device_train_batch_size": plan.batch, "save_steps": 100, "bf16": plan.bf16,
-        "tf32": None if a.dry_run_cpu else True}, {"oom_batch_factor": OOM_FACTOR, "min_per_device_batch": MIN_BATCH},
-        arch=DRY_ARCH if a.dry_run_cpu else None))
+    cfg = write(
+        work / "oom.yaml",
+        vit_base_config(
+            "oom",
+            {
+                "max_steps": OOM_STEPS,
+                "per_device_train_batch_size": plan.batch,
+                "save_steps": 100,
+                "bf16": plan.bf16,
+                "tf32": None if a.dry_run_cpu else True,
+            },
+            {"oom_batch_factor": OOM_FACTOR, "min_per_device_batch": MIN_BATCH},
+            arch=DRY_ARCH if a.dry_run_cpu else None,
+        ),
+    )
     t0 = time.monotonic()
     code = supervise(cfg, work / "oom-supervisor.log", environ, a.phase_timeout)
     out = c.output_dir(cfg)
-    state = seam.read_json(seam.state_path(out)) or {}
-    reports = attempt_reports(seam.run_dir(out))
+    state = protocol.read_json(protocol.state_path(out)) or {}
+    reports = attempt_reports(protocol.run_dir(out))
     oom_types = ("OutOfMemoryError", "RuntimeError") if a.dry_run_cpu else ("OutOfMemoryError",)
     misses = check_oom_phase(state, reports, plan.batch, oom_types)
     if code != 0:
@@ -280,9 +356,14 @@ def phase_oom(work: Path, environ: dict[str, str], total: int, a: argparse.Names
 
 
 def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
-    training = {"max_steps": EXACT_STEPS, "per_device_train_batch_size": EXACT_BATCH,
-                "save_steps": EXACT_SAVE_STEPS, "full_determinism": True, "tf32": None if a.dry_run_cpu else False,
-                "bf16": False}
+    training = {
+        "max_steps": EXACT_STEPS,
+        "per_device_train_batch_size": EXACT_BATCH,
+        "save_steps": EXACT_SAVE_STEPS,
+        "full_determinism": True,
+        "tf32": None if a.dry_run_cpu else False,
+        "bf16": False,
+    }
     arch = DRY_ARCH if a.dry_run_cpu else None
     ref_cfg = write(work / "exact-ref.yaml", vit_base_config("exact-ref", training, arch=arch))
     sup_cfg = write(work / "exact-sup.yaml", vit_base_config("exact-sup", training, arch=arch))
@@ -299,12 +380,13 @@ def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> d
     sup = c.spawn(c.supervisor_argv(sup_cfg), work / "exact-sup.log", environ)
     kill: dict[str, Any] = {}
     try:
+
         def due() -> Any:
             hb = c.heartbeat(out)
             step = hb.get("global_step") or 0
-            st = seam.read_json(seam.state_path(out)) or {}
+            st = protocol.read_json(protocol.state_path(out)) or {}
             standby = bool((st.get("standby") or {}).get("ready"))
-            if hb.get("state") == seam.HB_TRAINING and (step >= KILL_STEP or (standby and step > EXACT_SAVE_STEPS)):
+            if hb.get("state") == protocol.HB_TRAINING and (step >= KILL_STEP or (standby and step > EXACT_SAVE_STEPS)):
                 return hb["pid"], step, standby
             if sup.poll() is not None:
                 raise RuntimeError(f"the supervisor exited ({sup.returncode}) before the kill")
@@ -315,8 +397,11 @@ def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> d
         os.kill(pid, signal.SIGKILL)
         resume = c.newest_checkpoint_step(out)
         kill = {"pid": pid, "step": step, "standby_ready": standby, "resume": resume}
-        print(f"phase 2: SIGKILL to worker pid {pid} at step {step} (standby ready: {standby}); "
-              f"newest checkpoint {resume}", flush=True)
+        print(
+            f"phase 2: SIGKILL to worker pid {pid} at step {step} (standby ready: {standby}); "
+            f"newest checkpoint {resume}",
+            flush=True,
+        )
         first = c.wait_for(lambda: watch.first_step_after(t_kill, pid, resume), a.phase_timeout, "a new step")
         kill["recovery_s"] = first[0] - t_kill
         code = sup.wait(a.phase_timeout)
@@ -328,23 +413,33 @@ def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> d
         if sup.poll() is None:
             c.kill_group(sup, signal.SIGTERM, wait=60)
             c.kill_group(sup)
-    state = seam.read_json(seam.state_path(out)) or {}
+    state = protocol.read_json(protocol.state_path(out)) or {}
     if code != 0 or state.get("state") != "completed":
         misses.append(f"the supervised run ended with exit {code}, state {state.get('state')!r}")
     diff = None
     final = f"checkpoint-{EXACT_STEPS}"
     if (out / final).is_dir() and (ref_out / final).is_dir():
-        worst, differ, total = c.weight_diff(c.load_weights(out / final, sup_cfg),
-                                             c.load_weights(ref_out / final, ref_cfg))
+        worst, differ, total = c.weight_diff(
+            c.load_weights(out / final, sup_cfg), c.load_weights(ref_out / final, ref_cfg)
+        )
         diff = {"max_abs": worst, "differ": differ, "total": total}
         if worst > a.tolerance:
-            misses.append(f"resumed weights differ from the reference by {worst:.3g} (max abs), "
-                          f"beyond --tolerance {a.tolerance:g}; {differ}/{total} tensors differ")
+            misses.append(
+                f"resumed weights differ from the reference by {worst:.3g} (max abs), "
+                f"beyond --tolerance {a.tolerance:g}; {differ}/{total} tensors differ"
+            )
     else:
         misses.append(f"{final} missing in {out} or {ref_out}")
-    reports = attempt_reports(seam.run_dir(out))
-    return {"misses": misses, "kill": kill, "diff": diff, "state": state, "reports": reports,
-            "ref_report": c.exit_report(ref_out), "ref_wall": ref_wall}
+    reports = attempt_reports(protocol.run_dir(out))
+    return {
+        "misses": misses,
+        "kill": kill,
+        "diff": diff,
+        "state": state,
+        "reports": reports,
+        "ref_report": c.exit_report(ref_out),
+        "ref_wall": ref_wall,
+    }
 
 
 def figures(p1: dict[str, Any], p2: dict[str, Any], device: str, tolerance: float) -> str:
@@ -356,25 +451,37 @@ def figures(p1: dict[str, Any], p2: dict[str, Any], device: str, tolerance: floa
         labelled.append(("phase 2 reference (fp32)", p2["ref_report"]))
     for k, rep in sorted((p2.get("reports") or {}).items()):
         labelled.append((f"phase 2 supervised attempt {k} (fp32)", rep))
-    out = [f"GPU: {device}", "", c.table(["run", "per-device batch", "accumulation", "outcome", "GPU memory peak GiB"],
-                                         memory_rows(labelled))]
+    out = [
+        f"GPU: {device}",
+        "",
+        c.table(["run", "per-device batch", "accumulation", "outcome", "GPU memory peak GiB"], memory_rows(labelled)),
+    ]
     saves = list((p2.get("ref_report") or {}).get("save_seconds") or [])
     size = (p2.get("ref_report") or {}).get("checkpoint_bytes")
     reactions = oom_reactions(p1.get("state") or {}, p1.get("reports") or {})
     kill = p2.get("kill") or {}
     diff = p2.get("diff") or {}
-    exact = ("-" if not diff else "0.0 (bit-exact)" if diff["max_abs"] == 0
-             else f"{diff['max_abs']:.3g} ({diff['differ']}/{diff['total']} tensors; tolerance {tolerance:g} "
-                  f"{'met' if diff['max_abs'] <= tolerance else 'MISSED'})")
+    exact = (
+        "-"
+        if not diff
+        else "0.0 (bit-exact)"
+        if diff["max_abs"] == 0
+        else f"{diff['max_abs']:.3g} ({diff['differ']}/{diff['total']} tensors; tolerance {tolerance:g} "
+        f"{'met' if diff['max_abs'] <= tolerance else 'MISSED'})"
+    )
     rows = [
         ["ViT-base checkpoint size (MiB)", size / 2**20 if size else None],
         ["ViT-base checkpoint save, median s (fp32 reference run)", c.median(saves)],
         ["ViT-base checkpoint save, per save s", ", ".join(f"{s:.2f}" for s in saves) or "-"],
         ["worker SIGKILL → first new optimizer step, s", kill.get("recovery_s")],
-        ["  killed at step / resumed from / standby was ready",
-         f"{kill.get('step')} / {kill.get('resume')} / {kill.get('standby_ready')}" if kill else "-"],
-        ["supervisor reaction to the OOM (exit report → next launch), s",
-         ", ".join(f"{r:.2f}" for r in reactions) or "-"],
+        [
+            "  killed at step / resumed from / standby was ready",
+            f"{kill.get('step')} / {kill.get('resume')} / {kill.get('standby_ready')}" if kill else "-",
+        ],
+        [
+            "supervisor reaction to the OOM (exit report → next launch), s",
+            ", ".join(f"{r:.2f}" for r in reactions) or "-",
+        ],
         ["final weights, resumed vs uninterrupted (max abs diff)", exact],
         ["phase 1 wall s (OOM, lowering, 3 steps)", p1.get("wall")],
         ["phase 2 reference wall s (40 steps)", p2.get("ref_wall")],
@@ -386,31 +493,48 @@ def figures(p1: dict[str, Any], p2: dict[str, Any], device: str, tolerance: floa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
-    ap.add_argument("--oom-batch", type=int, default=None, help="phase 1's first per-device batch (default: from memory)")
+    ap.add_argument(
+        "--oom-batch", type=int, default=None, help="phase 1's first per-device batch (default: from memory)"
+    )
     ap.add_argument("--oom-precision", choices=("auto", "bf16", "fp32"), default="auto")
-    ap.add_argument("--tolerance", type=float, default=1e-4,
-                    help="largest max-abs weight difference accepted in phase 2 when not bit-exact (default 1e-4)")
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest max-abs weight difference accepted in phase 2 when not bit-exact (default 1e-4)",
+    )
     ap.add_argument("--phase-timeout", type=float, default=300.0)
-    ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="no GPU: run the same phases on the CPU with a small model and an address-space OOM "
-                         "(tests this script's plumbing; proves nothing about CUDA)")
+    ap.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="no GPU: run the same phases on the CPU with a small model and an address-space OOM "
+        "(tests this script's plumbing; proves nothing about CUDA)",
+    )
     a = ap.parse_args(argv)
     if a.dry_run_cpu:
-        probe = {"available": True, "name": "CPU dry run (no GPU)", "total_memory": 8 * 2**30, "torch": "-",
-                 "cuda_build": None}
+        probe = {
+            "available": True,
+            "name": "CPU dry run (no GPU)",
+            "total_memory": 8 * 2**30,
+            "torch": "-",
+            "cuda_build": None,
+        }
     else:
         probe = probe_gpu()
     if not probe.get("available"):
         print(no_gpu_line(probe), flush=True)
         return NO_GPU_EXIT
     c.banner("GPU check: CUDA OOM, batch lowering, exact resume")
-    device = f"{probe['name']}, {probe['total_memory'] / 2**30:.0f} GiB (torch {probe['torch']}, CUDA {probe['cuda_build']})"
+    device = (
+        f"{probe['name']}, {probe['total_memory'] / 2**30:.0f} GiB (torch {probe['torch']}, CUDA {probe['cuda_build']})"
+    )
     print(f"device: {device}\n", flush=True)
     work = c.work_dir("gpu-check", a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="vit-gpu-check-"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     # One GPU per worker: with several visible, the Trainer would wrap the model in DataParallel.
-    environ = c.env(XDG_STATE_HOME=str(work / "state"), CUDA_VISIBLE_DEVICES=visible,
-                    OMP_NUM_THREADS="1" if a.dry_run_cpu else "4")
+    environ = c.env(
+        XDG_STATE_HOME=str(work / "state"), CUDA_VISIBLE_DEVICES=visible, OMP_NUM_THREADS="1" if a.dry_run_cpu else "4"
+    )
     t0 = time.monotonic()
     p1 = phase_oom(work, environ, int(probe["total_memory"]), a)
     print(f"phase 1: {'ok' if not p1['misses'] else 'MISSED'} in {p1['wall']:.0f}s", flush=True)

@@ -24,19 +24,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
 FAULTS = ("sigterm", "oom-forward", "oom-optimizer", "sigkill")
-EXPECTED = {"sigterm": "0", "oom-forward": "0 (emergency checkpoint)", "oom-optimizer": "<= interval",
-            "sigkill": "<= interval (a kill mid-save loses the whole interval)"}
+EXPECTED = {
+    "sigterm": "0",
+    "oom-forward": "0 (emergency checkpoint)",
+    "oom-optimizer": "<= interval",
+    "sigkill": "<= interval (a kill mid-save loses the whole interval)",
+}
 INJECT = c.REPO / "tests" / "inject_worker.py"
 
 
 def trial(work: Path, fault: str, interval: int, k: int, n: int) -> tuple[int, int, int]:
     """Run one trial; return (step hit, highest completed step, resume step)."""
-    cfg = c.write_config(work / f"{fault}-{interval}-{n}.yaml", {
-        "training": {"output_dir": f"{fault}-{interval}-{n}", "max_steps": 10 * interval + 50, "save_steps": interval,
-                     "eval_strategy": "no", "save_total_limit": 2}})
+    cfg = c.write_config(
+        work / f"{fault}-{interval}-{n}.yaml",
+        {
+            "training": {
+                "output_dir": f"{fault}-{interval}-{n}",
+                "max_steps": 10 * interval + 50,
+                "save_steps": interval,
+                "eval_strategy": "no",
+                "save_total_limit": 2,
+            }
+        },
+    )
     out = c.output_dir(cfg)
     log = out.parent / f"{out.name}.log"
     if fault.startswith("oom"):
@@ -89,10 +102,23 @@ def main(argv: list[str] | None = None) -> int:
             bound = 0 if fault in ("sigterm", "oom-forward") else interval
             if max(lost) > bound:
                 misses.append(f"{fault} with save_steps {interval} lost {max(lost)} steps (bound {bound})")
-            rows.append([fault, interval, a.trials, ", ".join(map(str, hits)), ", ".join(map(str, lost)),
-                         sum(lost) / len(lost), max(lost), EXPECTED[fault]])
-    print(c.table(["fault", "save interval", "trials", "hit at step", "steps lost", "mean lost", "max lost",
-                   "expected"], rows))
+            rows.append(
+                [
+                    fault,
+                    interval,
+                    a.trials,
+                    ", ".join(map(str, hits)),
+                    ", ".join(map(str, lost)),
+                    sum(lost) / len(lost),
+                    max(lost),
+                    EXPECTED[fault],
+                ]
+            )
+    print(
+        c.table(
+            ["fault", "save interval", "trials", "hit at step", "steps lost", "mean lost", "max lost", "expected"], rows
+        )
+    )
     print(f"\nseed {a.seed}; tests' TINY model, no evaluation; work dir {work}")
     for m in misses:
         print("MISS:", m)

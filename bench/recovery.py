@@ -34,22 +34,34 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common as c  # noqa: E402
+import common as c
 
-from supervisor import seam  # noqa: E402
+from supervisor import protocol
 
 METHODS = ("supervisor", "supervisor-cold", "torchrun", "shell-loop")
 
 # Slower than TINY (about 25 steps/s on 2 cores) so a kill lands inside a step, not between
 # hundred-per-second steps; the product's supervisor defaults except a heartbeat at every step.
 CONFIG: dict[str, Any] = {
-    "model": {"scratch": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                          "intermediate_size": 128}},
+    "model": {
+        "scratch": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}
+    },
     "data": {"limit": None},
-    "training": {"max_steps": 100000, "per_device_train_batch_size": 32, "save_steps": 20, "eval_strategy": "no",
-                 "save_total_limit": 2},
-    "supervisor": {"backoff_initial_s": 1.0, "backoff_max_s": 60.0, "heartbeat_interval_s": 0.0,
-                   "term_grace_s": 10, "hang_timeout_s": 600, "startup_timeout_s": 900},
+    "training": {
+        "max_steps": 100000,
+        "per_device_train_batch_size": 32,
+        "save_steps": 20,
+        "eval_strategy": "no",
+        "save_total_limit": 2,
+    },
+    "supervisor": {
+        "backoff_initial_s": 1.0,
+        "backoff_max_s": 60.0,
+        "heartbeat_interval_s": 0.0,
+        "term_grace_s": 10,
+        "hang_timeout_s": 600,
+        "startup_timeout_s": 900,
+    },
 }
 
 
@@ -58,8 +70,20 @@ def launch(method: str, cfg: Path, log: Path, environ: dict[str, str]) -> subpro
         return c.spawn(c.supervisor_argv(cfg), log, environ)
     if method == "torchrun":
         torchrun = Path(c.PY).with_name("torchrun")
-        return c.spawn([str(torchrun), "--standalone", "--nproc_per_node=1", "--max-restarts=100", "-m", "worker",
-                        str(cfg), "--resume"], log, environ)
+        return c.spawn(
+            [
+                str(torchrun),
+                "--standalone",
+                "--nproc_per_node=1",
+                "--max-restarts=100",
+                "-m",
+                "worker",
+                str(cfg),
+                "--resume",
+            ],
+            log,
+            environ,
+        )
     if method == "shell-loop":
         return c.spawn(["bash", "-c", f"until {c.PY} -m worker {cfg} --resume; do :; done"], log, environ)
     raise ValueError(method)
@@ -83,16 +107,17 @@ def teardown(p: subprocess.Popen[bytes]) -> None:
 def ready(method: str, out: Path, since_step: int) -> bool:
     """Trained past ``since_step`` (and, under the supervisor with a standby, the standby is ready)."""
     hb = c.heartbeat(out)
-    if hb.get("state") != seam.HB_TRAINING or (hb.get("global_step") or 0) < since_step:
+    if hb.get("state") != protocol.HB_TRAINING or (hb.get("global_step") or 0) < since_step:
         return False
     if method == "supervisor":
-        st = seam.read_json(seam.state_path(out)) or {}
+        st = protocol.read_json(protocol.state_path(out)) or {}
         return bool((st.get("standby") or {}).get("ready"))
     return True
 
 
-def run_method(method: str, work: Path, rnd: int, kills: int, rng: random.Random,
-               environ: dict[str, str]) -> list[dict[str, float]]:
+def run_method(
+    method: str, work: Path, rnd: int, kills: int, rng: random.Random, environ: dict[str, str]
+) -> list[dict[str, float]]:
     over = c.deep_update(CONFIG, {"training": {"output_dir": f"{method}-{rnd}"}})
     if method == "supervisor-cold":
         over["supervisor"]["standby"] = False
@@ -110,13 +135,18 @@ def run_method(method: str, work: Path, rnd: int, kills: int, rng: random.Random
             pid, step = hb["pid"], hb["global_step"]
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
-            c.wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                       10, "the kill")
+            c.wait_for(
+                lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                10,
+                "the kill",
+            )
             resume = c.newest_checkpoint_step(out)  # the newest committed one: what the new worker loads
             first = c.wait_for(lambda: watch.first_step_after(t_kill, pid, resume), 240, f"{method}: recovery")
             results.append({"recovery_s": first[0] - t_kill, "lost": step - resume, "step": step})
-            c.say(f"{method} round {rnd}: killed pid {pid} at step {step}; pid {first[1]} made step {first[2]} "
-                  f"after {first[0] - t_kill:.2f}s (resumed from {resume})")
+            c.say(
+                f"{method} round {rnd}: killed pid {pid} at step {step}; pid {first[1]} made step {first[2]} "
+                f"after {first[0] - t_kill:.2f}s (resumed from {resume})"
+            )
             floor = first[2] + 20
     finally:
         watch.stop()
@@ -146,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         rec = [r["recovery_s"] for r in res[m]]
         med = c.median(rec)
-        rows.append([m, len(rec), med, min(rec), max(rec), med / base if base else None,
-                     c.median(r["lost"] for r in res[m])])
-    print(c.table(["restarted by", "kills", "median s", "min s", "max s", f"x {methods[0]}",
-                   "median steps lost"], rows))
+        rows.append(
+            [m, len(rec), med, min(rec), max(rec), med / base if base else None, c.median(r["lost"] for r in res[m])]
+        )
+    print(
+        c.table(["restarted by", "kills", "median s", "min s", "max s", f"x {methods[0]}", "median steps lost"], rows)
+    )
     print(f"\nsave_steps {CONFIG['training']['save_steps']}; seed {a.seed}; work dir {work}")
     return 0
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import Config, ConfigError, load_config
 
 ENV_LOG_FILE = "VIT_SUPERVISOR_LOG_FILE"  # set by --detach for its child: where its own log goes
@@ -39,16 +39,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vit-supervisor", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = argparse.ArgumentParser(
+        prog="vit-supervisor",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="supervise a run until it completes")
     s.add_argument("config", help="the run's YAML config")
-    s.add_argument("--detach", action="store_true",
-                   help="run in the background; return once the worker runs (logs go to OUTPUT_DIR/run/logs/)")
-    s.add_argument("--detach-timeout", type=float, default=120.0, metavar="S",
-                   help="with --detach, give up waiting for the worker after S seconds (default 120)")
+    s.add_argument(
+        "--detach",
+        action="store_true",
+        help="run in the background; return once the worker runs (logs go to OUTPUT_DIR/run/logs/)",
+    )
+    s.add_argument(
+        "--detach-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="with --detach, give up waiting for the worker after S seconds (default 120)",
+    )
     s.set_defaults(func=cmd_start, config_error_code=2)
     st = sub.add_parser("status", help="where a run is (no argument: every run on this machine)")
     _target(st)
@@ -57,8 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("stop", help="graceful stop: the worker checkpoints, nothing restarts")
     _target(sp)
     sp.add_argument("--force", action="store_true", help="do not wait for the checkpoint: kill the worker")
-    sp.add_argument("--timeout", type=float, default=None, metavar="S",
-                    help="wait at most S seconds for the supervisor to exit (default: term_grace_s + 30)")
+    sp.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait at most S seconds for the supervisor to exit (default: term_grace_s + 30)",
+    )
     sp.set_defaults(func=cmd_stop, config_error_code=2)
     rp = sub.add_parser("report", help="draw the whole run (loss, eval metric, restarts) to a PNG and an HTML page")
     _target(rp)
@@ -102,38 +118,48 @@ def cmd_start(args: argparse.Namespace) -> int:
 def _start_detached(cfg: Config, timeout: float) -> int:
     from supervisor import daemon
 
-    run_dir = seam.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
+    run_dir = protocol.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
     try:
         os.close(daemon.acquire_lock(run_dir))  # refuse here, with the pid, rather than in a log file
     except daemon.LockHeld as exc:
         print(f"vit-supervisor: {exc}", file=sys.stderr)
         return daemon.SUPERVISOR_LOCKED
-    log_path = run_dir / seam.LOGS_SUBDIR / "supervisor.log"
+    log_path = run_dir / protocol.LOGS_SUBDIR / "supervisor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **{ENV_LOG_FILE: str(log_path)})
     with open(log_path, "ab") as log:
         # Own session, no terminal: the shell's hang-up and Ctrl+C no longer reach it.
-        child = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "start", cfg.source_path],
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=env, cwd="/")
+        child = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "start", cfg.source_path],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd="/",
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = child.poll()
-        state = seam.read_json(seam.state_path(cfg.training.output_dir, cfg.node_rank)) or {}
+        state = protocol.read_json(protocol.state_path(cfg.training.output_dir, cfg.node_rank)) or {}
         mine = state.get("supervisor_pid") == child.pid
         if mine and state.get("state") in ("running", "waiting", "completed", "stopped", "failed"):
             worker = f", worker pid {state['worker_pid']}" if state.get("worker_pid") else ""
-            print(f"vit-supervisor: {state['state']} (supervisor pid {child.pid}{worker})\n"
-                  f"  logs:   {log_path} and {run_dir / seam.LOGS_SUBDIR}/attempt-N.log\n"
-                  f"  status: vit-supervisor status {cfg.source_path}")
+            print(
+                f"vit-supervisor: {state['state']} (supervisor pid {child.pid}{worker})\n"
+                f"  logs:   {log_path} and {run_dir / protocol.LOGS_SUBDIR}/attempt-N.log\n"
+                f"  status: vit-supervisor status {cfg.source_path}"
+            )
             return 3 if state["state"] == "failed" else 0
         if code is not None:
-            print(f"vit-supervisor: the detached supervisor exited with code {code}; see {log_path}",
-                  file=sys.stderr)
+            print(f"vit-supervisor: the detached supervisor exited with code {code}; see {log_path}", file=sys.stderr)
             return code or 1
         time.sleep(0.1)
-    print(f"vit-supervisor: no worker running after {timeout:.0f}s; the supervisor (pid {child.pid}) carries on, "
-          f"see {log_path}", file=sys.stderr)
+    print(
+        f"vit-supervisor: no worker running after {timeout:.0f}s; the supervisor (pid {child.pid}) carries on, "
+        f"see {log_path}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -174,7 +200,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print("vit-supervisor: error: stop needs CONFIG or --run-dir DIR", file=sys.stderr)
         return 2
     node = _node_rank(args)
-    state = seam.read_json(seam.state_path(out, node))
+    state = protocol.read_json(protocol.state_path(out, node))
     if state is None:
         print(f"vit-supervisor: no run in {out}")
         return 0
@@ -187,7 +213,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     if args.force:
         # The second signal is what forces; wait until the first was taken, or the two would merge.
-        _wait(lambda: (seam.read_json(seam.state_path(out, node)) or {}).get("state") != "running", 5.0)
+        _wait(lambda: (protocol.read_json(protocol.state_path(out, node)) or {}).get("state") != "running", 5.0)
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -198,14 +224,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except psutil.NoSuchProcess:
         pass
     except psutil.TimeoutExpired:
-        print(f"vit-supervisor: still stopping after {timeout:.0f}s (use --force to kill the worker)",
-              file=sys.stderr)
+        print(f"vit-supervisor: still stopping after {timeout:.0f}s (use --force to kill the worker)", file=sys.stderr)
         return 1
-    final: dict[str, Any] = seam.read_json(seam.state_path(out, node)) or {}
-    step = (seam.read_json(seam.heartbeat_path(out)) or {}).get("global_step")
-    ckpt = seam.newest_checkpoint_step(out)
-    print(f"vit-supervisor: {final.get('state')} at step {step}"
-          + (f"; newest checkpoint {out / f'checkpoint-{ckpt}'}" if ckpt >= 0 else ""))
+    final: dict[str, Any] = protocol.read_json(protocol.state_path(out, node)) or {}
+    step = (protocol.read_json(protocol.heartbeat_path(out)) or {}).get("global_step")
+    ckpt = protocol.newest_checkpoint_step(out)
+    print(
+        f"vit-supervisor: {final.get('state')} at step {step}"
+        + (f"; newest checkpoint {out / f'checkpoint-{ckpt}'}" if ckpt >= 0 else "")
+    )
     return 0 if final.get("state") in ("stopped", "completed") else 1
 
 
@@ -223,7 +250,6 @@ def _wait(pred: Any, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
 
 
 # ----------------------------------------------------------------------------- report
@@ -247,4 +273,3 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -5,7 +5,7 @@ Shape (after torchelastic's agent and supervisord's process): the loop observes
 asks :mod:`supervisor.policy` what to do, and changes state only through
 :meth:`Supervisor._transition`, which logs the change and rewrites
 ``run/state.json`` atomically. Everything that touches the OS goes through an
-:class:`~supervisor.osseam.OS` object so tests can drive the whole machine with
+:class:`~supervisor.host.Host` object so tests can drive the whole machine with
 a fake clock and fake children.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from supervisor import logs, policy, seam
+from supervisor import logs, policy, protocol
+from supervisor.host import Host, RealHost, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.notify import Notifier
-from supervisor.osseam import OS, RealOS, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.schema import Config
 from supervisor.states import FINAL_STATES, State, check_transition
 
@@ -54,7 +54,7 @@ class LockHeld(Exception):
 def acquire_lock(run_dir: Path) -> int:
     """An exclusive ``flock`` on ``run/supervisor.lock``; the kernel drops it when we die, however we die."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / seam.LOCK
+    path = run_dir / protocol.LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,7 +110,7 @@ class _Standby:
 @dataclass
 class Supervisor:
     cfg: Config
-    os: OS
+    os: Host
     log: Any = field(default_factory=logs.get)
     notifier: Notifier = field(default_factory=lambda: Notifier(env={}))
     python: str = sys.executable
@@ -119,7 +119,7 @@ class Supervisor:
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
         self.node_rank = self.cfg.node_rank
-        self.run_dir = seam.supervisor_dir(self.out, self.node_rank)
+        self.run_dir = protocol.supervisor_dir(self.out, self.node_rank)
         self.state: State | None = None
         self.signals: list[int] = []  # appended by the handler, consumed by the loop
         self.stop_requested = False
@@ -151,8 +151,11 @@ class Supervisor:
             self._take_signals()
             before = self.state
             handler = {
-                State.STARTING: self._starting, State.WAITING: self._waiting, State.BACKOFF: self._backoff,
-                State.RUNNING: self._supervise, State.STOPPING: self._supervise,
+                State.STARTING: self._starting,
+                State.WAITING: self._waiting,
+                State.BACKOFF: self._backoff,
+                State.RUNNING: self._supervise,
+                State.STOPPING: self._supervise,
             }.get(self.state)
             if handler is None:  # pragma: no cover - a state added without a handler
                 raise RuntimeError(f"no handler for state {self.state}")
@@ -172,8 +175,13 @@ class Supervisor:
         self.state = new
         self.record.update(fields)
         self.record["state_reason"] = why
-        self.log.info("state", old=str(old) if old else None, new=str(new), why=why,
-                      attempt=self.worker.attempt if self.worker else self.record.get("attempt"))
+        self.log.info(
+            "state",
+            old=str(old) if old else None,
+            new=str(new),
+            why=why,
+            attempt=self.worker.attempt if self.worker else self.record.get("attempt"),
+        )
         self._write_state()
         status = f"{new}: {why}"
         if new in (State.RUNNING, State.WAITING):
@@ -206,8 +214,9 @@ class Supervisor:
             self._transition(State.FAILED, f"could not start the worker: {exc}", last_error=str(exc))
             return
         # STARTING -> RUNNING
-        self._transition(State.RUNNING, f"worker pid {self.worker.pid} started (attempt {self.worker.attempt})",
-                         waiting_reason=None)
+        self._transition(
+            State.RUNNING, f"worker pid {self.worker.pid} started (attempt {self.worker.attempt})", waiting_reason=None
+        )
 
     def _waiting(self) -> None:
         if self.stop_requested:
@@ -259,9 +268,13 @@ class Supervisor:
             self._transition(State.STOPPING, "stop requested: worker saves a checkpoint and exits")
             return
         if self.state == State.RUNNING and not w.hang_killed:
-            hung = policy.hang_check(hb_state=w.hb_key[0] if w.hb_key else None, seen_step=w.seen_step,
-                                     since_change_s=now - w.last_change, since_launch_s=now - w.launched,
-                                     cfg=self.cfg.supervisor)
+            hung = policy.hang_check(
+                hb_state=w.hb_key[0] if w.hb_key else None,
+                seen_step=w.seen_step,
+                since_change_s=now - w.last_change,
+                since_launch_s=now - w.launched,
+                cfg=self.cfg.supervisor,
+            )
             if hung:
                 self.log.warning("hang", pid=w.pid, why=hung)
                 self.record["last_error"] = f"worker hung: {hung}"
@@ -270,8 +283,9 @@ class Supervisor:
                 self.os.kill(w.pid, signal.SIGTERM)
                 self._write_state()
         if w.kill_deadline is not None and not w.sigkill_sent and (now >= w.kill_deadline or self.force):
-            self.log.warning("escalate", pid=w.pid, signal="SIGKILL",
-                             why="forced stop" if self.force else "grace period over")
+            self.log.warning(
+                "escalate", pid=w.pid, signal="SIGKILL", why="forced stop" if self.force else "grace period over"
+            )
             w.sigkill_sent = True
             self.os.kill(w.pid, signal.SIGKILL, group=True)
 
@@ -292,7 +306,7 @@ class Supervisor:
         w = self.worker
         if w is None:
             return
-        hb = seam.read_json(seam.heartbeat_path(self.out))
+        hb = protocol.read_json(protocol.heartbeat_path(self.out))
         if not hb:
             return
         if self.cfg.launcher == "torchrun":
@@ -308,7 +322,7 @@ class Supervisor:
             w.last_change = now
         if isinstance(step, int):
             w.step_reached = step if w.step_reached is None else max(w.step_reached, step)
-            if hb.get("state") == seam.HB_TRAINING:
+            if hb.get("state") == protocol.HB_TRAINING:
                 w.seen_step = True
             if step > max(w.step_at_start, 0) and not self.record["attempts"][-1].get("first_step_at"):
                 # The restart's real cost ends here: the first optimizer step this attempt added.
@@ -337,13 +351,26 @@ class Supervisor:
         report_path.unlink(missing_ok=True)  # a stale report must never explain a new exit
         for stale in self.run_dir.glob(f"exit-{attempt}.rank*.json"):
             stale.unlink(missing_ok=True)
-        log_path = self.run_dir / seam.LOGS_SUBDIR / f"attempt-{attempt}.log"
+        log_path = self.run_dir / protocol.LOGS_SUBDIR / f"attempt-{attempt}.log"
         env = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
-        env.update({seam.ENV_SUPERVISOR_PID: str(os.getpid()), seam.ENV_ATTEMPT: str(attempt),
-                    seam.ENV_EXIT_REPORT: str(report_path), "PYTHONUNBUFFERED": "1"})
-        argv = [*self._launcher_argv(), self.cfg.source_path, "--resume",
-                "--per-device-train-batch-size", str(self.batch), "--gradient-accumulation-steps", str(self.accum)]
-        resume_step = seam.newest_checkpoint_step(self.out)
+        env.update(
+            {
+                protocol.ENV_SUPERVISOR_PID: str(os.getpid()),
+                protocol.ENV_ATTEMPT: str(attempt),
+                protocol.ENV_EXIT_REPORT: str(report_path),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        argv = [
+            *self._launcher_argv(),
+            self.cfg.source_path,
+            "--resume",
+            "--per-device-train-batch-size",
+            str(self.batch),
+            "--gradient-accumulation-steps",
+            str(self.accum),
+        ]
+        resume_step = protocol.newest_checkpoint_step(self.out)
         # Progress means a step no earlier attempt reached, not just past the checkpoint: a worker
         # that crashes at the same step after every resume is a crash loop.
         step_at_start = max(self.high_water, resume_step)
@@ -357,15 +384,34 @@ class Supervisor:
             if fallback:
                 self.log.info("standby", attempt=attempt, action="cold start", why=fallback)
         now = self.os.monotonic()
-        self.worker = _Worker(pid=pid, create_time=created, attempt=attempt, launched=now,
-                              step_at_start=step_at_start, report_path=report_path, oom_kills_before=oom_before,
-                              last_change=now)
-        attempts.append({
-            "attempt": attempt, "pid": pid, "start": self.os.time(), "end": None, "reason": None, "exit": None,
-            "message": None, "step_start": max(resume_step, 0), "step_reached": None, "log": str(log_path),
-            "per_device_train_batch_size": self.batch, "gradient_accumulation_steps": self.accum,
-            "standby": used is not None, "standby_fallback": fallback,
-        })
+        self.worker = _Worker(
+            pid=pid,
+            create_time=created,
+            attempt=attempt,
+            launched=now,
+            step_at_start=step_at_start,
+            report_path=report_path,
+            oom_kills_before=oom_before,
+            last_change=now,
+        )
+        attempts.append(
+            {
+                "attempt": attempt,
+                "pid": pid,
+                "start": self.os.time(),
+                "end": None,
+                "reason": None,
+                "exit": None,
+                "message": None,
+                "step_start": max(resume_step, 0),
+                "step_reached": None,
+                "log": str(log_path),
+                "per_device_train_batch_size": self.batch,
+                "gradient_accumulation_steps": self.accum,
+                "standby": used is not None,
+                "standby_fallback": fallback,
+            }
+        )
         self.record.update(worker_pid=pid, worker_create_time=created, attempt=attempt)
         self.log.info("launch", pid=pid, attempt=attempt, batch=self.batch, accum=self.accum, log=str(log_path))
 
@@ -374,27 +420,38 @@ class Supervisor:
         if self.cfg.launcher != "torchrun":
             return [self.python, "-m", "worker"]
         d = self.cfg.distributed
-        argv = [self.python, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
-                "--max-restarts=0", "--monitor-interval=0.5"]
+        argv = [
+            self.python,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={d.nproc_per_node}",
+            "--max-restarts=0",
+            "--monitor-interval=0.5",
+        ]
         if d.nnodes == 1:
             argv.append("--standalone")  # a free local port: several jobs may share the machine
         else:
             host, _, port = d.rdzv_endpoint.rpartition(":")
             # Static rendezvous: node ranks are the configured ones, so node 0 always holds rank 0.
-            argv += [f"--nnodes={d.nnodes}", f"--node_rank={d.node_rank}", f"--master_addr={host}",
-                     f"--master_port={port}", f"--rdzv_id={d.rdzv_id or self.out.name}"]
+            argv += [
+                f"--nnodes={d.nnodes}",
+                f"--node_rank={d.node_rank}",
+                f"--master_addr={host}",
+                f"--master_port={port}",
+                f"--rdzv_id={d.rdzv_id or self.out.name}",
+            ]
         return [*argv, "-m", "worker"]
 
     def _read_report(self, w: _Worker) -> dict[str, Any] | None:
         """The attempt's exit report; under torchrun, the root cause among the ranks' reports."""
         if self.cfg.launcher != "torchrun":
-            report = seam.read_json(w.report_path)
+            report = protocol.read_json(w.report_path)
             if report is not None and report.get("pid") not in (None, w.pid):
                 return None  # someone else's report
             return report
         d = self.cfg.distributed
         ranks = range(d.node_rank * d.nproc_per_node, (d.node_rank + 1) * d.nproc_per_node)
-        reports = {r: seam.read_json(w.report_path.with_name(f"{w.report_path.stem}.rank{r}.json")) for r in ranks}
+        reports = {r: protocol.read_json(w.report_path.with_name(f"{w.report_path.stem}.rank{r}.json")) for r in ranks}
         return policy.root_cause(reports)
 
     def _on_exit(self, code: int) -> None:
@@ -402,41 +459,72 @@ class Supervisor:
         assert w is not None
         self._observe_heartbeat(self.os.monotonic())
         report = self._read_report(w)
-        if code == seam.EXIT_STANDBY_STALE and self.record["attempts"][-1].get("standby"):
+        if code == protocol.EXIT_STANDBY_STALE and self.record["attempts"][-1].get("standby"):
             why = (report or {}).get("message") or "the standby found its prepared state out of date"
-            self.record["attempts"][-1].update(end=self.os.time(), reason=seam.REASON_STANDBY_STALE,
-                                               exit=seam.describe_exit(code), message=why, step_reached=None)
+            self.record["attempts"][-1].update(
+                end=self.os.time(),
+                reason=protocol.REASON_STANDBY_STALE,
+                exit=protocol.describe_exit(code),
+                message=why,
+                step_reached=None,
+            )
             self.worker = None
             self.force_cold = f"standby unusable: {why}"
             # RUNNING -> STARTING (not a failure: nothing was trained or touched)
             self._transition(State.STARTING, f"standby unusable ({why}): cold start", worker_pid=None)
             return
-        host_oom = seam.signal_name(code) == "SIGKILL" and report is None and self.os.oom_kills() > w.oom_kills_before
-        outcome = policy.classify(policy.ExitInfo(code, report, stop_sent=w.stop_sent, hang_killed=w.hang_killed,
-                                                  host_oom=host_oom))
+        host_oom = (
+            protocol.signal_name(code) == "SIGKILL" and report is None and self.os.oom_kills() > w.oom_kills_before
+        )
+        outcome = policy.classify(
+            policy.ExitInfo(code, report, stop_sent=w.stop_sent, hang_killed=w.hang_killed, host_oom=host_oom)
+        )
         reached = w.step_reached
         if report is not None and isinstance(report.get("step"), int):
             reached = report["step"] if reached is None else max(reached, report["step"])
         progressed = reached is not None and reached > w.step_at_start
-        decision = policy.decide(outcome, progressed=progressed, failures_without_progress=self.failures_without_progress,
-                                 batch=self.batch, accum=self.accum, cfg=self.cfg.supervisor,
-                                 stop_requested=self.stop_requested)
+        decision = policy.decide(
+            outcome,
+            progressed=progressed,
+            failures_without_progress=self.failures_without_progress,
+            batch=self.batch,
+            accum=self.accum,
+            cfg=self.cfg.supervisor,
+            stop_requested=self.stop_requested,
+        )
         if reached is not None:
             self.high_water = max(self.high_water, reached)
-        self.record["attempts"][-1].update(end=self.os.time(), reason=outcome.kind, exit=outcome.exit,
-                                           message=outcome.message, step_reached=reached,
-                                           traceback_tail=(report or {}).get("traceback", [])[-3:])
-        self.log.info("exit", pid=w.pid, attempt=w.attempt, exit=outcome.exit, reason=outcome.kind,
-                      message=outcome.message, step_reached=reached, progressed=progressed,
-                      decision=decision.action)
+        self.record["attempts"][-1].update(
+            end=self.os.time(),
+            reason=outcome.kind,
+            exit=outcome.exit,
+            message=outcome.message,
+            step_reached=reached,
+            traceback_tail=(report or {}).get("traceback", [])[-3:],
+        )
+        self.log.info(
+            "exit",
+            pid=w.pid,
+            attempt=w.attempt,
+            exit=outcome.exit,
+            reason=outcome.kind,
+            message=outcome.message,
+            step_reached=reached,
+            progressed=progressed,
+            decision=decision.action,
+        )
         self.batch = decision.per_device_train_batch_size or self.batch
         self.accum = decision.gradient_accumulation_steps or self.accum
         self.failures_without_progress = decision.failures_without_progress
         self.worker = None
-        common: dict[str, Any] = dict(worker_pid=None, worker_create_time=None, per_device_train_batch_size=self.batch,
-                                      gradient_accumulation_steps=self.accum,
-                                      failures_without_progress=self.failures_without_progress,
-                                      step_high_water=self.high_water)
+        common: dict[str, Any] = dict(
+            worker_pid=None,
+            worker_create_time=None,
+            per_device_train_batch_size=self.batch,
+            gradient_accumulation_steps=self.accum,
+            failures_without_progress=self.failures_without_progress,
+            step_high_water=self.high_water,
+        )
         if outcome.kind not in ("completed", "stopped"):
             common["last_error"] = outcome.message
         if decision.action == "complete":
@@ -455,15 +543,23 @@ class Supervisor:
         elif decision.action == "wait_disk":
             self.until = self.os.monotonic() + self.cfg.disk.recheck_s
             # RUNNING -> WAITING
-            self._transition(State.WAITING, f"worker stopped for disk space: {decision.message}",
-                             waiting_reason=decision.message, **common)
+            self._transition(
+                State.WAITING,
+                f"worker stopped for disk space: {decision.message}",
+                waiting_reason=decision.message,
+                **common,
+            )
         elif decision.action == "restart":
             self.record["restart_count"] = int(self.record.get("restart_count") or 0) + 1
             if decision.delay_s > 0:
                 self.until = self.os.monotonic() + decision.delay_s
                 # RUNNING -> BACKOFF
-                self._transition(State.BACKOFF, f"restart in {decision.delay_s:.1f}s after: {decision.message}",
-                                 backoff_until=self.os.time() + decision.delay_s, **common)
+                self._transition(
+                    State.BACKOFF,
+                    f"restart in {decision.delay_s:.1f}s after: {decision.message}",
+                    backoff_until=self.os.time() + decision.delay_s,
+                    **common,
+                )
             else:
                 # RUNNING -> STARTING (an OOM restarts at once with the lower batch)
                 self._transition(State.STARTING, f"restart now: {decision.message}", **common)
@@ -490,9 +586,9 @@ class Supervisor:
             return
         n = int(self.record.get("standby_count") or 0) + 1
         self.record["standby_count"] = n
-        log_path = self.run_dir / seam.LOGS_SUBDIR / f"standby-{n}.log"
+        log_path = self.run_dir / protocol.LOGS_SUBDIR / f"standby-{n}.log"
         env = {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
-        env.update({seam.ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
+        env.update({protocol.ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
         argv = [self.python, "-m", "worker", self.cfg.source_path, "--standby"]
         try:
             pid, created = self.os.spawn(argv, env, log_path, stdin_pipe=True)
@@ -514,12 +610,17 @@ class Supervisor:
             self.standby = None
             self.standby_deaths += 1
             self.record["standby"] = None
-            self.log.warning("standby", pid=sb.pid, action="exited while waiting", exit=seam.describe_exit(code),
-                             log=str(sb.log_path))
+            self.log.warning(
+                "standby",
+                pid=sb.pid,
+                action="exited while waiting",
+                exit=protocol.describe_exit(code),
+                log=str(sb.log_path),
+            )
             self._write_state()
             return
         rec = self.record.get("standby") or {}
-        if not rec.get("ready") and seam.standby_announcement(self.out, sb.pid).exists():
+        if not rec.get("ready") and protocol.standby_announcement(self.out, sb.pid).exists():
             rec["ready"] = True
             self.record["standby"] = rec
             self.log.info("standby", pid=sb.pid, action="ready")
@@ -541,16 +642,21 @@ class Supervisor:
         if self.os.exit_status(sb.pid) is not None:
             self._check_standby()
             return None, "the standby had died"
-        announced = seam.read_json(seam.standby_announcement(self.out, sb.pid)) or {}
+        announced = protocol.read_json(protocol.standby_announcement(self.out, sb.pid)) or {}
         spawned_with = announced.get("config_sha256") or sb.config_sha
         if self._config_sha() != spawned_with:
             self._dismiss_standby("config changed")
             return None, "the config file changed since the standby started"
         # A standby still preparing gets the go too: it reads it as soon as it is ready, which is
         # sooner than a cold start that has not even begun importing.
-        go = {"attempt": attempt, "resume": True, "per_device_train_batch_size": self.batch,
-              "gradient_accumulation_steps": self.accum, "exit_report": str(report_path),
-              "supervisor_pid": os.getpid()}
+        go = {
+            "attempt": attempt,
+            "resume": True,
+            "per_device_train_batch_size": self.batch,
+            "gradient_accumulation_steps": self.accum,
+            "exit_report": str(report_path),
+            "supervisor_pid": os.getpid(),
+        }
         self.standby = None
         self.record["standby"] = None
         if not self.os.send_line(sb.pid, json.dumps(go)):
@@ -569,19 +675,31 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery after a previous supervisor
 
     def _load_previous(self) -> None:
-        prev = seam.read_json(seam.state_path(self.out, self.node_rank)) or {}
+        prev = protocol.read_json(protocol.state_path(self.out, self.node_rank)) or {}
         self.record = {
-            "output_dir": str(self.out), "config": self.cfg.source_path, "attempts": list(prev.get("attempts") or []),
-            "restart_count": int(prev.get("restart_count") or 0), "tracker_run_id": prev.get("tracker_run_id"),
-            "last_error": prev.get("last_error"), "effective_batch": self.cfg.training.effective_batch,
-            "supervisor_pid": os.getpid(), "supervisor_create_time": self.self_create_time,
-            "worker_pid": None, "worker_create_time": None, "attempt": None, "backoff_until": None,
-            "waiting_reason": None, "log": prev.get("log"),
+            "output_dir": str(self.out),
+            "config": self.cfg.source_path,
+            "attempts": list(prev.get("attempts") or []),
+            "restart_count": int(prev.get("restart_count") or 0),
+            "tracker_run_id": prev.get("tracker_run_id"),
+            "last_error": prev.get("last_error"),
+            "effective_batch": self.cfg.training.effective_batch,
+            "supervisor_pid": os.getpid(),
+            "supervisor_create_time": self.self_create_time,
+            "worker_pid": None,
+            "worker_create_time": None,
+            "attempt": None,
+            "backoff_until": None,
+            "waiting_reason": None,
+            "log": prev.get("log"),
         }
         for a in self.record["attempts"]:
             if a.get("end") is None:
-                a.update(end=prev.get("updated"), reason="supervisor_died",
-                         message="the supervisor died while this attempt ran")
+                a.update(
+                    end=prev.get("updated"),
+                    reason="supervisor_died",
+                    message="the supervisor died while this attempt ran",
+                )
         self.high_water = int(prev.get("step_high_water", -1) if prev.get("step_high_water") is not None else -1)
         b, a = prev.get("per_device_train_batch_size"), prev.get("gradient_accumulation_steps")
         if isinstance(b, int) and isinstance(a, int) and b * a == self.cfg.training.effective_batch:
@@ -589,18 +707,29 @@ class Supervisor:
                 self.log.info("batch", per_device=b, accumulation=a, why="kept from the previous run (after an OOM)")
             self.batch, self.accum = b, a
         elif isinstance(b, int) and isinstance(a, int):
-            self.log.warning("batch", why="the config's effective batch changed; using the config's values",
-                             previous=b * a, now=self.cfg.training.effective_batch)
+            self.log.warning(
+                "batch",
+                why="the config's effective batch changed; using the config's values",
+                previous=b * a,
+                now=self.cfg.training.effective_batch,
+            )
         self.record.update(per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accum)
         pid, created = prev.get("worker_pid"), prev.get("worker_create_time")
         if isinstance(pid, int) and self.os.alive(pid, created):
             # The previous supervisor died. Its worker got SIGUSR1 from PR_SET_PDEATHSIG (and checks its
             # parent at every step), so it is already saving a checkpoint. A SIGTERM on top would be
             # redundant at best: only wait, and SIGKILL after term_grace_s.
-            self.orphan = {"pid": pid, "create_time": created,
-                           "deadline": self.os.monotonic() + self.cfg.supervisor.term_grace_s, "killed": False}
-            self.log.warning("orphan", pid=pid, why="a worker of a previous supervisor is still alive; "
-                                                    "waiting for it to save and exit")
+            self.orphan = {
+                "pid": pid,
+                "create_time": created,
+                "deadline": self.os.monotonic() + self.cfg.supervisor.term_grace_s,
+                "killed": False,
+            }
+            self.log.warning(
+                "orphan",
+                pid=pid,
+                why="a worker of a previous supervisor is still alive; waiting for it to save and exit",
+            )
 
     def _orphan_gone(self) -> bool:
         o = self.orphan
@@ -616,11 +745,15 @@ class Supervisor:
         return False
 
     def _write_state(self) -> None:
-        self.record.update(state=str(self.state), updated=self.os.time(),
-                           per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accum)
+        self.record.update(
+            state=str(self.state),
+            updated=self.os.time(),
+            per_device_train_batch_size=self.batch,
+            gradient_accumulation_steps=self.accum,
+        )
         if self.worker is not None:
             self.record["worker_pid"] = self.worker.pid
-        seam.atomic_write_json(seam.state_path(self.out, self.node_rank), self.record)
+        protocol.atomic_write_json(protocol.state_path(self.out, self.node_rank), self.record)
 
 
 # ----------------------------------------------------------------------------- the process around it
@@ -636,13 +769,13 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
     from supervisor import status as status_mod
 
     log = logs.get()
-    run_dir = seam.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
+    run_dir = protocol.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
     try:
         lock_fd = acquire_lock(run_dir)
     except LockHeld as exc:
         print(f"vit-supervisor: {exc}", file=sys.stderr)
         return SUPERVISOR_LOCKED
-    real = RealOS()
+    real = RealHost()
     sup = Supervisor(cfg, real, log=log, notifier=Notifier(), self_create_time=self_create_time())
     if log_path:
         sup.record["log"] = log_path
@@ -658,8 +791,12 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
         code = sup.run()
         if log_path:
             sup.record["log"] = log_path
-        log.info("exit", state=str(sup.state), code=code, last_error=sup.record.get("last_error")
-                 if sup.state == State.FAILED else None)
+        log.info(
+            "exit",
+            state=str(sup.state),
+            code=code,
+            last_error=sup.record.get("last_error") if sup.state == State.FAILED else None,
+        )
         return code
     finally:
         watch.stop()

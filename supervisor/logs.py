@@ -14,8 +14,9 @@ def setup(stream: TextIO | None = None, *, json: bool | None = None, level: int 
     stream = stream or sys.stderr
     if json is None:
         json = not (hasattr(stream, "isatty") and stream.isatty())
-    renderer: structlog.types.Processor = (structlog.processors.JSONRenderer() if json
-                                           else structlog.dev.ConsoleRenderer(colors=False))
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

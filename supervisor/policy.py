@@ -11,13 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import SupervisorConfig
 
 # ----------------------------------------------------------------------------- classifying an exit
 
-Kind = Literal["completed", "stopped", "oom", "host_oom", "disk_low", "user_error", "crash", "hang",
-               "external_signal"]
+Kind = Literal["completed", "stopped", "oom", "host_oom", "disk_low", "user_error", "crash", "hang", "external_signal"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,15 @@ class Outcome:
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
 # A rank whose peer died fails inside a collective with one of these: a consequence, not a cause.
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
-              "ProcessGroupNCCL", "Socket Timeout", "connection refused")
+_PEER_GONE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL",
+    "Socket Timeout",
+    "connection refused",
+)
 
 
 def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -70,34 +76,42 @@ def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | No
 
     by_time = sorted(got.items(), key=lambda kv: kv[1].get("time") or 0)
     for r, rep in by_time:
-        if rep.get("reason") == seam.REASON_OOM:
+        if rep.get("reason") == protocol.REASON_OOM:
             return tagged(r, rep)
     missing = sorted(r for r, rep in reports.items() if rep is None)
     if missing:
         # A rank that wrote nothing was killed by a signal (SIGKILL, the kernel's OOM killer, a
         # segfault); the others only saw their peer vanish.
         steps = [rep.get("step") for rep in got.values() if isinstance(rep.get("step"), int)]
-        return {"reason": seam.REASON_CRASH, "exit_code": seam.EXIT_CRASH, "rank": missing[0],
-                "step": max(steps) if steps else None,
-                "message": f"rank {', '.join(map(str, missing))} died without an exit report (killed by a signal?)"}
+        return {
+            "reason": protocol.REASON_CRASH,
+            "exit_code": protocol.EXIT_CRASH,
+            "rank": missing[0],
+            "step": max(steps) if steps else None,
+            "message": f"rank {', '.join(map(str, missing))} died without an exit report (killed by a signal?)",
+        }
     reasons = {rep.get("reason") for rep in got.values()}
-    if len(reasons) == 1 and reasons <= {seam.REASON_COMPLETED, seam.REASON_INTERRUPTED}:
+    if len(reasons) == 1 and reasons <= {protocol.REASON_COMPLETED, protocol.REASON_INTERRUPTED}:
         r, rep = by_time[0]
         return tagged(r, rep)
     for r, rep in by_time:
-        if rep.get("reason") in seam.NON_RETRYABLE_REASONS:
+        if rep.get("reason") in protocol.NON_RETRYABLE_REASONS:
             return tagged(r, rep)
-    causes = [(r, rep) for r, rep in by_time if rep.get("reason") not in (seam.REASON_INTERRUPTED,
-              seam.REASON_COMPLETED) and not any(s in str(rep.get("message")) for s in _PEER_GONE)]
-    r, rep = (causes or [x for x in by_time if x[1].get("reason") != seam.REASON_COMPLETED] or by_time)[0]
+    causes = [
+        (r, rep)
+        for r, rep in by_time
+        if rep.get("reason") not in (protocol.REASON_INTERRUPTED, protocol.REASON_COMPLETED)
+        and not any(s in str(rep.get("message")) for s in _PEER_GONE)
+    ]
+    r, rep = (causes or [x for x in by_time if x[1].get("reason") != protocol.REASON_COMPLETED] or by_time)[0]
     return tagged(r, rep)
 
 
 def classify(info: ExitInfo) -> Outcome:
     """The exit report first (the worker knows best why it stopped), then the code or the signal."""
     rc = info.returncode
-    described = seam.describe_exit(rc)
-    sig = seam.signal_name(rc)
+    described = protocol.describe_exit(rc)
+    sig = protocol.signal_name(rc)
     report = info.report or {}
     reason = report.get("reason") if info.report is not None else None
     message = str(report.get("message") or "")
@@ -107,28 +121,27 @@ def classify(info: ExitInfo) -> Outcome:
             return Outcome("stopped", f"stopped on request ({how})", described)
         if info.hang_killed:
             return Outcome("hang", f"hung worker was killed ({how})", described)
-        return Outcome("external_signal", f"worker stopped by a signal the supervisor did not send ({how})",
-                       described)
+        return Outcome("external_signal", f"worker stopped by a signal the supervisor did not send ({how})", described)
 
-    if reason == seam.REASON_COMPLETED or (reason is None and rc == seam.EXIT_COMPLETED):
+    if reason == protocol.REASON_COMPLETED or (reason is None and rc == protocol.EXIT_COMPLETED):
         return Outcome("completed", message or "training completed", described)
-    if reason == seam.REASON_INTERRUPTED or (reason is None and (sig in _STOP_SIGNALS
-                                                                  or rc == seam.EXIT_INTERRUPTED)):
+    if reason == protocol.REASON_INTERRUPTED or (
+        reason is None and (sig in _STOP_SIGNALS or rc == protocol.EXIT_INTERRUPTED)
+    ):
         return interrupted(message or described)
     if info.hang_killed:
         # Killed by our SIGKILL escalation after the grace period: the report (if any) is stale news.
         return Outcome("hang", f"hung worker was killed ({described})", described)
     if info.stop_sent and sig == "SIGKILL":
         return Outcome("stopped", "worker killed on a forced stop", described)
-    if reason in seam.NON_RETRYABLE_REASONS or (reason is None and rc == seam.EXIT_USER_ERROR):
+    if reason in protocol.NON_RETRYABLE_REASONS or (reason is None and rc == protocol.EXIT_USER_ERROR):
         return Outcome("user_error", message or f"worker reported a user error ({described})", described)
-    if reason == seam.REASON_OOM or (reason is None and rc == seam.EXIT_OOM):
+    if reason == protocol.REASON_OOM or (reason is None and rc == protocol.EXIT_OOM):
         return Outcome("oom", message or "out of memory", described)
-    if reason == seam.REASON_DISK_LOW or (reason is None and rc == seam.EXIT_DISK_LOW):
+    if reason == protocol.REASON_DISK_LOW or (reason is None and rc == protocol.EXIT_DISK_LOW):
         return Outcome("disk_low", message or "too little free disk", described)
     if sig == "SIGKILL" and info.host_oom:
-        return Outcome("host_oom", "killed by SIGKILL and the kernel OOM-kill counter moved: host OOM",
-                       described)
+        return Outcome("host_oom", "killed by SIGKILL and the kernel OOM-kill counter moved: host OOM", described)
     if message:
         return Outcome("crash", message, described)
     return Outcome("crash", f"worker {described} without an exit report", described)
@@ -144,8 +157,9 @@ class BatchChoice:
     note: str = ""
 
 
-def lower_batch(current: int, effective: int, *, factor: float, minimum: int,
-                allow_effective_batch_change: bool = False) -> BatchChoice | str:
+def lower_batch(
+    current: int, effective: int, *, factor: float, minimum: int, allow_effective_batch_change: bool = False
+) -> BatchChoice | str:
     """The next per-device batch after an OOM, or a one-line reason why there is none.
 
     The new batch is the largest divisor ``d`` of the effective batch with
@@ -160,15 +174,23 @@ def lower_batch(current: int, effective: int, *, factor: float, minimum: int,
         if d >= 1 and effective % d == 0:
             return BatchChoice(d, effective // d)
     if target < minimum or target < 1:
-        return (f"out of memory at per_device_train_batch_size {current}, and supervisor.min_per_device_batch "
-                f"is {minimum}: cannot lower it further (use a smaller model, images or a bigger device)")
+        return (
+            f"out of memory at per_device_train_batch_size {current}, and supervisor.min_per_device_batch "
+            f"is {minimum}: cannot lower it further (use a smaller model, images or a bigger device)"
+        )
     if allow_effective_batch_change:
         accum = max(1, round(effective / target))
-        return BatchChoice(target, accum, note=f"effective batch changed from {effective} to {target * accum} "
-                                               "(supervisor.allow_effective_batch_change)")
-    return (f"out of memory at per_device_train_batch_size {current}: no batch between {minimum} and {target} "
-            f"divides the effective batch {effective}; set supervisor.allow_effective_batch_change: true "
-            "or choose an effective batch with more divisors")
+        return BatchChoice(
+            target,
+            accum,
+            note=f"effective batch changed from {effective} to {target * accum} "
+            "(supervisor.allow_effective_batch_change)",
+        )
+    return (
+        f"out of memory at per_device_train_batch_size {current}: no batch between {minimum} and {target} "
+        f"divides the effective batch {effective}; set supervisor.allow_effective_batch_change: true "
+        "or choose an effective batch with more divisors"
+    )
 
 
 # ----------------------------------------------------------------------------- restarts
@@ -197,16 +219,27 @@ class Decision:
     failures_without_progress: int = 0
 
 
-def decide(outcome: Outcome, *, progressed: bool, failures_without_progress: int, batch: int, accum: int,
-           cfg: SupervisorConfig, stop_requested: bool = False) -> Decision:
+def decide(
+    outcome: Outcome,
+    *,
+    progressed: bool,
+    failures_without_progress: int,
+    batch: int,
+    accum: int,
+    cfg: SupervisorConfig,
+    stop_requested: bool = False,
+) -> Decision:
     """What to do after a worker exit.
 
     ``progressed``: the attempt trained a step no earlier attempt had reached.
     ``failures_without_progress``: consecutive failed attempts before this one
     that made no progress.
     """
-    keep = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                failures_without_progress=failures_without_progress)
+    keep = dict(
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        failures_without_progress=failures_without_progress,
+    )
     if outcome.kind == "completed":
         return Decision("complete", outcome.message, **keep)
     if stop_requested or outcome.kind == "stopped":
@@ -216,26 +249,41 @@ def decide(outcome: Outcome, *, progressed: bool, failures_without_progress: int
     if outcome.kind == "disk_low":
         return Decision("wait_disk", outcome.message, **keep)
     if outcome.kind == "external_signal" and not cfg.restart_on_external_signal:
-        return Decision("stop", f"{outcome.message}; not restarted (supervisor.restart_on_external_signal "
-                                "is false)", **keep)
+        return Decision(
+            "stop", f"{outcome.message}; not restarted (supervisor.restart_on_external_signal is false)", **keep
+        )
     if outcome.kind == "oom":
         # Not counted as a crash: the lowering itself is bounded by min_per_device_batch.
-        choice = lower_batch(batch, batch * accum, factor=cfg.oom_batch_factor, minimum=cfg.min_per_device_batch,
-                             allow_effective_batch_change=cfg.allow_effective_batch_change)
+        choice = lower_batch(
+            batch,
+            batch * accum,
+            factor=cfg.oom_batch_factor,
+            minimum=cfg.min_per_device_batch,
+            allow_effective_batch_change=cfg.allow_effective_batch_change,
+        )
         if isinstance(choice, str):
             return Decision("fail", choice, **keep)
         note = f"; {choice.note}" if choice.note else ""
-        return Decision("restart", f"out of memory: per-device batch {batch} -> "
-                                   f"{choice.per_device_train_batch_size}, accumulation {accum} -> "
-                                   f"{choice.gradient_accumulation_steps}{note}",
-                        0.0, choice.per_device_train_batch_size, choice.gradient_accumulation_steps,
-                        failures_without_progress)
+        return Decision(
+            "restart",
+            f"out of memory: per-device batch {batch} -> "
+            f"{choice.per_device_train_batch_size}, accumulation {accum} -> "
+            f"{choice.gradient_accumulation_steps}{note}",
+            0.0,
+            choice.per_device_train_batch_size,
+            choice.gradient_accumulation_steps,
+            failures_without_progress,
+        )
     # crash, hang, host_oom, external_signal: retry with backoff until too many in a row made no progress.
     failures = 0 if progressed else failures_without_progress + 1
     if failures >= cfg.max_failures_without_progress:
-        return Decision("fail", f"gave up after {failures} consecutive attempts without training progress; "
-                                f"last: {outcome.message}", per_device_train_batch_size=batch,
-                        gradient_accumulation_steps=accum, failures_without_progress=failures)
+        return Decision(
+            "fail",
+            f"gave up after {failures} consecutive attempts without training progress; last: {outcome.message}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            failures_without_progress=failures,
+        )
     # An attempt that trained new steps restarts at once: back-off is for crash loops, and a job
     # that dies after hours of progress should lose no time on top of the crash itself.
     delay = backoff_delay(failures, cfg) if failures else 0.0
@@ -245,24 +293,24 @@ def decide(outcome: Outcome, *, progressed: bool, failures_without_progress: int
 # ----------------------------------------------------------------------------- hangs and disk
 
 
-def hang_check(*, hb_state: str | None, seen_step: bool, since_change_s: float, since_launch_s: float,
-               cfg: SupervisorConfig) -> str | None:
+def hang_check(
+    *, hb_state: str | None, seen_step: bool, since_change_s: float, since_launch_s: float, cfg: SupervisorConfig
+) -> str | None:
     """A one-line reason if the worker counts as hung, else None.
 
     ``hb_state`` is this worker's latest heartbeat state (None: none yet);
     ``seen_step`` whether it has reported a training step; ``since_change_s``
     seconds since its step or state last changed; ``since_launch_s`` since launch.
     """
-    if hb_state == seam.HB_WAITING_FOR_DISK:
+    if hb_state == protocol.HB_WAITING_FOR_DISK:
         return None  # the worker is waiting on purpose; the disk check has its own loop
-    if hb_state in (seam.HB_EVALUATING, seam.HB_SAVING, seam.HB_STOPPING):
+    if hb_state in (protocol.HB_EVALUATING, protocol.HB_SAVING, protocol.HB_STOPPING):
         if since_change_s > cfg.eval_timeout_s:
             return f"no progress for {since_change_s:.0f}s while {hb_state} (eval_timeout_s {cfg.eval_timeout_s:g})"
         return None
     if not seen_step:
         if since_launch_s > cfg.startup_timeout_s:
-            return (f"no first step {since_launch_s:.0f}s after launch "
-                    f"(startup_timeout_s {cfg.startup_timeout_s:g})")
+            return f"no first step {since_launch_s:.0f}s after launch (startup_timeout_s {cfg.startup_timeout_s:g})"
         return None
     if since_change_s > cfg.hang_timeout_s:
         return f"no new step for {since_change_s:.0f}s (hang_timeout_s {cfg.hang_timeout_s:g})"

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RunData:
 def load(output_dir: Path) -> RunData:
     rows: list[dict[str, Any]] = []
     try:
-        with open(seam.run_dir(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        with open(protocol.run_dir(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
             for line in f:
                 try:
                     rows.append(json.loads(line))
@@ -45,7 +46,7 @@ def load(output_dir: Path) -> RunData:
                     continue  # a line cut by a kill
     except OSError:
         pass
-    state = seam.read_json(seam.state_path(output_dir)) or {}
+    state = protocol.read_json(protocol.state_path(output_dir)) or {}
     return RunData(rows=rows, attempts=list(state.get("attempts") or []), state=state)
 
 
@@ -94,25 +95,35 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     for a in attempt_ids:
         pts = sorted((r["step"], r["loss"]) for r in rows if r.get("attempt", 0) == a and "loss" in r)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour_of[a], lw=1.6,
-                    label=f"attempt {a}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour_of[a], lw=1.6, label=f"attempt {a}")
         if ax2 is not None:
             ev = sorted((r["step"], r[mkey]) for r in rows if r.get("attempt", 0) == a and mkey in r)
             if ev:
                 ax2.plot([p[0] for p in ev], [p[1] for p in ev], "o", color=colour_of[a], ms=5, mfc="white")
-    for prev, a in zip(atts, atts[1:]):
+    for prev, a in itertools.pairwise(atts):
         x = a.get("step_start") or 0
         why = prev.get("reason") or "?"
         ax.axvline(x, color="0.35", ls="--", lw=1)
         axb.axvline(x, color="0.35", ls="--", lw=1)
         exit_ = str(prev.get("exit") or "")
-        label = f"{why} ({exit_.replace('killed by ', '')})" if exit_.startswith("killed by ") and why != "hang" \
-            else why
+        label = (
+            f"{why} ({exit_.replace('killed by ', '')})" if exit_.startswith("killed by ") and why != "hang" else why
+        )
         if prev.get("downtime_s") is not None:
             label += f", {prev['downtime_s']:.1f}s"
         # Vertical labels along each marker: many restarts close together stay readable.
-        ax.annotate(label, xy=(x, 0.99), xycoords=("data", "axes fraction"), xytext=(2, 0),
-                    textcoords="offset points", va="top", ha="left", fontsize=7, color="0.25", rotation=90)
+        ax.annotate(
+            label,
+            xy=(x, 0.99),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, 0),
+            textcoords="offset points",
+            va="top",
+            ha="left",
+            fontsize=7,
+            color="0.25",
+            rotation=90,
+        )
     ax.set_ylabel("training loss")
     if ax2 is not None:
         ax2.set_ylabel(f"{mkey} (circles)")
@@ -131,8 +142,13 @@ def render(output_dir: Path) -> tuple[Path, Path]:
         b = a.get("per_device_train_batch_size")
         if b:
             axb.plot([start, max(end, start)], [b, b], color=colour_of.get(a.get("attempt", 0), "k"), lw=3)
-            axb.annotate(f"{b}×{a.get('gradient_accumulation_steps')}", xy=(start, b), xytext=(2, 3),
-                         textcoords="offset points", fontsize=7)
+            axb.annotate(
+                f"{b}×{a.get('gradient_accumulation_steps')}",
+                xy=(start, b),
+                xytext=(2, 3),
+                textcoords="offset points",
+                fontsize=7,
+            )
     if not atts:
         for a in attempt_ids:
             pts = [(r["step"], r.get("per_device_train_batch_size")) for r in rows if r.get("attempt", 0) == a]
@@ -144,11 +160,13 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     st = data.state
     lost = sum(a["downtime_s"] or 0 for a in atts)
     redone = sum(a["steps_redone"] or 0 for a in atts)
-    title = (f"{Path(output_dir).name}: {st.get('state', 'no supervisor state')}, {len(atts)} attempt(s), "
-             f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s from death to next step, {redone} step(s) redone")
+    title = (
+        f"{Path(output_dir).name}: {st.get('state', 'no supervisor state')}, {len(atts)} attempt(s), "
+        f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s from death to next step, {redone} step(s) redone"
+    )
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    rd = seam.run_dir(output_dir)
+    rd = protocol.run_dir(output_dir)
     rd.mkdir(parents=True, exist_ok=True)
     png = rd / "report.png"
     tmp = rd / ".report.png.tmp"
@@ -156,7 +174,7 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     plt.close(fig)
     tmp.replace(png)
     page = _html(title, png.read_bytes(), atts)
-    seam.atomic_write_bytes(rd / "report.html", page.encode())
+    protocol.atomic_write_bytes(rd / "report.html", page.encode())
     return png, rd / "report.html"
 
 
@@ -166,14 +184,27 @@ def _html(title: str, png: bytes, atts: list[dict[str, Any]]) -> str:
             v = f"{v:.1f}"
         return f"<td>{html.escape('' if v is None else str(v))}</td>"
 
-    cols = ["attempt", "pid", "reason", "exit", "step_start", "step_reached", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "downtime_s", "steps_redone", "message"]
+    cols = [
+        "attempt",
+        "pid",
+        "reason",
+        "exit",
+        "step_start",
+        "step_reached",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "downtime_s",
+        "steps_redone",
+        "message",
+    ]
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = "".join("<tr>" + "".join(cell(a.get(c)) for c in cols) + "</tr>" for a in atts)
     img = base64.b64encode(png).decode()
-    return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}</style>"
-            f"<h1>{html.escape(title)}</h1><img alt='run report' src='data:image/png;base64,{img}'>"
-            f"<h2>Attempts</h2><table><tr>{head}</tr>{body}</table>"
-            f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by vit-supervisor report.</p>")
+    return (
+        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}</style>"
+        f"<h1>{html.escape(title)}</h1><img alt='run report' src='data:image/png;base64,{img}'>"
+        f"<h2>Attempts</h2><table><tr>{head}</tr>{body}</table>"
+        f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by vit-supervisor report.</p>"
+    )

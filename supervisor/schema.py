@@ -62,8 +62,15 @@ class ScratchViTConfig:
     """Dropout on attention weights."""
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size"):
+        for name in (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
             _check_min(f"model.scratch.{name}", getattr(self, name), 1)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             _check_range(f"model.scratch.{name}", getattr(self, name), 0.0, 1.0, hi_open=True)
@@ -152,8 +159,9 @@ class TrainingConfig:
     """Fraction of steps used for linear warm-up (ignored when ``warmup_steps`` > 0)."""
     warmup_steps: int = 0
     """Warm-up steps."""
-    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                               "constant_with_warmup"] = "cosine"
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
     """Learning-rate schedule."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
@@ -193,9 +201,16 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_range("training.num_train_epochs", self.num_train_epochs, 0.0, math.inf, lo_open=True)
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"training.max_steps {self.max_steps} is invalid: use -1 (epochs decide) or a positive count")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            raise ConfigError(
+                f"training.max_steps {self.max_steps} is invalid: use -1 (epochs decide) or a positive count"
+            )
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
             _check_min(f"training.{name}", getattr(self, name), 1)
         _check_range("training.learning_rate", self.learning_rate, 0.0, 10.0, lo_open=True)
         _check_min("training.weight_decay", self.weight_decay, 0.0)
@@ -204,8 +219,12 @@ class TrainingConfig:
         _check_min("training.max_grad_norm", self.max_grad_norm, 0.0)
         _check_min("training.dataloader_num_workers", self.dataloader_num_workers, 0)
         if self.save_total_limit is not None:
-            _check_min("training.save_total_limit", self.save_total_limit, 2,
-                       why="one checkpoint is never enough: a kill during a save must leave an older good one")
+            _check_min(
+                "training.save_total_limit",
+                self.save_total_limit,
+                2,
+                why="one checkpoint is never enough: a kill during a save must leave an older good one",
+            )
         if self.eval_strategy == "steps":
             if self.eval_steps is None:
                 raise ConfigError("training.eval_steps is required with eval_strategy: steps")
@@ -214,7 +233,9 @@ class TrainingConfig:
             raise ConfigError("training.fp16 and training.bf16 are both true: choose one")
         if self.load_best_model_at_end:
             if self.save_strategy == "no" or self.eval_strategy == "no":
-                raise ConfigError("training.load_best_model_at_end needs save_strategy and eval_strategy other than 'no'")
+                raise ConfigError(
+                    "training.load_best_model_at_end needs save_strategy and eval_strategy other than 'no'"
+                )
             if self.save_strategy != self.eval_strategy:
                 raise ConfigError(
                     f"training.load_best_model_at_end needs save_strategy ({self.save_strategy}) "
@@ -336,12 +357,15 @@ class DistributedConfig:
         _check_min("distributed.nproc_per_node", self.nproc_per_node, 1)
         _check_min("distributed.nnodes", self.nnodes, 1)
         if not 0 <= self.node_rank < self.nnodes:
-            raise ConfigError(f"distributed.node_rank is {self.node_rank}; it must be in [0, {self.nnodes - 1}] "
-                              f"for nnodes {self.nnodes}")
+            raise ConfigError(
+                f"distributed.node_rank is {self.node_rank}; it must be in [0, {self.nnodes - 1}] "
+                f"for nnodes {self.nnodes}"
+            )
         host, _, port = self.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
-            raise ConfigError(f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} must be host:port, "
-                              "e.g. 10.0.0.1:29500")
+            raise ConfigError(
+                f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} must be host:port, e.g. 10.0.0.1:29500"
+            )
 
     @property
     def world_size(self) -> int:
@@ -378,14 +402,20 @@ class Config:
                 f"{self.model.scratch.image_size}: drop data.image_size or make them equal"
             )
         if self.data.source == "pairs_csv" and self.model.concat_mode == "none":
-            raise ConfigError("data.source is pairs_csv but model.concat_mode is none: "
-                              f"set concat_mode to one of {', '.join(CONCAT_MODES[1:])}")
+            raise ConfigError(
+                "data.source is pairs_csv but model.concat_mode is none: "
+                f"set concat_mode to one of {', '.join(CONCAT_MODES[1:])}"
+            )
         if self.data.source != "pairs_csv" and self.model.concat_mode != "none":
-            raise ConfigError(f"model.concat_mode is {self.model.concat_mode} but data.source is {self.data.source}: "
-                              "image pairs need data.source: pairs_csv (or set concat_mode: none)")
+            raise ConfigError(
+                f"model.concat_mode is {self.model.concat_mode} but data.source is {self.data.source}: "
+                "image pairs need data.source: pairs_csv (or set concat_mode: none)"
+            )
         if self.launcher == "python" and self.distributed.world_size > 1:
-            raise ConfigError(f"distributed asks for {self.distributed.world_size} processes but launcher is "
-                              "python: set launcher: torchrun")
+            raise ConfigError(
+                f"distributed asks for {self.distributed.world_size} processes but launcher is "
+                "python: set launcher: torchrun"
+            )
         if self.data.source == "digits" and self.model.num_labels != 10:
             raise ConfigError(f"model.num_labels is {self.model.num_labels} but the digits data set has 10 classes")
 
@@ -437,8 +467,10 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must be a YAML mapping of sections (model, data, training, ...), "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {p} must be a YAML mapping of sections (model, data, training, ...), "
+            f"not a {type(raw).__name__}"
+        )
     cfg = from_dict(raw)
     base = p.resolve().parent
     cfg.source_path = str(p.resolve())
@@ -465,9 +497,12 @@ def check_data_paths(cfg: Config) -> None:
         raise ConfigError(f"data.path {path} does not exist: pairs_csv needs a CSV of image_a,image_b,label")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         raise ConfigError(f"data.image_root {cfg.data.image_root} is not a folder")
-    if cfg.model.model_name != SCRATCH and cfg.model.model_name.startswith("/"):
-        if not Path(cfg.model.model_name).exists():
-            raise ConfigError(f"model.model_name {cfg.model.model_name} is a path that does not exist")
+    if (
+        cfg.model.model_name != SCRATCH
+        and cfg.model.model_name.startswith("/")
+        and not Path(cfg.model.model_name).exists()
+    ):
+        raise ConfigError(f"model.model_name {cfg.model.model_name} is a path that does not exist")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -593,8 +628,9 @@ def _check_min(name: str, value: float, lo: float, why: str = "") -> None:
         raise ConfigError(f"{name} is {value}; it must be at least {lo}{extra}")
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
+def _check_range(
+    name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
     bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
     if bad or math.isnan(value):
         left = "(" if lo_open else "["

@@ -54,8 +54,9 @@ TRANSITIONS: dict[State | None, frozenset[State]] = {
     None: frozenset({State.STARTING, State.FAILED}),
     State.STARTING: frozenset({State.RUNNING, State.WAITING, State.STOPPED, State.FAILED}),
     State.WAITING: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
-    State.RUNNING: frozenset({State.BACKOFF, State.STARTING, State.WAITING, State.STOPPING, State.STOPPED,
-                              State.COMPLETED, State.FAILED}),
+    State.RUNNING: frozenset(
+        {State.BACKOFF, State.STARTING, State.WAITING, State.STOPPING, State.STOPPED, State.COMPLETED, State.FAILED}
+    ),
     State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
     State.STOPPING: frozenset({State.STOPPED, State.COMPLETED, State.FAILED}),
     State.STOPPED: frozenset(),

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.states import ACTIVE_STATES, State
 
 # LSB / supervisorctl status codes, so scripts and systemd can branch on them.
@@ -41,8 +41,9 @@ def register(output_dir: Path, config_path: str) -> Path:
     """Record a run directory in the registry (idempotent: one file per run directory)."""
     key = hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
     path = registry_dir() / f"{key}.json"
-    seam.atomic_write_json(path, {"output_dir": str(output_dir), "config": config_path, "registered": time.time()},
-                           durable=False)
+    protocol.atomic_write_json(
+        path, {"output_dir": str(output_dir), "config": config_path, "registered": time.time()}, durable=False
+    )
     return path
 
 
@@ -52,7 +53,7 @@ def registered_runs() -> list[dict[str, Any]]:
     if not d.is_dir():
         return out
     for p in sorted(d.glob("*.json")):
-        entry = seam.read_json(p)
+        entry = protocol.read_json(p)
         if entry and entry.get("output_dir"):
             out.append(entry)
     return out
@@ -73,12 +74,16 @@ def supervisor_alive(pid: Any, create_time: Any) -> bool:
 def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
     """Everything ``status`` shows about one run, as plain data (this is also ``--json``)."""
     output_dir = Path(output_dir)
-    state = seam.read_json(seam.state_path(output_dir, node_rank))
-    hb = seam.read_json(seam.heartbeat_path(output_dir)) or {}
+    state = protocol.read_json(protocol.state_path(output_dir, node_rank))
+    hb = protocol.read_json(protocol.heartbeat_path(output_dir)) or {}
     v: dict[str, Any] = {"output_dir": str(output_dir), "known": state is not None}
     if state is None:
-        v.update(state="unknown", running=False, status_code=STATUS_UNKNOWN,
-                 note=f"no supervisor state in {seam.state_path(output_dir, node_rank)}")
+        v.update(
+            state="unknown",
+            running=False,
+            status_code=STATUS_UNKNOWN,
+            note=f"no supervisor state in {protocol.state_path(output_dir, node_rank)}",
+        )
         return v
     alive = supervisor_alive(state.get("supervisor_pid"), state.get("supervisor_create_time"))
     name = state.get("state")
@@ -92,33 +97,70 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
     except OSError:
         free = None
     worker_pid = state.get("worker_pid")
-    hb_current = bool(hb) and (hb.get("pid") == worker_pid or not running
-                               or (hb.get("attempt") is not None and hb.get("attempt") == state.get("attempt")))
+    hb_current = bool(hb) and (
+        hb.get("pid") == worker_pid
+        or not running
+        or (hb.get("attempt") is not None and hb.get("attempt") == state.get("attempt"))
+    )
     tracker = state.get("tracker_run_id") or hb.get("tracker_run_id")
     if not tracker:
         try:
-            tracker = (seam.run_dir(output_dir) / seam.TRACKER_ID).read_text().strip() or None
+            tracker = (protocol.run_dir(output_dir) / protocol.TRACKER_ID).read_text().strip() or None
         except OSError:
             tracker = None
     attempts = state.get("attempts") or []
     v.update(
-        state=name, running=running, status_code=STATUS_RUNNING if running else STATUS_NOT_RUNNING, note=note,
-        state_reason=state.get("state_reason"), config=state.get("config"),
-        supervisor_pid=state.get("supervisor_pid"), supervisor_alive=alive,
-        worker_pid=worker_pid if running else None, attempt=state.get("attempt") or len(attempts),
+        state=name,
+        running=running,
+        status_code=STATUS_RUNNING if running else STATUS_NOT_RUNNING,
+        note=note,
+        state_reason=state.get("state_reason"),
+        config=state.get("config"),
+        supervisor_pid=state.get("supervisor_pid"),
+        supervisor_alive=alive,
+        worker_pid=worker_pid if running else None,
+        attempt=state.get("attempt") or len(attempts),
         restart_count=state.get("restart_count", 0),
-        restarts=[{"attempt": a.get("attempt"), "reason": a.get("reason"), "exit": a.get("exit"),
-                   "message": a.get("message"), "step_reached": a.get("step_reached")}
-                  for a in attempts if a.get("end") is not None],
+        restarts=[
+            {
+                "attempt": a.get("attempt"),
+                "reason": a.get("reason"),
+                "exit": a.get("exit"),
+                "message": a.get("message"),
+                "step_reached": a.get("step_reached"),
+            }
+            for a in attempts
+            if a.get("end") is not None
+        ],
         per_device_train_batch_size=state.get("per_device_train_batch_size"),
         gradient_accumulation_steps=state.get("gradient_accumulation_steps"),
-        effective_batch=state.get("effective_batch"), last_error=state.get("last_error"),
-        waiting_reason=state.get("waiting_reason"), backoff_until=state.get("backoff_until"),
-        tracker_run_id=tracker, free_disk_bytes=free, updated=state.get("updated"),
-        log=state.get("log"), attempts=attempts, standby=state.get("standby") if running else None,
-        heartbeat={k: hb.get(k) for k in ("state", "global_step", "max_steps", "epoch", "loss", "samples_per_s",
-                                          "last_checkpoint", "time", "disk_free_bytes", "disk_needed_bytes")}
-        if hb_current else None,
+        effective_batch=state.get("effective_batch"),
+        last_error=state.get("last_error"),
+        waiting_reason=state.get("waiting_reason"),
+        backoff_until=state.get("backoff_until"),
+        tracker_run_id=tracker,
+        free_disk_bytes=free,
+        updated=state.get("updated"),
+        log=state.get("log"),
+        attempts=attempts,
+        standby=state.get("standby") if running else None,
+        heartbeat={
+            k: hb.get(k)
+            for k in (
+                "state",
+                "global_step",
+                "max_steps",
+                "epoch",
+                "loss",
+                "samples_per_s",
+                "last_checkpoint",
+                "time",
+                "disk_free_bytes",
+                "disk_needed_bytes",
+            )
+        }
+        if hb_current
+        else None,
     )
     v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
     return v
@@ -169,16 +211,21 @@ def render(v: dict[str, Any]) -> str:
         return "\n".join(lines)
     state = v["state"]
     who = f"supervisor pid {v['supervisor_pid']}" if v.get("supervisor_alive") else (v.get("note") or "")
-    lines.append(f"  state:       {state}" + (f" ({who})" if who and state in {s.value for s in ACTIVE_STATES}
-                                              else "") + (f": {v['state_reason']}" if v.get("state_reason") else ""))
+    lines.append(
+        f"  state:       {state}"
+        + (f" ({who})" if who and state in {s.value for s in ACTIVE_STATES} else "")
+        + (f": {v['state_reason']}" if v.get("state_reason") else "")
+    )
     if v.get("note") and not v.get("supervisor_alive") and state in {s.value for s in ACTIVE_STATES}:
         lines.append(f"  warning:     {v['note']}; run `vit-supervisor start {v.get('config') or 'CONFIG'}` to resume")
     if v.get("worker_pid"):
         lines.append(f"  worker:      pid {v['worker_pid']}, attempt {v.get('attempt')}")
     lines.append(f"  restarts:    {v.get('restart_count', 0)}")
     for r in v.get("restarts", [])[-5:]:
-        lines.append(f"    attempt {r['attempt']}: {r['reason']} ({r['exit']}) at step {r['step_reached']}: "
-                     f"{(r['message'] or '')[:100]}")
+        lines.append(
+            f"    attempt {r['attempt']}: {r['reason']} ({r['exit']}) at step {r['step_reached']}: "
+            f"{(r['message'] or '')[:100]}"
+        )
     hb = v.get("heartbeat") or {}
     if hb:
         extra = []
@@ -190,12 +237,16 @@ def render(v: dict[str, Any]) -> str:
             extra.append(f"ETA {_duration(v['eta_s'])}")
         if hb.get("loss") is not None:
             extra.append(f"loss {hb['loss']:.4f}")
-        lines.append(f"  progress:    {progress_bar(hb.get('global_step'), hb.get('max_steps'))}"
-                     + (f"  {', '.join(extra)}" if extra else ""))
+        lines.append(
+            f"  progress:    {progress_bar(hb.get('global_step'), hb.get('max_steps'))}"
+            + (f"  {', '.join(extra)}" if extra else "")
+        )
         if hb.get("state"):
             lines.append(f"  worker says: {hb['state']}")
-    lines.append(f"  batch:       per-device {v.get('per_device_train_batch_size')} x accumulation "
-                 f"{v.get('gradient_accumulation_steps')} = {v.get('effective_batch')}")
+    lines.append(
+        f"  batch:       per-device {v.get('per_device_train_batch_size')} x accumulation "
+        f"{v.get('gradient_accumulation_steps')} = {v.get('effective_batch')}"
+    )
     lines.append(f"  checkpoint:  {hb.get('last_checkpoint') or _newest_checkpoint(v['output_dir']) or 'none yet'}")
     lines.append(f"  free disk:   {_bytes(v.get('free_disk_bytes'))}")
     if v.get("waiting_reason"):
@@ -204,8 +255,9 @@ def render(v: dict[str, Any]) -> str:
         lines.append(f"  tracker run: {v['tracker_run_id']}")
     if v.get("running"):
         sb = v.get("standby")
-        lines.append("  standby:     " + (f"{'ready' if sb.get('ready') else 'preparing'} (pid {sb['pid']})"
-                                          if sb else "none"))
+        lines.append(
+            "  standby:     " + (f"{'ready' if sb.get('ready') else 'preparing'} (pid {sb['pid']})" if sb else "none")
+        )
     if v.get("last_error"):
         lines.append(f"  last error:  {v['last_error']}")
     if v.get("log"):
@@ -214,5 +266,5 @@ def render(v: dict[str, Any]) -> str:
 
 
 def _newest_checkpoint(output_dir: str) -> str | None:
-    step = seam.newest_checkpoint_step(output_dir)
+    step = protocol.newest_checkpoint_step(output_dir)
     return str(Path(output_dir) / f"checkpoint-{step}") if step >= 0 else None

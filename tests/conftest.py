@@ -51,18 +51,31 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
 
 def worker_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "WANDB_SILENT": "true",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def vit_train(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-              **popen: Any) -> subprocess.Popen[str]:
+def vit_train(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
     """Start a real worker process (``python -m worker``) in its own session."""
-    return subprocess.Popen([PYTHON, "-m", "worker", *map(str, args)], env=env or worker_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=REPO, **popen)
+    return subprocess.Popen(
+        [PYTHON, "-m", "worker", *map(str, args)],
+        env=env or worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=REPO,
+        **popen,
+    )
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -119,9 +132,15 @@ class Run:
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
         self.n += 1
-        log = open(self.tmp / f"supervisor-{self.n}.log", "w")
-        proc = subprocess.Popen([PYTHON, "-m", "supervisor.cli", "start", str(self.config), *extra], env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        log = open(self.tmp / f"supervisor-{self.n}.log", "w")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "supervisor.cli", "start", str(self.config), *extra],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
         self.procs.append(proc)
         return proc
 
@@ -138,20 +157,32 @@ class Run:
                 pass
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PYTHON, "-m", "supervisor.cli", *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
+        return subprocess.run(
+            [PYTHON, "-m", "supervisor.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
 
     def state(self) -> dict[str, Any]:
         return read_json(self.out / "run" / "state.json") or {}
 
     def worker_at_step(self, step: int, attempt: int | None = None) -> dict[str, Any]:
         """Wait until the current worker has trained past ``step``; return its heartbeat."""
+
         def ok() -> dict[str, Any] | None:
             hb, st = heartbeat(self.out), self.state()
-            if (hb.get("state") == "training" and (hb.get("global_step") or 0) > step
-                    and hb.get("pid") == st.get("worker_pid") and (attempt is None or st.get("attempt") == attempt)):
+            if (
+                hb.get("state") == "training"
+                and (hb.get("global_step") or 0) > step
+                and hb.get("pid") == st.get("worker_pid")
+                and (attempt is None or st.get("attempt") == attempt)
+            ):
                 return hb
             return None
+
         return wait_for(ok, 45, f"worker past step {step}")
 
     def log(self) -> str:
@@ -176,4 +207,6 @@ def finish(proc: subprocess.Popen[str], run: Run, timeout: float = 45) -> int:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"supervisor did not exit in {timeout}s; state {run.state()}\n{run.log()[-3000:]}")
+        raise AssertionError(
+            f"supervisor did not exit in {timeout}s; state {run.state()}\n{run.log()[-3000:]}"
+        ) from None

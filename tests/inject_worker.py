@@ -1,9 +1,9 @@
 """Run the real worker with a fault injected from a hook (used by tests as a child process).
 
-    python tests/inject_worker.py oom-forward:K  CONFIG [worker args]   # torch.OutOfMemoryError in the
-                                                                       # K-th training forward pass
-    python tests/inject_worker.py oom-optimizer:K CONFIG [...]          # ... inside the K-th optimizer step
-    python tests/inject_worker.py crash:K CONFIG [...]                  # ValueError in the K-th forward
+python tests/inject_worker.py oom-forward:K  CONFIG [worker args]   # torch.OutOfMemoryError in the
+                                                                   # K-th training forward pass
+python tests/inject_worker.py oom-optimizer:K CONFIG [...]          # ... inside the K-th optimizer step
+python tests/inject_worker.py crash:K CONFIG [...]                  # ValueError in the K-th forward
 """
 
 from __future__ import annotations

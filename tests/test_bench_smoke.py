@@ -29,8 +29,9 @@ def test_gpu_check_without_a_gpu_exits_77_with_one_line() -> None:
     probe = gpu_check.probe_gpu()
     if probe.get("available"):
         pytest.skip("this machine has a CUDA GPU")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert r.returncode == gpu_check.NO_GPU_EXIT == 77, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("no CUDA GPU here: "), r.stdout
@@ -40,9 +41,11 @@ def test_gpu_check_without_a_gpu_exits_77_with_one_line() -> None:
 def test_no_gpu_line_names_the_cause() -> None:
     assert gpu_check.no_gpu_line({"torch": "2.13.0+cpu", "cuda_build": None, "available": False}) == (
         "no CUDA GPU here: torch 2.13.0+cpu reports torch.cuda.is_available() False "
-        "(CUDA build: none (CPU-only build)); this check needs one")
+        "(CUDA build: none (CPU-only build)); this check needs one"
+    )
     assert gpu_check.no_gpu_line({"error": "No module named 'torch'"}).startswith(
-        "no CUDA GPU here: could not ask torch (No module named 'torch')")
+        "no CUDA GPU here: could not ask torch (No module named 'torch')"
+    )
 
 
 # ----------------------------------------------------------------------------- batch from memory
@@ -92,19 +95,38 @@ def test_oom_batch_overrides() -> None:
 
 
 def _attempt(n: int, batch: int, accum: int, reason: str, start: float) -> dict:
-    return {"attempt": n, "pid": 100 + n, "start": start, "end": start + 5, "reason": reason,
-            "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum}
+    return {
+        "attempt": n,
+        "pid": 100 + n,
+        "start": start,
+        "end": start + 5,
+        "reason": reason,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum,
+    }
 
 
 def _state(*attempts: dict, state: str = "completed") -> dict:
     return {"state": state, "effective_batch": 2048, "attempts": list(attempts)}
 
 
-GOOD_REPORTS = {1: {"reason": "oom", "exception_type": "OutOfMemoryError", "time": 1005.0,
-                    "per_device_train_batch_size": 2048, "gradient_accumulation_steps": 1,
-                    "gpu_mem_peak_bytes": 75 * 2**30},
-                2: {"reason": "completed", "time": 1050.0, "per_device_train_batch_size": 256,
-                    "gradient_accumulation_steps": 8, "gpu_mem_peak_bytes": 30 * 2**30}}
+GOOD_REPORTS = {
+    1: {
+        "reason": "oom",
+        "exception_type": "OutOfMemoryError",
+        "time": 1005.0,
+        "per_device_train_batch_size": 2048,
+        "gradient_accumulation_steps": 1,
+        "gpu_mem_peak_bytes": 75 * 2**30,
+    },
+    2: {
+        "reason": "completed",
+        "time": 1050.0,
+        "per_device_train_batch_size": 256,
+        "gradient_accumulation_steps": 8,
+        "gpu_mem_peak_bytes": 30 * 2**30,
+    },
+}
 
 
 def test_oom_phase_passes_when_lowered_with_the_same_effective_batch_and_completed() -> None:
@@ -149,12 +171,22 @@ def test_memory_table_rows_and_formatting() -> None:
 
 def test_fmt_keeps_about_three_significant_digits() -> None:
     assert [common.fmt(x) for x in (None, 0.0, 0.01234, 1.234, 12.345, 1234.5, 7, "x")] == [
-        "-", "0", "0.0123", "1.23", "12.35", "1234", "7", "x"]
+        "-",
+        "0",
+        "0.0123",
+        "1.23",
+        "12.35",
+        "1234",
+        "7",
+        "x",
+    ]
 
 
 def test_committed_checkpoint_lines_are_parsed() -> None:
-    log = ("2026-11-28 02:58:01,455 INFO vit_train: Committed checkpoint checkpoint-30 (0.3 MiB, 0.01s)\n"
-           "noise\nINFO vit_train: Committed checkpoint checkpoint-500 (982.1 MiB, 3.99s)\n")
+    log = (
+        "2026-11-28 02:58:01,455 INFO vit_train: Committed checkpoint checkpoint-30 (0.3 MiB, 0.01s)\n"
+        "noise\nINFO vit_train: Committed checkpoint checkpoint-500 (982.1 MiB, 3.99s)\n"
+    )
     assert common.committed_checkpoints(log) == [(30, 0.3, 0.01), (500, 982.1, 3.99)]
 
 
@@ -166,6 +198,11 @@ def test_deep_update_merges_without_touching_the_base() -> None:
 
 def test_every_benchmark_script_answers_help() -> None:
     for name in SCRIPTS:
-        r = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"], capture_output=True,
-                           text=True, timeout=60, cwd=REPO)
+        r = subprocess.run(
+            [sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stderr[-2000:])

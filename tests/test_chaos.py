@@ -14,9 +14,24 @@ pytestmark = pytest.mark.e2e
 
 
 def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--short", "--no-tracking",
-                        "--no-standby-wait", "--seed", "3", "--workdir", str(tmp_path), "--report"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "chaos.py"),
+            "--short",
+            "--no-tracking",
+            "--no-standby-wait",
+            "--seed",
+            "3",
+            "--workdir",
+            str(tmp_path),
+            "--report",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "all checks passed (5 faults)" in r.stdout
     for kind in ("sigkill", "sigterm", "kill_during_save", "truncate_checkpoint", "oom"):

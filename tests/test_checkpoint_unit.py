@@ -51,15 +51,19 @@ def test_committed_checkpoint_validates(good_checkpoint: Path) -> None:
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth"} <= set(manifest["files"])
 
 
-@pytest.mark.parametrize("breakage,expect", [
-    ("truncate_safetensors", "model.safetensors"),
-    ("missing_optimizer", "missing optimizer.pt"),
-    ("empty_dir", "empty"),
-    ("bad_json", "trainer_state.json"),
-    ("step_mismatch", "global_step"),
-])
+@pytest.mark.parametrize(
+    "breakage,expect",
+    [
+        ("truncate_safetensors", "model.safetensors"),
+        ("missing_optimizer", "missing optimizer.pt"),
+        ("empty_dir", "empty"),
+        ("bad_json", "trainer_state.json"),
+        ("step_mismatch", "global_step"),
+    ],
+)
 def test_broken_checkpoint_is_set_aside_and_the_older_good_one_is_used(
-        good_checkpoint: Path, tmp_path: Path, breakage: str, expect: str) -> None:
+    good_checkpoint: Path, tmp_path: Path, breakage: str, expect: str
+) -> None:
     out = copy_run(good_checkpoint, tmp_path, [5, 10])
     newest = out / "checkpoint-10"
     if breakage == "truncate_safetensors":
@@ -133,8 +137,9 @@ def test_disk_guard_passes_when_there_is_room(tmp_path: Path) -> None:
 def test_disk_guard_makes_room_from_rotation_before_waiting(tmp_path: Path) -> None:
     old = tmp_path / "checkpoint-5"
     old.mkdir()
-    g = DiskGuard(tmp_path, 100, "wait", 1.0, free_bytes=FakeDisk(300, 900),
-                  sleep=lambda s: pytest.fail("should not wait"))
+    g = DiskGuard(
+        tmp_path, 100, "wait", 1.0, free_bytes=FakeDisk(300, 900), sleep=lambda s: pytest.fail("should not wait")
+    )
     g.ensure(500, lambda: [old])
     assert not old.exists()
 
@@ -149,8 +154,15 @@ def test_disk_guard_stops_with_disk_low_when_configured(tmp_path: Path) -> None:
 def test_disk_guard_waits_until_space_appears(tmp_path: Path) -> None:
     waits: list[tuple[int, int]] = []
     sleeps: list[float] = []
-    g = DiskGuard(tmp_path, 100, "wait", 2.5, free_bytes=FakeDisk(300, 300, 400, 700),
-                  on_wait=lambda n, f: waits.append((n, f)), sleep=sleeps.append)
+    g = DiskGuard(
+        tmp_path,
+        100,
+        "wait",
+        2.5,
+        free_bytes=FakeDisk(300, 300, 400, 700),
+        on_wait=lambda n, f: waits.append((n, f)),
+        sleep=sleeps.append,
+    )
     g.ensure(500, lambda: [])
     assert waits == [(600, 300), (600, 300), (600, 400)] and sleeps == [2.5, 2.5, 2.5]
 
@@ -161,7 +173,6 @@ def test_disk_guard_stop_while_waiting_raises(tmp_path: Path) -> None:
     def sleep(_: float) -> None:
         stop["now"] = True
 
-    g = DiskGuard(tmp_path, 0, "wait", 1.0, free_bytes=FakeDisk(10), stop_requested=lambda: stop["now"],
-                  sleep=sleep)
+    g = DiskGuard(tmp_path, 0, "wait", 1.0, free_bytes=FakeDisk(10), stop_requested=lambda: stop["now"], sleep=sleep)
     with pytest.raises(StoppedWhileWaiting):
         g.ensure(500, lambda: [])

@@ -18,16 +18,31 @@ from tests.test_worker_e2e import max_abs_diff, write_cfg
 
 pytestmark = pytest.mark.e2e
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "--max-restarts=0", "-m", "worker"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "--max-restarts=0",
+    "-m",
+    "worker",
+]
 TIMEOUT = 180
 # 2 ranks x 16 = 32 samples per step: 10 steps per epoch, 4 epochs.
 TWO_RANKS = {"training": {"num_train_epochs": 4, "save_steps": 5}}
 
 
 def torchrun(cfg: Path, *extra: str, env: dict | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([*TORCHRUN, str(cfg), *extra], cwd=REPO, env=env or worker_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*TORCHRUN, str(cfg), *extra],
+        cwd=REPO,
+        env=env or worker_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(p: subprocess.Popen[str]) -> str:

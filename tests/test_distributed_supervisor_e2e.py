@@ -12,13 +12,16 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import heartbeat, wait_for
-from tests.conftest import Run, finish
+from tests.conftest import Run, finish, heartbeat, wait_for
 
 pytestmark = pytest.mark.e2e
 
-TWO = {"launcher": "torchrun", "distributed": {"nproc_per_node": 2},
-       "training": {"num_train_epochs": 12, "save_steps": 5}, "supervisor": {"startup_timeout_s": 120}}
+TWO = {
+    "launcher": "torchrun",
+    "distributed": {"nproc_per_node": 2},
+    "training": {"num_train_epochs": 12, "save_steps": 5},
+    "supervisor": {"startup_timeout_s": 120},
+}
 
 
 def ranks(run: Any) -> list[psutil.Process]:
@@ -27,18 +30,23 @@ def ranks(run: Any) -> list[psutil.Process]:
     return [c for c in launcher.children(recursive=True) if c.name() == "vit-train"]
 
 
-def test_killing_one_rank_restarts_the_whole_job_which_resumes_and_completes(make_config: Any,
-                                                                               new_run: Any) -> None:
+def test_killing_one_rank_restarts_the_whole_job_which_resumes_and_completes(make_config: Any, new_run: Any) -> None:
     run = new_run(make_config(TWO))
     sup = run.start()
-    wait_for(lambda: (heartbeat(run.out).get("global_step") or 0) >= 12 and run.state().get("attempt") == 1, 90,
-             "2 ranks at step 12")
+    wait_for(
+        lambda: (heartbeat(run.out).get("global_step") or 0) >= 12 and run.state().get("attempt") == 1,
+        90,
+        "2 ranks at step 12",
+    )
     victims = ranks(run)
     assert len(victims) == 2
     killed = time.time()
     victims[1].kill()
-    wait_for(lambda: run.state().get("attempt") == 2 and (run.state()["attempts"][1].get("first_step_at")), 120,
-             "the restarted job's first new step")
+    wait_for(
+        lambda: run.state().get("attempt") == 2 and (run.state()["attempts"][1].get("first_step_at")),
+        120,
+        "the restarted job's first new step",
+    )
     restart_s = run.state()["attempts"][1]["first_step_at"] - killed
     print(f"\n2-rank job: SIGKILL of one rank -> first new step of the restarted job: {restart_s:.2f}s")
     assert finish(sup, run, timeout=180) == 0, run.log()[-3000:]
@@ -51,11 +59,21 @@ def test_killing_one_rank_restarts_the_whole_job_which_resumes_and_completes(mak
 
 
 def test_real_oom_on_one_rank_lowers_the_batch_on_all_ranks(make_config: Any, new_run: Any) -> None:
-    cfg = make_config({"launcher": "torchrun", "distributed": {"nproc_per_node": 2},
-                       "model": {"scratch": {"image_size": 32}}, "data": {"limit": None},
-                       "training": {"per_device_train_batch_size": 1024, "gradient_accumulation_steps": 1,
-                                    "max_steps": 3, "eval_strategy": "no"},
-                       "supervisor": {"oom_batch_factor": 0.0625, "startup_timeout_s": 120}})
+    cfg = make_config(
+        {
+            "launcher": "torchrun",
+            "distributed": {"nproc_per_node": 2},
+            "model": {"scratch": {"image_size": 32}},
+            "data": {"limit": None},
+            "training": {
+                "per_device_train_batch_size": 1024,
+                "gradient_accumulation_steps": 1,
+                "max_steps": 3,
+                "eval_strategy": "no",
+            },
+            "supervisor": {"oom_batch_factor": 0.0625, "startup_timeout_s": 120},
+        }
+    )
     run = new_run(cfg, VIT_MEMORY_HEADROOM_MB="400", VIT_MEMORY_HEADROOM_RANKS="1")
     sup = run.start()
     assert finish(sup, run, timeout=180) == 0, run.log()[-3000:]
@@ -91,21 +109,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_local_nodes_with_one_supervisor_each_train_together(tmp_path: Path, make_config: Any,
-                                                                  new_run: Any) -> None:
+def test_two_local_nodes_with_one_supervisor_each_train_together(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     port = free_port()
-    common = {"launcher": "torchrun", "training": {"num_train_epochs": 3, "output_dir": str(tmp_path / "out")},
-              "supervisor": {"startup_timeout_s": 120}}
-    node = [make_config({**common, "distributed": {"nproc_per_node": 1, "nnodes": 2, "node_rank": r,
-                                                   "rdzv_endpoint": f"127.0.0.1:{port}"}}, name=f"node{r}.yaml")
-            for r in (0, 1)]
+    common = {
+        "launcher": "torchrun",
+        "training": {"num_train_epochs": 3, "output_dir": str(tmp_path / "out")},
+        "supervisor": {"startup_timeout_s": 120},
+    }
+    node = [
+        make_config(
+            {
+                **common,
+                "distributed": {"nproc_per_node": 1, "nnodes": 2, "node_rank": r, "rdzv_endpoint": f"127.0.0.1:{port}"},
+            },
+            name=f"node{r}.yaml",
+        )
+        for r in (0, 1)
+    ]
     runs = []
     for r in (0, 1):
         (tmp_path / f"node{r}").mkdir()
         runs.append(Run(tmp_path / f"node{r}", node[r]))
     try:
         procs = [runs[0].start(), runs[1].start()]
-        for r, p in zip(runs, procs):
+        for r, p in zip(runs, procs, strict=False):
             assert finish(p, r, timeout=180) == 0, r.log()[-3000:]
     finally:
         for r in runs:

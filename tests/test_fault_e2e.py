@@ -37,8 +37,9 @@ def all_checkpoints_validate(out: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_commits_the_current_step_and_resume_continues_exactly(tmp_path: Path, sig: signal.Signals,
-                                                                            reference_tiny: Path) -> None:
+def test_stop_signal_commits_the_current_step_and_resume_continues_exactly(
+    tmp_path: Path, sig: signal.Signals, reference_tiny: Path
+) -> None:
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"save_steps": 100}})
     out = tmp_path / "out"
     p = vit_train(cfg)
@@ -77,8 +78,12 @@ def test_second_signal_while_saving_kills_without_corrupting(tmp_path: Path) -> 
     p = vit_train(cfg)
     wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 9, TIMEOUT, "step 9", interval=0.005)
     p.send_signal(signal.SIGTERM)
-    wait_for(lambda: heartbeat(out).get("state") in ("saving", "exited") or p.poll() is not None, TIMEOUT,
-             "the stop save", interval=0.001)
+    wait_for(
+        lambda: heartbeat(out).get("state") in ("saving", "exited") or p.poll() is not None,
+        TIMEOUT,
+        "the stop save",
+        interval=0.001,
+    )
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=TIMEOUT)
     assert p.returncode in (-signal.SIGTERM, 3)
@@ -92,8 +97,12 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_good_checkpoint(tmp
     cfg = write_cfg(tmp_path / "c.yaml", {**WIDE, "training": {"save_steps": 3}})
     out = tmp_path / "out"
     p = vit_train(cfg)
-    wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 6 and heartbeat(out).get("state") == "saving",
-             TIMEOUT, "a save after step 6", interval=0.001)
+    wait_for(
+        lambda: (heartbeat(out).get("global_step") or 0) >= 6 and heartbeat(out).get("state") == "saving",
+        TIMEOUT,
+        "a save after step 6",
+        interval=0.001,
+    )
     p.kill()
     p.communicate()
     steps = all_checkpoints_validate(out)
@@ -104,8 +113,11 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_good_checkpoint(tmp
 
 
 def test_real_allocator_oom_is_reported_with_batch_and_accumulation(tmp_path: Path) -> None:
-    over = {"model": {"scratch": {"image_size": 32}}, "data": {"limit": None},
-            "training": {"per_device_train_batch_size": 1024, "gradient_accumulation_steps": 1, "max_steps": 4}}
+    over = {
+        "model": {"scratch": {"image_size": 32}},
+        "data": {"limit": None},
+        "training": {"per_device_train_batch_size": 1024, "gradient_accumulation_steps": 1, "max_steps": 4},
+    }
     cfg = write_cfg(tmp_path / "c.yaml", over)
     out = tmp_path / "out"
     log = run_to_end(cfg, env=worker_env(VIT_MEMORY_HEADROOM_MB="400"), expect=4)
@@ -115,15 +127,29 @@ def test_real_allocator_oom_is_reported_with_batch_and_accumulation(tmp_path: Pa
     assert r["per_device_train_batch_size"] == 1024 and r["gradient_accumulation_steps"] == 1
     assert r["step"] == 0 and r["emergency_checkpoint"] is False
     # The same memory budget fits the lowered batch, with the same effective batch.
-    run_to_end(cfg, "--per-device-train-batch-size", "64", "--gradient-accumulation-steps", "16",
-               env=worker_env(VIT_MEMORY_HEADROOM_MB="400"))
+    run_to_end(
+        cfg,
+        "--per-device-train-batch-size",
+        "64",
+        "--gradient-accumulation-steps",
+        "16",
+        env=worker_env(VIT_MEMORY_HEADROOM_MB="400"),
+    )
     assert report(out)["reason"] == "completed"
 
 
 def test_real_allocator_oom_in_evaluation_commits_an_emergency_checkpoint(tmp_path: Path) -> None:
-    over = {"model": {"scratch": {"image_size": 48}}, "data": {"limit": None},
-            "training": {"per_device_eval_batch_size": 1024, "eval_strategy": "steps", "eval_steps": 3,
-                         "save_steps": 100, "max_steps": 6}}
+    over = {
+        "model": {"scratch": {"image_size": 48}},
+        "data": {"limit": None},
+        "training": {
+            "per_device_eval_batch_size": 1024,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "save_steps": 100,
+            "max_steps": 6,
+        },
+    }
     cfg = write_cfg(tmp_path / "c.yaml", over)
     out = tmp_path / "out"
     run_to_end(cfg, env=worker_env(VIT_MEMORY_HEADROOM_MB="300"), expect=4)
@@ -134,8 +160,13 @@ def test_real_allocator_oom_in_evaluation_commits_an_emergency_checkpoint(tmp_pa
 
 def inject(fault: str, cfg: Path) -> subprocess.CompletedProcess[str]:
     """A real worker with a fault raised from a hook (tests/inject_worker.py)."""
-    return subprocess.run([PYTHON, str(REPO / "tests" / "inject_worker.py"), fault, str(cfg)], env=worker_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [PYTHON, str(REPO / "tests" / "inject_worker.py"), fault, str(cfg)],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def test_injected_cuda_oom_in_forward_loses_no_step(tmp_path: Path, reference_tiny: Path) -> None:
@@ -187,23 +218,38 @@ def test_worker_stops_safely_when_its_supervisor_dies(tmp_path: Path) -> None:
     wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 4, TIMEOUT, "step 4", interval=0.005)
     parent.kill()
     parent.wait()
-    wait_for(lambda: not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == "zombie",
-             TIMEOUT, "the orphaned worker to stop")
+    wait_for(
+        lambda: not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == "zombie",
+        TIMEOUT,
+        "the orphaned worker to stop",
+    )
     r = report(out)
     assert r["reason"] == "interrupted", (tmp_path / "w.log").read_text()[-2000:]
     assert all_checkpoints_validate(out) == [r["step"]]
 
 
 def test_heartbeat_carries_progress_for_the_supervisor(tmp_path: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"gradient_accumulation_steps": 2,
-                                                         "per_device_train_batch_size": 8}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {"training": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 8}}
+    )
     out = tmp_path / "out"
     p = vit_train(cfg)
     hb = wait_for(lambda: (h := heartbeat(out)).get("global_step", 0) >= 3 and h, TIMEOUT, "step 3")
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=TIMEOUT)
-    for key in ("pid", "state", "global_step", "max_steps", "epoch", "loss", "samples_per_s",
-                "per_device_train_batch_size", "gradient_accumulation_steps", "last_checkpoint", "time"):
+    for key in (
+        "pid",
+        "state",
+        "global_step",
+        "max_steps",
+        "epoch",
+        "loss",
+        "samples_per_s",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "last_checkpoint",
+        "time",
+    ):
         assert key in hb, key
     assert hb["state"] in ("training", "saving") and hb["max_steps"] == 38 and hb["pid"] == p.pid
     assert hb["per_device_train_batch_size"] == 8 and hb["gradient_accumulation_steps"] == 2
@@ -232,8 +278,10 @@ def small_fs(tmp_path: Path):
 
 
 def test_full_disk_pauses_training_until_space_appears(tmp_path: Path, small_fs: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"output_dir": str(small_fs / "out")},
-                                          "disk": {"reserve_mb": 1, "on_low": "wait"}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {"training": {"output_dir": str(small_fs / "out")}, "disk": {"reserve_mb": 1, "on_low": "wait"}},
+    )
     out = small_fs / "out"
     p = vit_train(cfg)
     wait_for(lambda: (out / "checkpoint-5").is_dir(), TIMEOUT, "the first checkpoint", interval=0.005)
@@ -242,8 +290,7 @@ def test_full_disk_pauses_training_until_space_appears(tmp_path: Path, small_fs:
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     ballast.write_bytes(b"\0" * max(0, free - 512 * 1024))
     os.kill(p.pid, signal.SIGCONT)
-    hb = wait_for(lambda: (h := heartbeat(out)).get("state") == "waiting_for_disk" and h, TIMEOUT,
-                  "waiting_for_disk")
+    hb = wait_for(lambda: (h := heartbeat(out)).get("state") == "waiting_for_disk" and h, TIMEOUT, "waiting_for_disk")
     assert hb["disk_needed_bytes"] > hb["disk_free_bytes"]
     step = hb["global_step"]
     time.sleep(0.5)  # nothing should move while paused

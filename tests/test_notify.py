@@ -37,7 +37,7 @@ def drain(s: socket.socket) -> list[str]:
     while True:
         try:
             out.append(s.recv(4096).decode())
-        except (BlockingIOError, socket.timeout):
+        except (TimeoutError, BlockingIOError):
             return out
 
 
@@ -82,8 +82,9 @@ def test_ready_is_sent_once_and_watchdog_pings_are_throttled(sock_path: tuple[so
     assert msgs.count("WATCHDOG=1") == 3  # at 0.0, 1.0 and 2.1 (interval = WatchdogSec / 2 = 1s)
 
 
-def test_supervisor_reports_ready_status_and_pings_from_its_loop(sock_path: tuple[socket.socket, str],
-                                                                 tmp_path: Path) -> None:
+def test_supervisor_reports_ready_status_and_pings_from_its_loop(
+    sock_path: tuple[socket.socket, str], tmp_path: Path
+) -> None:
     from tests.test_state_machine import FakeOS, RecordingLog, completes, make_cfg, script_of
 
     s, path = sock_path
@@ -94,7 +95,7 @@ def test_supervisor_reports_ready_status_and_pings_from_its_loop(sock_path: tupl
         while True:
             try:
                 data = s.recv(4096)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 return
             msgs.append(data.decode())
 

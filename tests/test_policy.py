@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import policy, seam
+from supervisor import policy, protocol
 from supervisor.policy import BatchChoice, ExitInfo
 from supervisor.schema import SupervisorConfig
 
@@ -16,8 +16,13 @@ def cfg(**kw: object) -> SupervisorConfig:
 def _chain(batch: int, effective: int, **kw: object) -> list[tuple[int, int] | str]:
     out: list[tuple[int, int] | str] = []
     while True:
-        choice = policy.lower_batch(batch, effective, factor=kw.get("factor", 0.5), minimum=kw.get("minimum", 1),
-                                    allow_effective_batch_change=kw.get("allow", False))
+        choice = policy.lower_batch(
+            batch,
+            effective,
+            factor=kw.get("factor", 0.5),
+            minimum=kw.get("minimum", 1),
+            allow_effective_batch_change=kw.get("allow", False),
+        )
         if isinstance(choice, str):
             out.append(choice)
             return out
@@ -60,27 +65,31 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
     assert policy.backoff_delay(10_000, c) == 5.0  # no overflow
 
 
-@pytest.mark.parametrize("rc, report, kw, kind", [
-    (0, None, {}, "completed"),
-    (0, {"reason": "completed", "message": "done"}, {}, "completed"),
-    (1, {"reason": "crash", "message": "ValueError: x"}, {}, "crash"),
-    (1, None, {}, "crash"),
-    (2, {"reason": "incompatible_checkpoint", "message": "model_name changed"}, {}, "user_error"),
-    (2, None, {}, "user_error"),
-    (4, {"reason": "oom", "message": "CUDA out of memory"}, {}, "oom"),
-    (5, {"reason": "disk_low", "message": "no space"}, {}, "disk_low"),
-    (3, {"reason": "interrupted", "message": "stop"}, {"stop_sent": True}, "stopped"),
-    (3, {"reason": "interrupted", "message": "stop"}, {}, "external_signal"),
-    (3, {"reason": "interrupted", "message": "stop"}, {"hang_killed": True}, "hang"),
-    (-15, None, {}, "external_signal"),
-    (-2, None, {}, "external_signal"),
-    (-9, None, {"hang_killed": True}, "hang"),
-    (-9, None, {}, "crash"),
-    (-9, None, {"host_oom": True}, "host_oom"),
-    (-11, None, {}, "crash"),
-])
-def test_exit_is_classified_from_report_then_code_then_signal(rc: int, report: dict | None, kw: dict,
-                                                              kind: str) -> None:
+@pytest.mark.parametrize(
+    "rc, report, kw, kind",
+    [
+        (0, None, {}, "completed"),
+        (0, {"reason": "completed", "message": "done"}, {}, "completed"),
+        (1, {"reason": "crash", "message": "ValueError: x"}, {}, "crash"),
+        (1, None, {}, "crash"),
+        (2, {"reason": "incompatible_checkpoint", "message": "model_name changed"}, {}, "user_error"),
+        (2, None, {}, "user_error"),
+        (4, {"reason": "oom", "message": "CUDA out of memory"}, {}, "oom"),
+        (5, {"reason": "disk_low", "message": "no space"}, {}, "disk_low"),
+        (3, {"reason": "interrupted", "message": "stop"}, {"stop_sent": True}, "stopped"),
+        (3, {"reason": "interrupted", "message": "stop"}, {}, "external_signal"),
+        (3, {"reason": "interrupted", "message": "stop"}, {"hang_killed": True}, "hang"),
+        (-15, None, {}, "external_signal"),
+        (-2, None, {}, "external_signal"),
+        (-9, None, {"hang_killed": True}, "hang"),
+        (-9, None, {}, "crash"),
+        (-9, None, {"host_oom": True}, "host_oom"),
+        (-11, None, {}, "crash"),
+    ],
+)
+def test_exit_is_classified_from_report_then_code_then_signal(
+    rc: int, report: dict | None, kw: dict, kind: str
+) -> None:
     assert policy.classify(ExitInfo(rc, report, **kw)).kind == kind
 
 
@@ -90,11 +99,25 @@ def test_signal_deaths_are_named_never_negative_numbers() -> None:
     assert policy.classify(ExitInfo(-11, None)).exit == "killed by SIGSEGV"
 
 
-def _decide(kind: str, *, progressed: bool = False, failures: int = 0, batch: int = 16, accum: int = 1,
-            stop: bool = False, **kw: object) -> policy.Decision:
-    return policy.decide(policy.Outcome(kind, f"{kind} happened", "exit ?"), progressed=progressed,  # type: ignore[arg-type]
-                         failures_without_progress=failures, batch=batch, accum=accum, cfg=cfg(**kw),
-                         stop_requested=stop)
+def _decide(
+    kind: str,
+    *,
+    progressed: bool = False,
+    failures: int = 0,
+    batch: int = 16,
+    accum: int = 1,
+    stop: bool = False,
+    **kw: object,
+) -> policy.Decision:
+    return policy.decide(
+        policy.Outcome(kind, f"{kind} happened", "exit ?"),
+        progressed=progressed,  # type: ignore[arg-type]
+        failures_without_progress=failures,
+        batch=batch,
+        accum=accum,
+        cfg=cfg(**kw),
+        stop_requested=stop,
+    )
 
 
 def test_crash_restarts_with_backoff_and_counts_failures_without_progress() -> None:
@@ -157,7 +180,7 @@ def test_hang_allowances_differ_for_startup_training_and_evaluation() -> None:
     assert check(hb_state="evaluating", seen_step=True, since_change_s=49, since_launch_s=500) is None
     assert "eval_timeout_s" in check(hb_state="saving", seen_step=True, since_change_s=51, since_launch_s=500)
     # waiting for disk is never a hang
-    assert check(hb_state=seam.HB_WAITING_FOR_DISK, seen_step=True, since_change_s=1e6, since_launch_s=1e6) is None
+    assert check(hb_state=protocol.HB_WAITING_FOR_DISK, seen_step=True, since_change_s=1e6, since_launch_s=1e6) is None
 
 
 def test_disk_shortfall_compares_free_space_with_reserve() -> None:
@@ -173,8 +196,12 @@ def _rank_report(reason: str, t: float, message: str = "", step: int = 7) -> dic
 
 
 def test_oom_on_any_rank_is_the_root_cause() -> None:
-    r = policy.root_cause({0: _rank_report("crash", 1.0, "RuntimeError: Connection reset by peer"),
-                           1: _rank_report("oom", 2.0, "DefaultCPUAllocator: can't allocate memory")})
+    r = policy.root_cause(
+        {
+            0: _rank_report("crash", 1.0, "RuntimeError: Connection reset by peer"),
+            1: _rank_report("oom", 2.0, "DefaultCPUAllocator: can't allocate memory"),
+        }
+    )
     assert r is not None and r["reason"] == "oom" and r["rank"] == 1 and r["message"].startswith("rank 1:")
 
 
@@ -189,8 +216,12 @@ def test_all_ranks_interrupted_is_an_interruption() -> None:
 
 
 def test_lost_peer_errors_are_consequences_not_causes() -> None:
-    r = policy.root_cause({0: _rank_report("crash", 1.0, "Connection closed by peer"),
-                           1: _rank_report("crash", 2.0, "ValueError: bad label")})
+    r = policy.root_cause(
+        {
+            0: _rank_report("crash", 1.0, "Connection closed by peer"),
+            1: _rank_report("crash", 2.0, "ValueError: bad label"),
+        }
+    )
     assert r is not None and r["rank"] == 1 and "bad label" in r["message"]
 
 

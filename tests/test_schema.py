@@ -107,8 +107,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 
 def test_worker_cli_reports_bad_config_in_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     cfg = write(tmp_path, deep_update(TINY, {"training": {"learning_rte": 0.1, "output_dir": "out"}}))
-    r = subprocess.run([sys.executable, "-m", "worker", str(cfg)], capture_output=True, text=True, cwd=REPO,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-m", "worker", str(cfg)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]

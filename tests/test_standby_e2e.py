@@ -11,8 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import wait_for
-from tests.conftest import finish
+from tests.conftest import finish, wait_for
 from tests.test_worker_e2e import _digit_pngs, max_abs_diff, run_to_end, write_cfg
 
 pytestmark = pytest.mark.e2e
@@ -24,8 +23,9 @@ def ready_standby(run: Any) -> dict[str, Any]:
     return wait_for(lambda: (sb := run.state().get("standby") or {}).get("ready") and sb, 60, "a ready standby")
 
 
-def test_standby_takes_over_after_sigkill_and_training_stays_exact(tmp_path: Path, make_config: Any,
-                                                                    new_run: Any) -> None:
+def test_standby_takes_over_after_sigkill_and_training_stays_exact(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     ref = write_cfg(tmp_path / "ref" / "c.yaml", LONG)
     run_to_end(ref)
     run = new_run(make_config(LONG))
@@ -47,19 +47,26 @@ def test_standby_takes_over_after_sigkill_and_training_stays_exact(tmp_path: Pat
     assert max_abs_diff(run.out / "checkpoint-760", ref.parent / "out" / "checkpoint-760") == 0.0
 
 
-def test_a_standby_that_keeps_dying_is_replaced_then_given_up_for_a_cold_start(make_config: Any,
-                                                                              new_run: Any) -> None:
+def test_a_standby_that_keeps_dying_is_replaced_then_given_up_for_a_cold_start(make_config: Any, new_run: Any) -> None:
     run = new_run(make_config(LONG))
     sup = run.start()
     run.worker_at_step(5)
     killed: set[int] = set()
     for _ in range(3):
-        sb = wait_for(lambda: (s := run.state().get("standby") or {}).get("pid") not in (None, *killed) and s, 60,
-                      "a new standby")
+        sb = wait_for(
+            lambda: (s := run.state().get("standby") or {}).get("pid") not in (None, *killed) and s, 60, "a new standby"
+        )
         os.kill(sb["pid"], signal.SIGKILL)
         killed.add(sb["pid"])
-    wait_for(lambda: "exited while waiting" in run.log() and run.state().get("standby") is None
-             and run.log().count("exited while waiting") >= 3, 30, "the supervisor to notice three deaths")
+    wait_for(
+        lambda: (
+            "exited while waiting" in run.log()
+            and run.state().get("standby") is None
+            and run.log().count("exited while waiting") >= 3
+        ),
+        30,
+        "the supervisor to notice three deaths",
+    )
     os.kill(run.state()["worker_pid"], signal.SIGKILL)
     run.worker_at_step(0, attempt=2)
     second = run.state()["attempts"][1]
@@ -80,17 +87,27 @@ def test_cold_start_when_the_config_changed_since_the_standby_started(make_confi
     run.worker_at_step(0, attempt=2)
     second = run.state()["attempts"][1]
     assert second["standby"] is False and "config file changed" in second["standby_fallback"]
-    wait_for(lambda: not psutil.pid_exists(sb["pid"]) or psutil.Process(sb["pid"]).status() == "zombie", 30,
-             "the dismissed standby to exit")
+    wait_for(
+        lambda: not psutil.pid_exists(sb["pid"]) or psutil.Process(sb["pid"]).status() == "zombie",
+        30,
+        "the dismissed standby to exit",
+    )
     os.kill(sup.pid, signal.SIGTERM)
     assert finish(sup, run) == 0
 
 
-def test_standby_refuses_changed_data_and_the_supervisor_starts_cold(tmp_path: Path, make_config: Any,
-                                                                      new_run: Any) -> None:
+def test_standby_refuses_changed_data_and_the_supervisor_starts_cold(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     _digit_pngs(tmp_path / "images", per_class=8)
-    run = new_run(make_config({"training": {"num_train_epochs": 300, "save_steps": 20},
-                               "data": {"source": "image_folder", "path": "images", "limit": None}}))
+    run = new_run(
+        make_config(
+            {
+                "training": {"num_train_epochs": 300, "save_steps": 20},
+                "data": {"source": "image_folder", "path": "images", "limit": None},
+            }
+        )
+    )
     sup = run.start()
     run.worker_at_step(5)
     ready_standby(run)

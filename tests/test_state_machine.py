@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.daemon import SUPERVISOR_FAILED, SUPERVISOR_OK, Supervisor
 from supervisor.schema import Config, from_dict
 from supervisor.states import TRANSITIONS, State
@@ -33,14 +33,16 @@ class FakeChild:
     @property
     def batch(self) -> tuple[int, int]:
         a = self.argv
-        return (int(a[a.index("--per-device-train-batch-size") + 1]),
-                int(a[a.index("--gradient-accumulation-steps") + 1]))
+        return (
+            int(a[a.index("--per-device-train-batch-size") + 1]),
+            int(a[a.index("--gradient-accumulation-steps") + 1]),
+        )
 
 
 class FakeOS:
     """Time moves only in ``wait``; scheduled events fire as the clock passes them."""
 
-    def __init__(self, out: Path, script: Callable[["FakeOS", FakeChild], None]) -> None:
+    def __init__(self, out: Path, script: Callable[[FakeOS, FakeChild], None]) -> None:
         self.out = out
         self.script = script
         self.now = 0.0
@@ -106,15 +108,26 @@ class FakeOS:
         self.events.append((self.now + delay, fn))
 
     def heartbeat(self, child: FakeChild, step: int | None, state: str = "training") -> None:
-        seam.atomic_write_json(seam.heartbeat_path(self.out), {"pid": child.pid, "state": state, "global_step": step,
-                                                               "max_steps": 100, "tracker_run_id": "abc123"},
-                               durable=False)
+        protocol.atomic_write_json(
+            protocol.heartbeat_path(self.out),
+            {"pid": child.pid, "state": state, "global_step": step, "max_steps": 100, "tracker_run_id": "abc123"},
+            durable=False,
+        )
 
-    def exit(self, child: FakeChild, code: int, reason: str | None = None, step: int | None = None,
-             message: str = "", **extra: Any) -> None:
+    def exit(
+        self,
+        child: FakeChild,
+        code: int,
+        reason: str | None = None,
+        step: int | None = None,
+        message: str = "",
+        **extra: Any,
+    ) -> None:
         if reason is not None:
-            seam.atomic_write_json(child.env[seam.ENV_EXIT_REPORT], {
-                "reason": reason, "exit_code": code, "step": step, "message": message, "pid": child.pid, **extra})
+            protocol.atomic_write_json(
+                child.env[protocol.ENV_EXIT_REPORT],
+                {"reason": reason, "exit_code": code, "step": step, "message": message, "pid": child.pid, **extra},
+            )
         child.code = code
 
 
@@ -125,8 +138,10 @@ def default_kill(child: FakeChild, sig: int) -> None:
     if sig == signal.SIGKILL:
         child.code = -9
     elif sig == signal.SIGTERM:
-        seam.atomic_write_json(child.env[seam.ENV_EXIT_REPORT], {"reason": "interrupted", "exit_code": 3,
-                                                                 "pid": child.pid, "message": "stopped at step"})
+        protocol.atomic_write_json(
+            child.env[protocol.ENV_EXIT_REPORT],
+            {"reason": "interrupted", "exit_code": 3, "pid": child.pid, "message": "stopped at step"},
+        )
         child.code = 3
 
 
@@ -144,18 +159,36 @@ class RecordingLog:
 
 
 def make_cfg(tmp_path: Path, **sup: Any) -> Config:
-    cfg = from_dict({"model": {"num_labels": 10},
-                     "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 16},
-                     "disk": {"reserve_mb": 1, "recheck_s": 5},
-                     "supervisor": {"backoff_initial_s": 1, "backoff_factor": 2, "backoff_max_s": 60,
-                                    "hang_timeout_s": 30, "startup_timeout_s": 100, "eval_timeout_s": 200,
-                                    "term_grace_s": 10, "standby": False, **sup}})
+    cfg = from_dict(
+        {
+            "model": {"num_labels": 10},
+            "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 16},
+            "disk": {"reserve_mb": 1, "recheck_s": 5},
+            "supervisor": {
+                "backoff_initial_s": 1,
+                "backoff_factor": 2,
+                "backoff_max_s": 60,
+                "hang_timeout_s": 30,
+                "startup_timeout_s": 100,
+                "eval_timeout_s": 200,
+                "term_grace_s": 10,
+                "standby": False,
+                **sup,
+            },
+        }
+    )
     cfg.source_path = str(tmp_path / "config.yaml")
     return cfg
 
 
-def run(tmp_path: Path, script: Callable[[FakeOS, FakeChild], None], *, setup: Callable[[FakeOS], None] | None = None,
-        cfg: Config | None = None, **sup: Any) -> tuple[Supervisor, FakeOS, RecordingLog, int]:
+def run(
+    tmp_path: Path,
+    script: Callable[[FakeOS, FakeChild], None],
+    *,
+    setup: Callable[[FakeOS], None] | None = None,
+    cfg: Config | None = None,
+    **sup: Any,
+) -> tuple[Supervisor, FakeOS, RecordingLog, int]:
     cfg = cfg or make_cfg(tmp_path, **sup)
     fake = FakeOS(Path(cfg.training.output_dir), script)
     if setup:
@@ -167,12 +200,13 @@ def run(tmp_path: Path, script: Callable[[FakeOS, FakeChild], None], *, setup: C
 
 
 def state_file(sup: Supervisor) -> dict[str, Any]:
-    return json.loads(seam.state_path(sup.out).read_text())
+    return json.loads(protocol.state_path(sup.out).read_text())
 
 
 def script_of(*behaviours: Callable[[FakeOS, FakeChild], None]) -> Callable[[FakeOS, FakeChild], None]:
     def script(fake: FakeOS, child: FakeChild) -> None:
         behaviours[min(len(fake.children), len(behaviours)) - 1](fake, child)
+
     return script
 
 
@@ -186,6 +220,7 @@ def crashes_after(step: int | None) -> Callable[[FakeOS, FakeChild], None]:
         if step is not None:
             fake.at(2, lambda: fake.heartbeat(child, step))
         fake.at(3, lambda: fake.exit(child, 1, "crash", step=step, message="ValueError: boom"))
+
     return behaviour
 
 
@@ -207,9 +242,9 @@ def test_worker_is_launched_with_resume_batch_flags_and_seam_environment(tmp_pat
     child = fake.children[0]
     assert child.argv[1:4] == ["-m", "worker", str(tmp_path / "config.yaml")] and "--resume" in child.argv
     assert child.batch == (16, 1)
-    assert child.env[seam.ENV_ATTEMPT] == "1"
-    assert child.env[seam.ENV_EXIT_REPORT] == str(sup.run_dir / "exit-1.json")
-    assert child.env[seam.ENV_SUPERVISOR_PID].isdigit()
+    assert child.env[protocol.ENV_ATTEMPT] == "1"
+    assert child.env[protocol.ENV_EXIT_REPORT] == str(sup.run_dir / "exit-1.json")
+    assert child.env[protocol.ENV_SUPERVISOR_PID].isdigit()
 
 
 def test_crash_after_progress_restarts_at_once_then_completes(tmp_path: Path) -> None:
@@ -221,14 +256,14 @@ def test_crash_after_progress_restarts_at_once_then_completes(tmp_path: Path) ->
     st = state_file(sup)
     assert st["restart_count"] == 1
     assert st["attempts"][0]["reason"] == "crash" and st["attempts"][0]["message"] == "ValueError: boom"
-    assert fake.children[1].env[seam.ENV_ATTEMPT] == "2"
+    assert fake.children[1].env[protocol.ENV_ATTEMPT] == "2"
 
 
 def test_backoff_to_failed_after_retries_without_progress(tmp_path: Path) -> None:
-    sup, fake, log, code = run(tmp_path, script_of(crashes_after(None)), max_failures_without_progress=3)
+    sup, fake, _log, code = run(tmp_path, script_of(crashes_after(None)), max_failures_without_progress=3)
     assert code == SUPERVISOR_FAILED and sup.state == State.FAILED
     assert len(fake.children) == 3
-    gaps = [b.spawned_at - (a.spawned_at + 3) for a, b in zip(fake.children, fake.children[1:])]
+    gaps = [b.spawned_at - (a.spawned_at + 3) for a, b in zip(fake.children, fake.children[1:], strict=False)]
     assert gaps == [pytest.approx(1.0), pytest.approx(2.0)]  # exponential
     st = state_file(sup)
     assert "gave up after 3 consecutive attempts" in st["last_error"] and "ValueError: boom" in st["last_error"]
@@ -237,13 +272,13 @@ def test_backoff_to_failed_after_retries_without_progress(tmp_path: Path) -> Non
 def test_progress_resets_the_crash_loop_count(tmp_path: Path) -> None:
     # Each attempt crashes, but each gets further than any before: that is progress, keep going.
     behaviours = [crashes_after(10 * (i + 1)) for i in range(5)] + [completes]
-    sup, fake, _, code = run(tmp_path, script_of(*behaviours), max_failures_without_progress=2)
+    _sup, fake, _, code = run(tmp_path, script_of(*behaviours), max_failures_without_progress=2)
     assert code == SUPERVISOR_OK and len(fake.children) == 6
 
 
 def test_repeating_the_same_crash_step_is_not_progress(tmp_path: Path) -> None:
     # Resumed from an older checkpoint and crashed at the same step again: no new ground.
-    sup, fake, _, code = run(tmp_path, script_of(crashes_after(40)), max_failures_without_progress=2)
+    _sup, fake, _, code = run(tmp_path, script_of(crashes_after(40)), max_failures_without_progress=2)
     assert code == SUPERVISOR_FAILED and len(fake.children) == 3  # 1 with progress, then 2 without
 
 
@@ -259,9 +294,9 @@ def test_oom_halves_batch_and_doubles_accumulation_and_keeps_it_across_superviso
     st = state_file(sup)
     assert (st["per_device_train_batch_size"], st["gradient_accumulation_steps"]) == (4, 4)
     # A new supervisor on the same run starts from the lowered values.
-    sup2, fake2, _, _ = run(tmp_path, script_of(completes))
+    _sup2, fake2, _, _ = run(tmp_path, script_of(completes))
     assert fake2.children[0].batch == (4, 4)
-    assert fake2.children[0].env[seam.ENV_ATTEMPT] == "4"  # attempts keep counting
+    assert fake2.children[0].env[protocol.ENV_ATTEMPT] == "4"  # attempts keep counting
 
 
 def test_oom_at_minimum_batch_fails_with_clear_message(tmp_path: Path) -> None:
@@ -273,6 +308,7 @@ def test_oom_at_minimum_batch_fails_with_clear_message(tmp_path: Path) -> None:
 def test_non_retryable_exit_fails_at_once_with_workers_message(tmp_path: Path) -> None:
     def incompatible(fake: FakeOS, child: FakeChild) -> None:
         fake.at(1, lambda: fake.exit(child, 2, "incompatible_checkpoint", message="model_name: 'a' -> 'b'"))
+
     sup, fake, _, code = run(tmp_path, script_of(incompatible))
     assert code == SUPERVISOR_FAILED and len(fake.children) == 1
     assert "model_name: 'a' -> 'b'" in state_file(sup)["last_error"]
@@ -281,6 +317,7 @@ def test_non_retryable_exit_fails_at_once_with_workers_message(tmp_path: Path) -
 def hangs_at(step: int) -> Callable[[FakeOS, FakeChild], None]:
     def behaviour(fake: FakeOS, child: FakeChild) -> None:
         fake.at(2, lambda: fake.heartbeat(child, step))
+
     return behaviour
 
 
@@ -289,8 +326,9 @@ def test_hang_gets_sigterm_then_sigkill_after_grace_then_restart(tmp_path: Path)
         if sig == signal.SIGKILL:
             child.code = -9
 
-    sup, fake, log, code = run(tmp_path, script_of(hangs_at(7), completes),
-                               setup=lambda f: setattr(f, "kill_hook", frozen))
+    sup, fake, _log, code = run(
+        tmp_path, script_of(hangs_at(7), completes), setup=lambda f: setattr(f, "kill_hook", frozen)
+    )
     assert code == SUPERVISOR_OK and len(fake.children) == 2
     sigs = fake.children[0].signals
     assert [(s, g) for s, g, _ in sigs] == [(signal.SIGTERM, False), (signal.SIGKILL, True)]
@@ -303,7 +341,7 @@ def test_hang_gets_sigterm_then_sigkill_after_grace_then_restart(tmp_path: Path)
 
 def test_startup_gets_its_own_longer_allowance(tmp_path: Path) -> None:
     never_starts = lambda fake, child: None  # noqa: E731
-    sup, fake, _, _ = run(tmp_path, script_of(never_starts, completes))
+    _sup, fake, _, _ = run(tmp_path, script_of(never_starts, completes))
     first_signal = fake.children[0].signals[0]
     assert first_signal[0] == signal.SIGTERM
     assert first_signal[2] == pytest.approx(100, abs=0.6)  # startup_timeout_s, not hang_timeout_s
@@ -311,9 +349,10 @@ def test_startup_gets_its_own_longer_allowance(tmp_path: Path) -> None:
 
 def test_waiting_for_disk_in_the_worker_is_never_a_hang(tmp_path: Path) -> None:
     def waits_then_completes(fake: FakeOS, child: FakeChild) -> None:
-        fake.at(1, lambda: fake.heartbeat(child, 5, seam.HB_WAITING_FOR_DISK))
+        fake.at(1, lambda: fake.heartbeat(child, 5, protocol.HB_WAITING_FOR_DISK))
         fake.at(5000, lambda: fake.exit(child, 0, "completed", step=100))
-    sup, fake, _, code = run(tmp_path, script_of(waits_then_completes))
+
+    _sup, fake, _, code = run(tmp_path, script_of(waits_then_completes))
     assert code == SUPERVISOR_OK and fake.children[0].signals == []
 
 
@@ -354,6 +393,7 @@ def test_second_signal_forces_sigkill(tmp_path: Path) -> None:
 def test_worker_killed_by_foreign_sigterm_is_restarted_unless_configured(tmp_path: Path) -> None:
     def external(fake: FakeOS, child: FakeChild) -> None:
         fake.at(2, lambda: fake.exit(child, -15))
+
     _, fake, _, code = run(tmp_path / "a", script_of(external, completes))
     assert code == SUPERVISOR_OK and len(fake.children) == 2
     sup, fake, _, code = run(tmp_path / "b", script_of(external), restart_on_external_signal=False)
@@ -364,7 +404,8 @@ def test_low_disk_waits_and_rechecks_before_launching(tmp_path: Path) -> None:
     def setup(fake: FakeOS) -> None:
         fake.free = 0
         fake.at(12, lambda: setattr(fake, "free", 10 * 2**30))
-    sup, fake, log, code = run(tmp_path, script_of(completes), setup=setup)
+
+    _sup, fake, log, code = run(tmp_path, script_of(completes), setup=setup)
     assert code == SUPERVISOR_OK and len(fake.children) == 1
     assert fake.children[0].spawned_at == pytest.approx(15, abs=1.1)  # re-checked every recheck_s (5)
     assert log.transitions()[:3] == [(None, "starting"), ("starting", "waiting"), ("waiting", "starting")]
@@ -375,8 +416,10 @@ def test_sigkill_with_moved_oom_counter_is_a_host_oom(tmp_path: Path) -> None:
         def die() -> None:
             fake.ooms += 1
             child.code = -9
+
         fake.at(2, die)
-    sup, fake, _, _ = run(tmp_path, script_of(host_oom, completes))
+
+    sup, _fake, _, _ = run(tmp_path, script_of(host_oom, completes))
     a = state_file(sup)["attempts"][0]
     assert a["reason"] == "host_oom" and "host OOM" in a["message"]
 
@@ -384,8 +427,16 @@ def test_sigkill_with_moved_oom_counter_is_a_host_oom(tmp_path: Path) -> None:
 def test_previous_workers_survivor_is_waited_for_before_launch(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     out = Path(cfg.training.output_dir)
-    seam.atomic_write_json(seam.state_path(out), {"state": "running", "worker_pid": 4242, "worker_create_time": 1.0,
-                                                  "supervisor_pid": 1, "attempts": [{"attempt": 1, "end": None}]})
+    protocol.atomic_write_json(
+        protocol.state_path(out),
+        {
+            "state": "running",
+            "worker_pid": 4242,
+            "worker_create_time": 1.0,
+            "supervisor_pid": 1,
+            "attempts": [{"attempt": 1, "end": None}],
+        },
+    )
 
     def setup(fake: FakeOS) -> None:
         fake.foreign_alive.add(4242)

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import seam, status
+from supervisor import protocol, status
 from supervisor.daemon import SUPERVISOR_LOCKED, acquire_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,9 @@ PY = sys.executable
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "supervisor.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+    return subprocess.run(
+        [PY, "-m", "supervisor.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 def env_with(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -34,24 +35,55 @@ def env_with(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def write_state(out: Path, **fields: Any) -> None:
     me = psutil.Process()
-    base = {"state": "running", "supervisor_pid": me.pid, "supervisor_create_time": me.create_time(),
-            "worker_pid": me.pid, "attempt": 2, "restart_count": 1, "per_device_train_batch_size": 8,
-            "gradient_accumulation_steps": 4, "effective_batch": 32, "tracker_run_id": "run-xyz",
-            "config": str(out.parent / "config.yaml"), "updated": time.time(),
-            "attempts": [{"attempt": 1, "end": 1.0, "reason": "oom", "exit": "exit 4 (oom)",
-                          "message": "DefaultCPUAllocator: can't allocate memory", "step_reached": 0},
-                         {"attempt": 2, "end": None}]}
+    base = {
+        "state": "running",
+        "supervisor_pid": me.pid,
+        "supervisor_create_time": me.create_time(),
+        "worker_pid": me.pid,
+        "attempt": 2,
+        "restart_count": 1,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 4,
+        "effective_batch": 32,
+        "tracker_run_id": "run-xyz",
+        "config": str(out.parent / "config.yaml"),
+        "updated": time.time(),
+        "attempts": [
+            {
+                "attempt": 1,
+                "end": 1.0,
+                "reason": "oom",
+                "exit": "exit 4 (oom)",
+                "message": "DefaultCPUAllocator: can't allocate memory",
+                "step_reached": 0,
+            },
+            {"attempt": 2, "end": None},
+        ],
+    }
     base.update(fields)
-    seam.atomic_write_json(seam.state_path(out), base)
-    seam.atomic_write_json(seam.heartbeat_path(out), {
-        "pid": base["worker_pid"], "state": "training", "global_step": 30, "max_steps": 120, "epoch": 0.5,
-        "loss": 1.25, "samples_per_s": 64.0, "last_checkpoint": str(out / "checkpoint-25"), "time": time.time()})
+    protocol.atomic_write_json(protocol.state_path(out), base)
+    protocol.atomic_write_json(
+        protocol.heartbeat_path(out),
+        {
+            "pid": base["worker_pid"],
+            "state": "training",
+            "global_step": 30,
+            "max_steps": 120,
+            "epoch": 0.5,
+            "loss": 1.25,
+            "samples_per_s": 64.0,
+            "last_checkpoint": str(out / "checkpoint-25"),
+            "time": time.time(),
+        },
+    )
 
 
 def test_supervisor_package_never_imports_torch_transformers_or_wandb() -> None:
-    code = ("import supervisor.cli, supervisor.daemon, supervisor.status, supervisor.policy, supervisor.states, "
-            "supervisor.osseam, supervisor.notify, supervisor.logs, supervisor.schema, supervisor.seam; import sys; "
-            "bad = [m for m in ('torch', 'transformers', 'wandb') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import supervisor.cli, supervisor.daemon, supervisor.status, supervisor.policy, supervisor.states, "
+        "supervisor.host, supervisor.notify, supervisor.logs, supervisor.schema, supervisor.protocol; import sys; "
+        "bad = [m for m in ('torch', 'transformers', 'wandb') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([PY, "-c", code], check=True, cwd=REPO, timeout=30)
 
 
@@ -71,9 +103,20 @@ def test_status_of_a_running_run_shows_progress_batch_checkpoint_disk_tracker_an
     r = cli("status", "--run-dir", str(out))
     assert r.returncode == status.STATUS_RUNNING
     text = r.stdout
-    for piece in ("state:       running", f"worker:      pid {os.getpid()}, attempt 2", "restarts:    1",
-                  "attempt 1: oom (exit 4 (oom))", "30/120 (25%)", "epoch 0.50", "64.0 samples/s", "ETA",
-                  "per-device 8 x accumulation 4 = 32", "checkpoint-25", "free disk:", "tracker run: run-xyz"):
+    for piece in (
+        "state:       running",
+        f"worker:      pid {os.getpid()}, attempt 2",
+        "restarts:    1",
+        "attempt 1: oom (exit 4 (oom))",
+        "30/120 (25%)",
+        "epoch 0.50",
+        "64.0 samples/s",
+        "ETA",
+        "per-device 8 x accumulation 4 = 32",
+        "checkpoint-25",
+        "free disk:",
+        "tracker run: run-xyz",
+    ):
         assert piece in text, f"{piece!r} missing from:\n{text}"
 
 
@@ -123,8 +166,10 @@ def test_status_without_argument_lists_every_registered_run(tmp_path: Path, monk
 
 
 def test_registry_uses_systemd_state_directory_when_set(tmp_path: Path) -> None:
-    assert status.registry_dir({"STATE_DIRECTORY": str(tmp_path / "sd"), "XDG_STATE_HOME": "/x"}) == \
-        tmp_path / "sd" / "runs"
+    assert (
+        status.registry_dir({"STATE_DIRECTORY": str(tmp_path / "sd"), "XDG_STATE_HOME": "/x"})
+        == tmp_path / "sd" / "runs"
+    )
     assert status.registry_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "vit-supervisor" / "runs"
 
 
@@ -165,17 +210,33 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
     unit = (REPO / "systemd" / "vit-supervisor@.service").read_text()
-    for line in ("Type=notify", "WatchdogSec=", "KillMode=mixed", "TimeoutStopSec=", "Restart=on-failure",
-                 "RestartPreventExitStatus=2 3 4", "User=vit", "StateDirectory=vit-supervisor",
-                 "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes", "PrivateTmp=yes",
-                 "ExecStart=/opt/vit-supervisor/.venv/bin/vit-supervisor start /etc/vit-supervisor/%i.yaml"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "KillMode=mixed",
+        "TimeoutStopSec=",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2 3 4",
+        "User=vit",
+        "StateDirectory=vit-supervisor",
+        "ProtectSystem=strict",
+        "ReadWritePaths=",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ExecStart=/opt/vit-supervisor/.venv/bin/vit-supervisor start /etc/vit-supervisor/%i.yaml",
+    ):
         assert line in unit
     # verify checks that ExecStart exists; point it at a stub, everything else is the real file.
     stub = tmp_path / "vit-supervisor"
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
     (tmp_path / "vit-supervisor@.service").write_text(
-        unit.replace("/opt/vit-supervisor/.venv/bin/vit-supervisor", str(stub)))
-    r = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "vit-supervisor@demo.service")],
-                       capture_output=True, text=True, timeout=60)
+        unit.replace("/opt/vit-supervisor/.venv/bin/vit-supervisor", str(stub))
+    )
+    r = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / "vit-supervisor@demo.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), r.stderr + r.stdout

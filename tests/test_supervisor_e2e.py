@@ -31,8 +31,9 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("standby", [True, False], ids=["standby", "cold"])
-def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(tmp_path: Path, make_config: Any, new_run: Any,
-                                                                       standby: bool) -> None:
+def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(
+    tmp_path: Path, make_config: Any, new_run: Any, standby: bool
+) -> None:
     run = new_run(make_config({"training": {"num_train_epochs": 40}, "supervisor": {"standby": standby}}))
     sup = run.start()
     run.worker_at_step(20)
@@ -45,8 +46,10 @@ def test_worker_sigkill_is_restarted_from_its_checkpoint_and_completes(tmp_path:
     hb = run.worker_at_step(resume_from, attempt=2)
     first_new_step = time.time()
     restart_s = first_new_step - killed_at
-    print(f"\nworker SIGKILL -> restarted worker's first new step: {restart_s:.2f}s "
-          f"(heartbeat time {hb['time'] - killed_at:.2f}s after the kill; resumed from step {resume_from})")
+    print(
+        f"\nworker SIGKILL -> restarted worker's first new step: {restart_s:.2f}s "
+        f"(heartbeat time {hb['time'] - killed_at:.2f}s after the kill; resumed from step {resume_from})"
+    )
     (tmp_path.parent / "restart_latency.txt").write_text(f"{restart_s:.2f}\n")
     assert finish(sup, run) == 0, run.log()
     st = run.state()
@@ -79,7 +82,9 @@ def test_hung_worker_is_detected_killed_and_restarted(tmp_path: Path, make_confi
     assert '"event": "hang"' in run.log() and "hang_timeout_s 2" in run.log()
 
 
-def test_ctrl_c_checkpoints_and_stops_then_start_resumes_to_completion(tmp_path: Path, make_config: Any, new_run: Any) -> None:
+def test_ctrl_c_checkpoints_and_stops_then_start_resumes_to_completion(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     run = new_run(make_config(LONGER))
     sup = run.start()
     run.worker_at_step(10)
@@ -98,7 +103,9 @@ def test_ctrl_c_checkpoints_and_stops_then_start_resumes_to_completion(tmp_path:
     assert st["state"] == "completed" and st["attempts"][1]["step_start"] == first["step_reached"]
 
 
-def test_detach_status_and_stop_commands_and_a_second_start_is_refused(tmp_path: Path, make_config: Any, new_run: Any) -> None:
+def test_detach_status_and_stop_commands_and_a_second_start_is_refused(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     run = new_run(make_config({"training": {"num_train_epochs": 60}}))
     r = run.cli("start", "--detach", str(run.config))
     assert r.returncode == 0, r.stderr
@@ -160,7 +167,9 @@ def test_incompatible_checkpoint_fails_at_once_without_restart(tmp_path: Path, m
     assert st["attempts"][1]["reason"] == "user_error" and "random_seed" in st["last_error"]
 
 
-def test_supervisor_sigkill_worker_stops_itself_and_next_start_recovers(tmp_path: Path, make_config: Any, new_run: Any) -> None:
+def test_supervisor_sigkill_worker_stops_itself_and_next_start_recovers(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     # The orphaned worker is adopted by the nearest subreaper. Make that this test (as systemd or a
     # real init would be); this sandbox's pid 1 kills the orphans it adopts, which is no test of ours.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -189,11 +198,16 @@ def test_supervisor_sigkill_worker_stops_itself_and_next_start_recovers(tmp_path
     assert second["step_start"] >= report["step"]
 
 
-def test_real_allocator_oom_lowers_batch_keeps_effective_batch_and_completes(tmp_path: Path, make_config: Any, new_run: Any) -> None:
+def test_real_allocator_oom_lowers_batch_keeps_effective_batch_and_completes(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     # A wider model on 16x16 images: batch 128 needs more than 48 MiB of headroom, batch 64 fits.
-    cfg = make_config({"model": {"scratch": {"image_size": 16, "hidden_size": 64, "intermediate_size": 128}},
-                       "training": {"num_train_epochs": 1, "per_device_train_batch_size": 128,
-                                    "per_device_eval_batch_size": 16}})
+    cfg = make_config(
+        {
+            "model": {"scratch": {"image_size": 16, "hidden_size": 64, "intermediate_size": 128}},
+            "training": {"num_train_epochs": 1, "per_device_train_batch_size": 128, "per_device_eval_batch_size": 16},
+        }
+    )
     run = new_run(cfg, VIT_MEMORY_HEADROOM_MB="48")
     assert finish(run.start(), run, timeout=55) == 0, run.log()
     st = run.state()
@@ -203,5 +217,7 @@ def test_real_allocator_oom_lowers_batch_keeps_effective_batch_and_completes(tmp
     assert (first["per_device_train_batch_size"], first["gradient_accumulation_steps"]) == (128, 1)
     assert last["per_device_train_batch_size"] < 128
     assert last["per_device_train_batch_size"] * last["gradient_accumulation_steps"] == 128
-    assert (st["per_device_train_batch_size"], st["gradient_accumulation_steps"]) == \
-        (last["per_device_train_batch_size"], last["gradient_accumulation_steps"])
+    assert (st["per_device_train_batch_size"], st["gradient_accumulation_steps"]) == (
+        last["per_device_train_batch_size"],
+        last["gradient_accumulation_steps"],
+    )

@@ -30,8 +30,12 @@ def run_to_end(*args: object, env: dict | None = None, expect: int = 0) -> str:
 def kill_at_step(cfg: Path, out: Path, step: int, *extra: str) -> None:
     p = vit_train(cfg, *extra)
     try:
-        wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= step or p.poll() is not None, TIMEOUT,
-                 f"step {step}", interval=0.005)
+        wait_for(
+            lambda: (heartbeat(out).get("global_step") or 0) >= step or p.poll() is not None,
+            TIMEOUT,
+            f"step {step}",
+            interval=0.005,
+        )
     finally:
         p.kill()
         p.communicate()
@@ -50,8 +54,9 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 @pytest.mark.parametrize("variant", ["mid_epoch", "epoch_boundary", "dataloader_workers"])
-def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(tmp_path: Path, reference_tiny: Path,
-                                                                     variant: str) -> None:
+def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(
+    tmp_path: Path, reference_tiny: Path, variant: str
+) -> None:
     over: dict = {}
     kill_step = 12  # newest checkpoint is 10: mid epoch (19 steps per epoch)
     if variant == "epoch_boundary":
@@ -109,14 +114,20 @@ def test_resume_guard_names_each_changed_key_and_touches_nothing(tmp_path: Path)
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 5}})
     out = tmp_path / "out"
     run_to_end(cfg)
-    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")
-                    if p.name not in ("run", "exit_report.json", "heartbeat.json"))
+    before = sorted(
+        (p.relative_to(out), p.stat().st_mtime_ns)
+        for p in out.rglob("*")
+        if p.name not in ("run", "exit_report.json", "heartbeat.json")
+    )
     changed = {"data": {"random_seed": 8, "train_test_split": 0.3}, "training": {"max_steps": 10}}
     cfg.write_text(yaml.safe_dump(deep_update(TINY, changed)))
     log = run_to_end(cfg, "--resume", expect=2)
     assert "random_seed: 7 -> 8" in log and "train_test_split: 0.25 -> 0.3" in log
-    after = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")
-                   if p.name not in ("run", "exit_report.json", "heartbeat.json"))
+    after = sorted(
+        (p.relative_to(out), p.stat().st_mtime_ns)
+        for p in out.rglob("*")
+        if p.name not in ("run", "exit_report.json", "heartbeat.json")
+    )
     assert before == after
     assert read_json(out / "run" / "exit_report.json")["reason"] == "incompatible_checkpoint"
 
@@ -131,8 +142,9 @@ def test_learning_rate_change_warns_and_more_epochs_just_continue(tmp_path: Path
 
 
 def test_wandb_keeps_one_offline_run_across_restarts(tmp_path: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"tracking": {"backend": "wandb", "mode": "offline"},
-                                          "training": {"max_steps": 20}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {"tracking": {"backend": "wandb", "mode": "offline"}, "training": {"max_steps": 20}}
+    )
     out = tmp_path / "out"
     kill_at_step(cfg, out, 8)
     run_to_end(cfg, "--resume")
@@ -165,7 +177,8 @@ def test_stock_trainer_resume_skips_vit_encoder_weights_but_ours_restores_all(tm
 
     stock = fresh()
     Trainer(model=stock, args=TrainingArguments(output_dir=str(tmp_path / "x"), report_to=[]))._load_from_checkpoint(
-        str(ck))
+        str(ck)
+    )
     stale = [k for k, v in stock.state_dict().items() if not torch.equal(v, saved[k])]
     assert any(".layers." in k for k in stale), "stock resume is expected to miss encoder weights"
 
@@ -181,7 +194,7 @@ def _digit_pngs(root: Path, per_class: int = 12) -> list[tuple[Path, int]]:
     d = load_digits()
     files = []
     counts = {i: 0 for i in range(10)}
-    for img, lab in zip(d.images, d.target):
+    for img, lab in zip(d.images, d.target, strict=False):
         if counts[int(lab)] >= per_class:
             continue
         counts[int(lab)] += 1
@@ -196,11 +209,14 @@ def test_image_folder_trains_and_checkpoint_loads_with_plain_transformers(tmp_pa
     from transformers import ViTForImageClassification
 
     _digit_pngs(tmp_path / "images")
-    cfg = write_cfg(tmp_path / "c.yaml", {"data": {"source": "image_folder", "path": "images", "limit": None},
-                                          "training": {"max_steps": 6}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {"data": {"source": "image_folder", "path": "images", "limit": None}, "training": {"max_steps": 6}},
+    )
     run_to_end(cfg)
-    m, info = ViTForImageClassification.from_pretrained(str(tmp_path / "out" / "checkpoint-6"),
-                                                        output_loading_info=True)
+    m, info = ViTForImageClassification.from_pretrained(
+        str(tmp_path / "out" / "checkpoint-6"), output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert m.config.id2label[3] == "class_3"
 
@@ -219,9 +235,11 @@ def test_image_pairs_train_with_shared_backbone_and_resume(tmp_path: Path) -> No
         for _ in range(120):
             (a, la), (b, lb) = rng.choice(files), rng.choice(files)
             w.writerow([a.relative_to(tmp_path), b.relative_to(tmp_path), int(la == lb)])
-    over = {"model": {"num_labels": 2, "concat_mode": "abs_diff"},
-            "data": {"source": "pairs_csv", "path": "pairs.csv", "limit": None},
-            "training": {"max_steps": 8, "save_steps": 4}}
+    over = {
+        "model": {"num_labels": 2, "concat_mode": "abs_diff"},
+        "data": {"source": "pairs_csv", "path": "pairs.csv", "limit": None},
+        "training": {"max_steps": 8, "save_steps": 4},
+    }
     cfg = write_cfg(tmp_path / "c.yaml", over)
     out = tmp_path / "out"
     kill_at_step(cfg, out, 5)
@@ -235,8 +253,9 @@ def test_changed_save_interval_applies_after_resume(tmp_path: Path) -> None:
     """trainer_state.json carries the old intervals; the config in force must win."""
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 4, "save_steps": 1, "save_total_limit": None}})
     run_to_end(cfg)
-    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 10, "save_steps": 100,
-                                                                  "save_total_limit": None}})))
+    cfg.write_text(
+        yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 10, "save_steps": 100, "save_total_limit": None}}))
+    )
     run_to_end(cfg, "--resume")
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
     assert steps == [1, 2, 3, 4, 10]  # no checkpoint at 5..9: the new interval is in force

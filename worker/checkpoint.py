@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 
 log = logging.getLogger("vit_train")
 
@@ -32,8 +32,14 @@ MANIFEST = "vit_checkpoint.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 SET_ASIDE = "set-aside"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-REQUIRED = ("config.json", "model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt",
-            "training_args.bin")
+REQUIRED = (
+    "config.json",
+    "model.safetensors",
+    "trainer_state.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "training_args.bin",
+)
 
 
 class CheckpointInvalid(Exception):
@@ -80,13 +86,13 @@ def commit(staging: Path, final: Path, step: int) -> int:
             os.fsync(fh.fileno())
         files[str(f.relative_to(staging))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     manifest = {"format": 1, "step": step, "created": time.time(), "files": files}
-    seam.atomic_write_json(staging / MANIFEST, manifest, durable=False)
-    seam.fsync_dir(staging)
+    protocol.atomic_write_json(staging / MANIFEST, manifest, durable=False)
+    protocol.fsync_dir(staging)
     if final.exists():
         # Only reachable if a foreign checkpoint of the same step sits there; keep it.
         set_aside(final, "replaced by a newly committed checkpoint of the same step")
     os.rename(staging, final)
-    seam.fsync_dir(final.parent)
+    protocol.fsync_dir(final.parent)
     return sum(v["size"] for v in files.values()) + (final / MANIFEST).stat().st_size
 
 
@@ -171,7 +177,7 @@ def set_aside(path: Path, why: str) -> Path:
         (dest / "REASON.txt").write_text(f"{why}\n")
     except OSError:
         pass
-    seam.fsync_dir(path.parent)
+    protocol.fsync_dir(path.parent)
     log.warning("Set aside broken checkpoint %s -> %s: %s", path.name, dest, why)
     return dest
 
@@ -244,11 +250,13 @@ def load_weights_strict(model: Any, checkpoint: Path) -> None:
     state = loaded.state_dict()
     target = model.state_dict()
     if set(state) != set(target):
-        raise CheckpointInvalid(f"weights in {checkpoint} do not fit the model (key sets differ: "
-                                f"{sorted(set(state) ^ set(target))[:4]})")
+        raise CheckpointInvalid(
+            f"weights in {checkpoint} do not fit the model (key sets differ: {sorted(set(state) ^ set(target))[:4]})"
+        )
     for k, v in state.items():
         if v.shape != target[k].shape:
-            raise CheckpointInvalid(f"weight {k} in {checkpoint} has shape {tuple(v.shape)}, "
-                                    f"the model needs {tuple(target[k].shape)}")
+            raise CheckpointInvalid(
+                f"weight {k} in {checkpoint} has shape {tuple(v.shape)}, the model needs {tuple(target[k].shape)}"
+            )
     model.load_state_dict(state, strict=True)
     del loaded

@@ -17,15 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import ConfigError, load_config
 from worker.fault import StopRequest, set_process_name, write_exit_report
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        write_exit_report(None, seam.REASON_CONFIG_ERROR, f"vit-train: {message}")
-        self.exit(seam.EXIT_USER_ERROR, f"vit-train: error: {message} (see vit-train --help)\n")
+        write_exit_report(None, protocol.REASON_CONFIG_ERROR, f"vit-train: {message}")
+        self.exit(protocol.EXIT_USER_ERROR, f"vit-train: error: {message} (see vit-train --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,18 +34,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="resume from the newest checkpoint that validates")
     g.add_argument("--checkpoint", type=Path, help="resume from exactly this checkpoint folder")
-    p.add_argument("--standby", action="store_true",
-                   help="prepare everything, then wait for a go line on stdin (used by the supervisor)")
-    p.add_argument("--per-device-train-batch-size", type=int, metavar="N",
-                   help="override training.per_device_train_batch_size (the supervisor's OOM lowering)")
-    p.add_argument("--gradient-accumulation-steps", type=int, metavar="N",
-                   help="override training.gradient_accumulation_steps")
+    p.add_argument(
+        "--standby",
+        action="store_true",
+        help="prepare everything, then wait for a go line on stdin (used by the supervisor)",
+    )
+    p.add_argument(
+        "--per-device-train-batch-size",
+        type=int,
+        metavar="N",
+        help="override training.per_device_train_batch_size (the supervisor's OOM lowering)",
+    )
+    p.add_argument(
+        "--gradient-accumulation-steps", type=int, metavar="N", help="override training.gradient_accumulation_steps"
+    )
     return p.parse_args(argv)
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "wandb", "urllib3", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("transformers.trainer").setLevel(logging.INFO)
@@ -60,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     set_process_name("vit-standby" if args.standby else "vit-train")
     try:
         cfg = load_config(args.config)
-        for name, value in (("per_device_train_batch_size", args.per_device_train_batch_size),
-                            ("gradient_accumulation_steps", args.gradient_accumulation_steps)):
+        for name, value in (
+            ("per_device_train_batch_size", args.per_device_train_batch_size),
+            ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ):
             if value is not None:
                 if value < 1:
                     raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
@@ -69,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is not None and not args.checkpoint.is_dir():
             raise ConfigError(f"--checkpoint {args.checkpoint} is not a folder")
     except ConfigError as exc:
-        write_exit_report(None, seam.REASON_CONFIG_ERROR, str(exc))
+        write_exit_report(None, protocol.REASON_CONFIG_ERROR, str(exc))
         print(f"vit-train: error: {exc}", file=sys.stderr)
-        return seam.EXIT_USER_ERROR
+        return protocol.EXIT_USER_ERROR
     setup_logging()
     try:
         if args.standby:
@@ -80,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             return serve(cfg, stop)
         from worker.train import run  # heavy imports only after the config is known to be good
 
-        return run(cfg, resume=args.resume, checkpoint=args.checkpoint.resolve() if args.checkpoint else None,
-                   stop=stop)
+        return run(
+            cfg, resume=args.resume, checkpoint=args.checkpoint.resolve() if args.checkpoint else None, stop=stop
+        )
     except Exception as exc:  # anything run() did not classify is a crash, with its traceback
         logging.getLogger("vit_train").exception("Crashed")
-        return write_exit_report(cfg.output_dir, seam.REASON_CRASH,
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", exc=exc)
+        return write_exit_report(
+            cfg.output_dir,
+            protocol.REASON_CRASH,
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            exc=exc,
+        )
 
 
 def entry(argv: list[str] | None = None) -> None:

@@ -39,8 +39,9 @@ class Splits:
 class ImageDataset(Dataset):
     """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``."""
 
-    def __init__(self, pixels: torch.Tensor | None, labels: np.ndarray, loader: Any = None,
-                 items: list[Any] | None = None) -> None:
+    def __init__(
+        self, pixels: torch.Tensor | None, labels: np.ndarray, loader: Any = None, items: list[Any] | None = None
+    ) -> None:
         self.pixels = pixels
         self.labels = labels
         self.loader = loader
@@ -80,8 +81,9 @@ def build(cfg: Config) -> Splits:
     return _pairs(cfg)
 
 
-def split_indices(n: int, labels: np.ndarray, test_fraction: float, seed: int,
-                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, labels: np.ndarray, test_fraction: float, seed: int, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic, stratified where every class has at least two examples."""
     from sklearn.model_selection import train_test_split
 
@@ -92,7 +94,7 @@ def split_indices(n: int, labels: np.ndarray, test_fraction: float, seed: int,
     sub = labels[idx]
     counts = np.bincount(sub) if len(sub) else np.array([])
     stratify = sub if len(counts) and counts[counts > 0].min() >= 2 else None
-    n_test = max(1, int(round(len(idx) * test_fraction)))
+    n_test = max(1, round(len(idx) * test_fraction))
     if stratify is not None and n_test < len(np.unique(sub)):
         stratify = None
     if n_test >= len(idx):
@@ -122,11 +124,17 @@ def _digits(cfg: Config) -> Splits:
     if size != 8:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = _normalise(x).repeat(1, chans, 1, 1).contiguous()
-    fp = _fingerprint({"source": "digits", "n": len(labels), "sha": hashlib.sha256(d.images.tobytes()).hexdigest(),
-                       "labels": hashlib.sha256(labels.tobytes()).hexdigest(), "limit": cfg.data.limit})
+    fp = _fingerprint(
+        {
+            "source": "digits",
+            "n": len(labels),
+            "sha": hashlib.sha256(d.images.tobytes()).hexdigest(),
+            "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+            "limit": cfg.data.limit,
+        }
+    )
     tr, te = split_indices(len(labels), labels, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
-    return Splits(ImageDataset(x[tr], labels[tr]), ImageDataset(x[te], labels[te]), fp, 10,
-                  [str(i) for i in range(10)])
+    return Splits(ImageDataset(x[tr], labels[tr]), ImageDataset(x[te], labels[te]), fp, 10, [str(i) for i in range(10)])
 
 
 class ImageLoader:
@@ -141,8 +149,9 @@ class ImageLoader:
 
         try:
             with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size),
-                                                                             Image.Resampling.BILINEAR)
+                im = im.convert("L" if self.channels == 1 else "RGB").resize(
+                    (self.size, self.size), Image.Resampling.BILINEAR
+                )
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
@@ -161,8 +170,10 @@ def _image_folder(cfg: Config) -> Splits:
     if not classes:
         raise DataError(f"data.path {root} has no class subfolders: put the images of each class in its own folder")
     if len(classes) != cfg.model.num_labels:
-        raise DataError(f"data.path {root} has {len(classes)} class folders ({', '.join(classes[:5])}...) "
-                        f"but model.num_labels is {cfg.model.num_labels}")
+        raise DataError(
+            f"data.path {root} has {len(classes)} class folders ({', '.join(classes[:5])}...) "
+            f"but model.num_labels is {cfg.model.num_labels}"
+        )
     files: list[Path] = []
     labels: list[int] = []
     for li, c in enumerate(classes):
@@ -173,12 +184,22 @@ def _image_folder(cfg: Config) -> Splits:
     if len(files) < 4:
         raise DataError(f"data.path {root} holds {len(files)} images; at least 4 are needed")
     lab = np.asarray(labels, dtype=np.int64)
-    fp = _fingerprint({"source": "image_folder", "limit": cfg.data.limit,
-                       "files": [[str(f.relative_to(root)), f.stat().st_size, int(l)] for f, l in zip(files, lab)]})
+    fp = _fingerprint(
+        {
+            "source": "image_folder",
+            "limit": cfg.data.limit,
+            "files": [[str(f.relative_to(root)), f.stat().st_size, int(y)] for f, y in zip(files, lab, strict=True)],
+        }
+    )
     tr, te = split_indices(len(files), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
     loader = ImageLoader(cfg.image_size, _channels(cfg))
-    return Splits(ImageDataset(None, lab[tr], loader, [files[i] for i in tr]),
-                  ImageDataset(None, lab[te], loader, [files[i] for i in te]), fp, len(classes), classes)
+    return Splits(
+        ImageDataset(None, lab[tr], loader, [files[i] for i in tr]),
+        ImageDataset(None, lab[te], loader, [files[i] for i in te]),
+        fp,
+        len(classes),
+        classes,
+    )
 
 
 def _pairs(cfg: Config) -> Splits:
@@ -191,8 +212,9 @@ def _pairs(cfg: Config) -> Splits:
             reader = csv.DictReader(f)
             need = {"image_a", "image_b", "label"}
             if not reader.fieldnames or not need <= set(reader.fieldnames):
-                raise DataError(f"{csv_path} must have a header row with columns image_a,image_b,label "
-                                f"(found {reader.fieldnames})")
+                raise DataError(
+                    f"{csv_path} must have a header row with columns image_a,image_b,label (found {reader.fieldnames})"
+                )
             for n, row in enumerate(reader, start=2):
                 a, b = base / row["image_a"], base / row["image_b"]
                 for p in (a, b):
@@ -202,18 +224,31 @@ def _pairs(cfg: Config) -> Splits:
                 raw_labels.append(row["label"].strip())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {csv_path}: {exc}") from None
-    classes = sorted(set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    classes = sorted(
+        set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s)
+    )
     if len(classes) > cfg.model.num_labels:
         raise DataError(f"{csv_path} has {len(classes)} distinct labels but model.num_labels is {cfg.model.num_labels}")
     lab = np.asarray([classes.index(s) for s in raw_labels], dtype=np.int64)
     if len(pairs) < 4:
         raise DataError(f"{csv_path} holds {len(pairs)} pairs; at least 4 are needed")
     sizes = {p: p.stat().st_size for ab in pairs for p in ab}
-    fp = _fingerprint({"source": "pairs_csv", "limit": cfg.data.limit,
-                       "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
-                       "files": sorted([str(p.relative_to(base)) if p.is_relative_to(base) else str(p), s]
-                                       for p, s in sizes.items())})
+    fp = _fingerprint(
+        {
+            "source": "pairs_csv",
+            "limit": cfg.data.limit,
+            "csv": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+            "files": sorted(
+                [str(p.relative_to(base)) if p.is_relative_to(base) else str(p), s] for p, s in sizes.items()
+            ),
+        }
+    )
     tr, te = split_indices(len(pairs), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
     loader = ImageLoader(cfg.image_size, _channels(cfg))
-    return Splits(PairDataset([pairs[i] for i in tr], lab[tr], loader),
-                  PairDataset([pairs[i] for i in te], lab[te], loader), fp, len(classes), classes)
+    return Splits(
+        PairDataset([pairs[i] for i in tr], lab[tr], loader),
+        PairDataset([pairs[i] for i in te], lab[te], loader),
+        fp,
+        len(classes),
+        classes,
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 
 
 class StopRequest:
@@ -94,7 +94,7 @@ class ParentWatch:
     DEATH_SIGNAL = signal.SIGUSR1
 
     def __init__(self) -> None:
-        raw = os.environ.get(seam.ENV_SUPERVISOR_PID)
+        raw = os.environ.get(protocol.ENV_SUPERVISOR_PID)
         self.supervisor = int(raw) if raw and raw.isdigit() else None
         self.initial_parent = os.getppid()
 
@@ -126,9 +126,9 @@ class Heartbeat:
     unless the state changes."""
 
     def __init__(self, output_dir: Path, interval: float, **static: Any) -> None:
-        self.path = seam.heartbeat_path(output_dir)
+        self.path = protocol.heartbeat_path(output_dir)
         self.interval = interval
-        self.fields: dict[str, Any] = {"pid": os.getpid(), "state": seam.HB_STARTING, **static}
+        self.fields: dict[str, Any] = {"pid": os.getpid(), "state": protocol.HB_STARTING, **static}
         self._last_write = 0.0
         self._last_state: str | None = None
 
@@ -141,7 +141,7 @@ class Heartbeat:
         if force or state != self._last_state or now - self._last_write >= self.interval:
             self.fields["time"] = time.time()
             try:
-                seam.atomic_write_json(self.path, self.fields, durable=False)
+                protocol.atomic_write_json(self.path, self.fields, durable=False)
             except OSError:
                 return  # a full disk must not kill training; the next write retries
             self._last_write = now
@@ -149,18 +149,18 @@ class Heartbeat:
 
 
 def attempt() -> int:
-    raw = os.environ.get(seam.ENV_ATTEMPT, "")
+    raw = os.environ.get(protocol.ENV_ATTEMPT, "")
     return int(raw) if raw.isdigit() else 0
 
 
 def exit_report_path(output_dir: Path | None) -> Path | None:
     """``$VIT_EXIT_REPORT`` or ``run/exit_report.json``; under torchrun one file per rank
     (``{rank}`` in the name is replaced, else ``.rankN`` is inserted before ``.json``)."""
-    raw = os.environ.get(seam.ENV_EXIT_REPORT)
+    raw = os.environ.get(protocol.ENV_EXIT_REPORT)
     if raw:
         path = Path(raw)
     elif output_dir is not None:
-        path = seam.exit_report_path(output_dir)
+        path = protocol.exit_report_path(output_dir)
     else:
         return None
     if "{rank}" in path.name:
@@ -170,15 +170,26 @@ def exit_report_path(output_dir: Path | None) -> Path | None:
     return path
 
 
-def write_exit_report(output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None,
-                      **fields: Any) -> int:
+def write_exit_report(
+    output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None, **fields: Any
+) -> int:
     """Write the exit report (best effort) and return the exit code for ``reason``."""
-    code = seam.EXIT_CODES[reason]
+    code = protocol.EXIT_CODES[reason]
     report: dict[str, Any] = {
-        "reason": reason, "exit_code": code, "message": message, "pid": os.getpid(), "attempt": attempt(),
-        "time": time.time(), "exception_type": None, "traceback": [], "emergency_checkpoint": False,
-        "step": None, "max_steps": None, "last_checkpoint": None,
-        "per_device_train_batch_size": None, "gradient_accumulation_steps": None,
+        "reason": reason,
+        "exit_code": code,
+        "message": message,
+        "pid": os.getpid(),
+        "attempt": attempt(),
+        "time": time.time(),
+        "exception_type": None,
+        "traceback": [],
+        "emergency_checkpoint": False,
+        "step": None,
+        "max_steps": None,
+        "last_checkpoint": None,
+        "per_device_train_batch_size": None,
+        "gradient_accumulation_steps": None,
     }
     if exc is not None:
         report["exception_type"] = type(exc).__name__
@@ -190,7 +201,7 @@ def write_exit_report(output_dir: Path | None, reason: str, message: str, *, exc
     target = exit_report_path(output_dir)
     if target is not None:
         try:
-            seam.atomic_write_json(target, report)
+            protocol.atomic_write_json(target, report)
         except OSError as err:
             print(f"vit-train: could not write exit report {target}: {err}", file=sys.stderr)
     return code
@@ -207,7 +218,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "DefaultCPUAllocator: can't allocate memory" in msg
         or "CUDA out of memory" in msg
-        or "out of memory" in msg.lower() and "cuda" in msg.lower()
+        or ("out of memory" in msg.lower() and "cuda" in msg.lower())
     )
 
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import Config
 
 log = logging.getLogger("vit_train")
@@ -34,29 +34,34 @@ def current(cfg: Config, fingerprint: str) -> dict[str, Any]:
 
 
 def path(output_dir: Path) -> Path:
-    return seam.run_dir(output_dir) / seam.GUARD
+    return protocol.run_dir(output_dir) / protocol.GUARD
 
 
 def record(output_dir: Path, cfg: Config, fingerprint: str) -> None:
-    seam.atomic_write_json(path(output_dir), current(cfg, fingerprint))
+    protocol.atomic_write_json(path(output_dir), current(cfg, fingerprint))
 
 
 def check(output_dir: Path, cfg: Config, fingerprint: str) -> None:
     """Raise IncompatibleCheckpoint if a resume would change a critical setting."""
-    old = seam.read_json(path(output_dir))
+    old = protocol.read_json(path(output_dir))
     if old is None:
-        log.warning("No resume guard in %s (run started by an older version?); recording the current settings",
-                    output_dir)
+        log.warning(
+            "No resume guard in %s (run started by an older version?); recording the current settings", output_dir
+        )
         record(output_dir, cfg, fingerprint)
         return
     new = current(cfg, fingerprint)
-    changed = [f"{k}: {old['critical'].get(k)!r} -> {v!r}" for k, v in new["critical"].items()
-               if old.get("critical", {}).get(k) != v]
+    changed = [
+        f"{k}: {old['critical'].get(k)!r} -> {v!r}"
+        for k, v in new["critical"].items()
+        if old.get("critical", {}).get(k) != v
+    ]
     if changed:
         raise IncompatibleCheckpoint(
             f"the checkpoints in {output_dir} were trained with other resume-critical settings ("
             + "; ".join(changed)
-            + "): restore those settings, or use a new training.output_dir")
+            + "): restore those settings, or use a new training.output_dir"
+        )
     for k, v in new["soft"].items():
         was = old.get("soft", {}).get(k)
         if was is not None and was != v and k != "num_train_epochs":

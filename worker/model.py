@@ -41,8 +41,9 @@ class ViTPairForImageClassification(ViTPreTrainedModel):
         self.classifier = nn.Linear(width, config.num_labels)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                **kwargs: object) -> ImageClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object
+    ) -> ImageClassifierOutput:
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(f"expected pixel_values of shape (B, 2, C, H, W), got {tuple(pixel_values.shape)}")
         b = pixel_values.shape[0]
@@ -68,12 +69,20 @@ def build(cfg: Config, class_names: list[str]) -> ViTPreTrainedModel:
     label2id = {n: i for i, n in id2label.items()}
     if cfg.model.model_name == SCRATCH:
         s = cfg.model.scratch
-        vc = ViTConfig(image_size=s.image_size, patch_size=s.patch_size, num_channels=s.num_channels,
-                       hidden_size=s.hidden_size, num_hidden_layers=s.num_hidden_layers,
-                       num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
-                       hidden_dropout_prob=s.hidden_dropout_prob,
-                       attention_probs_dropout_prob=s.attention_probs_dropout_prob,
-                       num_labels=cfg.model.num_labels, id2label=id2label, label2id=label2id)
+        vc = ViTConfig(
+            image_size=s.image_size,
+            patch_size=s.patch_size,
+            num_channels=s.num_channels,
+            hidden_size=s.hidden_size,
+            num_hidden_layers=s.num_hidden_layers,
+            num_attention_heads=s.num_attention_heads,
+            intermediate_size=s.intermediate_size,
+            hidden_dropout_prob=s.hidden_dropout_prob,
+            attention_probs_dropout_prob=s.attention_probs_dropout_prob,
+            num_labels=cfg.model.num_labels,
+            id2label=id2label,
+            label2id=label2id,
+        )
         vc.concat_mode = cfg.model.concat_mode
         return cls(vc)
     vc = ViTConfig.from_pretrained(cfg.model.model_name)

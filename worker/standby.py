@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import Config
 from worker.fault import StopRequest, set_process_name, write_exit_report
 
 log = logging.getLogger("vit_train")
 
-EXIT_STANDBY_STALE = seam.EXIT_STANDBY_STALE
+EXIT_STANDBY_STALE = protocol.EXIT_STANDBY_STALE
 STANDBY_NICE = 10
 
 
@@ -47,7 +47,7 @@ def config_sha(path: str) -> str:
 
 
 def standby_path(output_dir: Path, pid: int | None = None) -> Path:
-    return seam.standby_announcement(output_dir, pid or os.getpid())
+    return protocol.standby_announcement(output_dir, pid or os.getpid())
 
 
 def serve(cfg: Config, stop: StopRequest) -> int:
@@ -64,11 +64,14 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         prepared = prepare(cfg)
     except data_mod.DataError as exc:
         log.error("Standby cannot prepare: %s", exc)
-        return seam.EXIT_USER_ERROR
+        return protocol.EXIT_USER_ERROR
     announce = standby_path(cfg.output_dir)
     info: dict[str, Any] = {
-        "pid": os.getpid(), "ready": True, "config_sha256": config_sha(cfg.source_path),
-        "fingerprint": prepared.splits.fingerprint, "prepared_s": round(time.monotonic() - t0, 3),
+        "pid": os.getpid(),
+        "ready": True,
+        "config_sha256": config_sha(cfg.source_path),
+        "fingerprint": prepared.splits.fingerprint,
+        "prepared_s": round(time.monotonic() - t0, 3),
         "time": time.time(),
     }
     try:
@@ -77,7 +80,7 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         info["rss_bytes"] = psutil.Process().memory_info().rss
     except Exception:
         pass
-    seam.atomic_write_json(announce, info)
+    protocol.atomic_write_json(announce, info)
     log.info("Standby ready in %.2fs (pid %d); waiting for a go", info["prepared_s"], os.getpid())
     try:
         line = _wait_for_go(stop)
@@ -93,19 +96,20 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         go = json.loads(line)
     except ValueError:
         log.error("Standby got a malformed go: %r", line[:200])
-        return seam.EXIT_CRASH
+        return protocol.EXIT_CRASH
     set_process_name("vit-train")
     _apply_go(cfg, go)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:
-        log.warning("Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d",
-                    STANDBY_NICE)
+        log.warning(
+            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
+        )
     fresh = data_mod.build(cfg).fingerprint
     if fresh != prepared.splits.fingerprint:
         msg = f"the data changed since the standby started (fingerprint {prepared.splits.fingerprint} -> {fresh})"
         log.warning("Standby unusable: %s", msg)
-        return write_exit_report(cfg.output_dir, seam.REASON_STANDBY_STALE, msg)
+        return write_exit_report(cfg.output_dir, protocol.REASON_STANDBY_STALE, msg)
     log.info("Standby taking over as attempt %s", go.get("attempt"))
     return run(cfg, resume=bool(go.get("resume", True)), checkpoint=None, stop=stop, prepared=prepared)
 
@@ -134,8 +138,11 @@ def _apply_go(cfg: Config, go: dict[str, Any]) -> None:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if go.get(key):
             setattr(cfg.training, key, int(go[key]))
-    env = {seam.ENV_ATTEMPT: go.get("attempt"), seam.ENV_EXIT_REPORT: go.get("exit_report"),
-           seam.ENV_SUPERVISOR_PID: go.get("supervisor_pid")}
+    env = {
+        protocol.ENV_ATTEMPT: go.get("attempt"),
+        protocol.ENV_EXIT_REPORT: go.get("exit_report"),
+        protocol.ENV_SUPERVISOR_PID: go.get("supervisor_pid"),
+    }
     for k, v in env.items():
         if v is not None:
             os.environ[k] = str(v)

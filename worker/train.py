@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints, set_seed
 
-from supervisor import seam
+from supervisor import protocol
 from supervisor.schema import Config
 from worker import checkpoint as ckpt
 from worker import data as data_mod
@@ -114,8 +114,11 @@ class _IgnoreStopSignals:
 
 
 def snapshot_rng() -> dict[str, Any]:
-    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                              "cpu": torch.random.get_rng_state()}
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.random.get_rng_state()
     return states
@@ -151,9 +154,13 @@ class SupervisedTrainer(Trainer):
         keep = self.args.save_total_limit
         if main:
             needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
-            ctx.disk.ensure(needed, lambda: ckpt.rotation_candidates(out, max(1, keep - 1),
-                                                                     self.state.best_model_checkpoint) if keep else [])
-            ctx.heartbeat.update(state=seam.HB_SAVING, force=True)
+            ctx.disk.ensure(
+                needed,
+                lambda: (
+                    ckpt.rotation_candidates(out, max(1, keep - 1), self.state.best_model_checkpoint) if keep else []
+                ),
+            )
+            ctx.heartbeat.update(state=protocol.HB_SAVING, force=True)
         t0 = time.monotonic()
         staging = ckpt.staging_dir(out, step)
         if main:
@@ -175,8 +182,9 @@ class SupervisedTrainer(Trainer):
             if main:
                 from transformers.trainer_callback import ExportableState
 
-                for cb in [c for c in self.callback_handler.callbacks + [self.control]
-                           if isinstance(c, ExportableState)]:
+                for cb in [
+                    c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
+                ]:
                     name = cb.__class__.__name__
                     if isinstance(self.state.stateful_callbacks.get(name), list):
                         self.state.stateful_callbacks[name].append(cb.state())
@@ -195,9 +203,13 @@ class SupervisedTrainer(Trainer):
             ctx.last_ckpt_bytes = size
             log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
             if keep:
-                rotate_checkpoints(output_dir=str(out), save_total_limit=keep,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-            ctx.heartbeat.update(state=seam.HB_TRAINING, last_checkpoint=str(final), force=True)
+                rotate_checkpoints(
+                    output_dir=str(out),
+                    save_total_limit=keep,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
+            ctx.heartbeat.update(state=protocol.HB_TRAINING, last_checkpoint=str(final), force=True)
         return final
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -230,12 +242,13 @@ class SupervisedTrainer(Trainer):
     # -- evaluation ---------------------------------------------------------------------
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        self.ctx.heartbeat.update(state=seam.HB_EVALUATING, force=True)
+        self.ctx.heartbeat.update(state=protocol.HB_EVALUATING, force=True)
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.ctx.heartbeat.update(state=seam.HB_STOPPING if self.ctx.stop.requested else seam.HB_TRAINING,
-                                      force=True)
+            self.ctx.heartbeat.update(
+                state=protocol.HB_STOPPING if self.ctx.stop.requested else protocol.HB_TRAINING, force=True
+            )
 
 
 class SupervisionCallback(TrainerCallback):
@@ -257,8 +270,13 @@ class SupervisionCallback(TrainerCallback):
             log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
         self.ctx.phase = "boundary"
         self.ctx.rng_at_boundary = snapshot_rng()
-        self.ctx.heartbeat.update(state=seam.HB_TRAINING, global_step=state.global_step, max_steps=state.max_steps,
-                                  epoch=state.epoch, force=True)
+        self.ctx.heartbeat.update(
+            state=protocol.HB_TRAINING,
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=state.epoch,
+            force=True,
+        )
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         self.ctx.phase = "forward"
@@ -289,11 +307,16 @@ class SupervisionCallback(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_save = True  # the last step is always committed
         gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
-        ctx.heartbeat.update(state=seam.HB_STOPPING if ctx.stop.requested else seam.HB_TRAINING,
-                             global_step=state.global_step, max_steps=state.max_steps, **gpu,
-                             epoch=round(state.epoch or 0.0, 4), loss=self._last_loss,
-                             samples_per_s=round(self._rate, 2) if self._rate else None,
-                             force=ctx.stop.requested)
+        ctx.heartbeat.update(
+            state=protocol.HB_STOPPING if ctx.stop.requested else protocol.HB_TRAINING,
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            **gpu,
+            epoch=round(state.epoch or 0.0, 4),
+            loss=self._last_loss,
+            samples_per_s=round(self._rate, 2) if self._rate else None,
+            force=ctx.stop.requested,
+        )
 
     def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         if self.ctx.stop.requested:
@@ -310,13 +333,17 @@ class SupervisionCallback(TrainerCallback):
         if state.is_world_process_zero:
             # Every attempt appends here, steps that a restart redoes included: the run report
             # draws one curve across attempts from it. JSON lines survive a kill mid-write.
-            row = {"time": time.time(), "attempt": int(os.environ.get(seam.ENV_ATTEMPT, "0") or 0),
-                   "step": state.global_step, "epoch": state.epoch,
-                   "per_device_train_batch_size": args.per_device_train_batch_size,
-                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                   **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            row = {
+                "time": time.time(),
+                "attempt": int(os.environ.get(protocol.ENV_ATTEMPT, "0") or 0),
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+            }
             try:
-                with open(seam.run_dir(self.ctx.output_dir) / "metrics.jsonl", "a") as f:
+                with open(protocol.run_dir(self.ctx.output_dir) / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             except OSError:
                 pass
@@ -327,28 +354,50 @@ def compute_metrics(pred: Any) -> dict[str, float]:
 
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
     y = np.argmax(logits, axis=-1)
-    return {"accuracy": float(accuracy_score(pred.label_ids, y)),
-            "f1": float(f1_score(pred.label_ids, y, average="macro"))}
+    return {
+        "accuracy": float(accuracy_score(pred.label_ids, y)),
+        "f1": float(f1_score(pred.label_ids, y, average="macro")),
+    }
 
 
 def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
     t = cfg.training
     warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
     return TrainingArguments(
-        output_dir=str(cfg.output_dir), num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay, warmup_steps=warmup, lr_scheduler_type=t.lr_scheduler_type,
-        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, logging_strategy="steps",
-        eval_strategy=t.eval_strategy, eval_steps=t.eval_steps, save_strategy=t.save_strategy,
-        save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_strategy="steps",
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
         load_best_model_at_end=t.load_best_model_at_end,
         metric_for_best_model=t.metric_for_best_model,
-        greater_is_better=t.greater_is_better, dataloader_num_workers=t.dataloader_num_workers, seed=t.seed,
-        data_seed=t.seed, fp16=t.fp16, bf16=t.bf16, tf32=t.tf32, full_determinism=t.full_determinism,
-        optim=t.optim, report_to=report_to, run_name=cfg.tracking.run_name or cfg.output_dir.name,
-        disable_tqdm=True, remove_unused_columns=False, save_only_model=False,
+        greater_is_better=t.greater_is_better,
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed,
+        data_seed=t.seed,
+        fp16=t.fp16,
+        bf16=t.bf16,
+        tf32=t.tf32,
+        full_determinism=t.full_determinism,
+        optim=t.optim,
+        report_to=report_to,
+        run_name=cfg.tracking.run_name or cfg.output_dir.name,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without a GPU, torchrun ranks train with DDP over gloo (accelerate's MULTI_CPU needs use_cpu).
         use_cpu=not torch.cuda.is_available(),
@@ -358,7 +407,7 @@ def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
 
 def tracker_run_id(output_dir: Path) -> str:
     """One tracker run per output directory, whatever the number of restarts."""
-    p = seam.run_dir(output_dir) / seam.TRACKER_ID
+    p = protocol.run_dir(output_dir) / protocol.TRACKER_ID
     try:
         existing = p.read_text().strip()
     except OSError:
@@ -382,10 +431,18 @@ def init_tracking(cfg: Config, run_id: str) -> None:
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    wandb.init(id=run_id, resume="allow", mode=tr.mode, project=tr.project, entity=tr.entity,
-               name=tr.run_name or cfg.output_dir.name, dir=str(seam.run_dir(cfg.output_dir)),
-               settings=wandb.Settings(x_transaction_log_flush_interval=tr.flush_interval_s, console="off",
-                                       x_disable_stats=True))
+    wandb.init(
+        id=run_id,
+        resume="allow",
+        mode=tr.mode,
+        project=tr.project,
+        entity=tr.entity,
+        name=tr.run_name or cfg.output_dir.name,
+        dir=str(protocol.run_dir(cfg.output_dir)),
+        settings=wandb.Settings(
+            x_transaction_log_flush_interval=tr.flush_interval_s, console="off", x_disable_stats=True
+        ),
+    )
 
 
 def finish_tracking(code: int) -> None:
@@ -406,15 +463,19 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
     ctx = trainer.ctx
     step = trainer.state.global_step
     if trainer.args.world_size > 1:
-        log.warning("No emergency checkpoint: with several ranks the others may be inside a collective, "
-                    "so a coordinated save cannot be made; the newest committed checkpoint stands")
+        log.warning(
+            "No emergency checkpoint: with several ranks the others may be inside a collective, "
+            "so a coordinated save cannot be made; the newest committed checkpoint stands"
+        )
         return None
     if step <= 0 or trainer.optimizer is None:
         log.warning("No emergency checkpoint: no optimizer step had completed")
         return None
     if ctx.phase not in ("forward", "boundary"):
-        log.warning("No emergency checkpoint: the OOM hit inside the optimizer step, so the weights are "
-                    "half-updated; the newest committed checkpoint stands")
+        log.warning(
+            "No emergency checkpoint: the OOM hit inside the optimizer step, so the weights are "
+            "half-updated; the newest committed checkpoint stands"
+        )
         return None
     if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
         return ctx.last_checkpoint
@@ -449,8 +510,9 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(splits=splits, model=model_mod.build(cfg, splits.class_names))
 
 
-def choose_checkpoint(cfg: Config, fingerprint: str, *, resume: bool,
-                      checkpoint: Path | None) -> tuple[Path | None, str | None, str]:
+def choose_checkpoint(
+    cfg: Config, fingerprint: str, *, resume: bool, checkpoint: Path | None
+) -> tuple[Path | None, str | None, str]:
     """Which checkpoint to resume, after validation and the resume guard (rank 0 only).
 
     Returns (checkpoint or None, error reason or None, message).
@@ -461,7 +523,7 @@ def choose_checkpoint(cfg: Config, fingerprint: str, *, resume: bool,
         try:
             ckpt.validate(checkpoint)
         except ckpt.CheckpointInvalid as exc:
-            return None, seam.REASON_CONFIG_ERROR, f"checkpoint {checkpoint} is not usable: {exc}"
+            return None, protocol.REASON_CONFIG_ERROR, f"checkpoint {checkpoint} is not usable: {exc}"
         target = checkpoint
         log.info("Training will resume from checkpoint: %s", target)
     else:
@@ -476,41 +538,59 @@ def choose_checkpoint(cfg: Config, fingerprint: str, *, resume: bool,
         else:
             guard.record(out, cfg, fingerprint)
     except guard.IncompatibleCheckpoint as exc:
-        return None, seam.REASON_INCOMPATIBLE, str(exc)
+        return None, protocol.REASON_INCOMPATIBLE, str(exc)
     return target, None, ""
 
 
-def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest,
-        prepared: Prepared | None = None) -> int:
+def run(
+    cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest, prepared: Prepared | None = None
+) -> int:
     """Train to the end or to a stop; return the exit code (the exit report is written)."""
     out = cfg.output_dir
     main = fault_rank() == 0
     out.mkdir(parents=True, exist_ok=True)
-    seam.run_dir(out).mkdir(exist_ok=True)
+    protocol.run_dir(out).mkdir(exist_ok=True)
     parent = ParentWatch()
     parent.arm()
     t = cfg.training
-    hb = Heartbeat(out, cfg.supervisor.heartbeat_interval_s, attempt=int(os.environ.get(seam.ENV_ATTEMPT, "0") or 0),
-                   per_device_train_batch_size=t.per_device_train_batch_size,
-                   gradient_accumulation_steps=t.gradient_accumulation_steps, global_step=0, max_steps=None,
-                   last_checkpoint=None, world_size=fault_world_size())
+    hb = Heartbeat(
+        out,
+        cfg.supervisor.heartbeat_interval_s,
+        attempt=int(os.environ.get(protocol.ENV_ATTEMPT, "0") or 0),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        global_step=0,
+        max_steps=None,
+        last_checkpoint=None,
+        world_size=fault_world_size(),
+    )
     hb.update(force=True)
-    disk = DiskGuard(out, int(cfg.disk.reserve_mb * 2**20), cfg.disk.on_low, cfg.disk.recheck_s,
-                     stop_requested=lambda: stop.requested or parent.parent_gone(),
-                     on_wait=lambda need, free: hb.update(state=seam.HB_WAITING_FOR_DISK, disk_needed_bytes=need,
-                                                          disk_free_bytes=free, force=True))
+    disk = DiskGuard(
+        out,
+        int(cfg.disk.reserve_mb * 2**20),
+        cfg.disk.on_low,
+        cfg.disk.recheck_s,
+        stop_requested=lambda: stop.requested or parent.parent_gone(),
+        on_wait=lambda need, free: hb.update(
+            state=protocol.HB_WAITING_FOR_DISK, disk_needed_bytes=need, disk_free_bytes=free, force=True
+        ),
+    )
     ctx = RunContext(cfg=cfg, output_dir=out, stop=stop, parent=parent, heartbeat=hb, disk=disk)
 
     def report(reason: str, message: str, exc: BaseException | None = None, **extra: Any) -> int:
-        fields = dict(step=None, last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
-                      per_device_train_batch_size=t.per_device_train_batch_size,
-                      gradient_accumulation_steps=t.gradient_accumulation_steps,
-                      tracker_run_id=ctx.tracker_run_id,
-                      gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                      checkpoint_bytes=ctx.last_ckpt_bytes, save_seconds=ctx.save_seconds)
+        fields = dict(
+            step=None,
+            last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            tracker_run_id=ctx.tracker_run_id,
+            gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            checkpoint_bytes=ctx.last_ckpt_bytes,
+            save_seconds=ctx.save_seconds,
+        )
         fields.update(extra)
         code = write_exit_report(out, reason, message, exc=exc, **fields)
-        hb.update(state=seam.HB_EXITED, reason=reason, force=True)
+        hb.update(state=protocol.HB_EXITED, reason=reason, force=True)
         return code
 
     if main:
@@ -519,15 +599,16 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
         prepared = prepared or prepare(cfg)
     except data_mod.DataError as exc:
         log.error("%s", exc)
-        return report(seam.REASON_DATA_ERROR, str(exc))
+        return report(protocol.REASON_DATA_ERROR, str(exc))
     tracking_on = cfg.tracking.backend == "wandb" and cfg.tracking.mode != "disabled"
     # Under torchrun this also joins the process group.
     args = training_arguments(cfg, ["wandb"] if tracking_on and main else [])
 
     decision: tuple[str | None, str | None, str] = (None, None, "")
     if main:
-        target, reason, message = choose_checkpoint(cfg, prepared.splits.fingerprint, resume=resume,
-                                                    checkpoint=checkpoint)
+        target, reason, message = choose_checkpoint(
+            cfg, prepared.splits.fingerprint, resume=resume, checkpoint=checkpoint
+        )
         decision = (str(target) if target else None, reason, message)
     target_s, reason, message = broadcast_from_main(decision)
     if reason is not None:
@@ -546,49 +627,82 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
             init_tracking(cfg, ctx.tracker_run_id)
             stop.install()  # again: wandb.init may have installed handlers of its own
 
-    trainer = SupervisedTrainer(model=prepared.model, args=args, train_dataset=prepared.splits.train,
-                                eval_dataset=prepared.splits.eval, compute_metrics=compute_metrics,
-                                callbacks=[SupervisionCallback(ctx)], ctx=ctx)
+    trainer = SupervisedTrainer(
+        model=prepared.model,
+        args=args,
+        train_dataset=prepared.splits.train,
+        eval_dataset=prepared.splits.eval,
+        compute_metrics=compute_metrics,
+        callbacks=[SupervisionCallback(ctx)],
+        ctx=ctx,
+    )
     oom_info: tuple[str, str, list[str]] | None = None
     try:
         trainer.train(resume_from_checkpoint=str(target) if target else None)
     except ckpt.CheckpointInvalid as exc:
         log.error("%s", exc)
-        code = report(seam.REASON_INCOMPATIBLE, str(exc))
+        code = report(protocol.REASON_INCOMPATIBLE, str(exc))
         finish_tracking(code)
         return code
     except DiskLow as exc:
         log.error("Stopping: %s", exc)
-        code = report(seam.REASON_DISK_LOW, str(exc), step=trainer.state.global_step,
-                      max_steps=trainer.state.max_steps, disk_needed_bytes=exc.needed, disk_free_bytes=exc.free)
+        code = report(
+            protocol.REASON_DISK_LOW,
+            str(exc),
+            step=trainer.state.global_step,
+            max_steps=trainer.state.max_steps,
+            disk_needed_bytes=exc.needed,
+            disk_free_bytes=exc.free,
+        )
         finish_tracking(code)
         return code
     except StoppedWhileWaiting as exc:
         log.warning("%s", exc)
-        code = report(seam.REASON_INTERRUPTED, str(exc), step=trainer.state.global_step,
-                      max_steps=trainer.state.max_steps)
+        code = report(
+            protocol.REASON_INTERRUPTED, str(exc), step=trainer.state.global_step, max_steps=trainer.state.max_steps
+        )
         finish_tracking(code)
         return code
     except BaseException as exc:
         if not is_oom(exc):
             log.exception("Training crashed at step %d", trainer.state.global_step)
-            code = report(seam.REASON_CRASH, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                          exc=exc, step=trainer.state.global_step, max_steps=trainer.state.max_steps)
+            code = report(
+                protocol.REASON_CRASH,
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                exc=exc,
+                step=trainer.state.global_step,
+                max_steps=trainer.state.max_steps,
+            )
             finish_tracking(code)
             return code
         import traceback
 
-        oom_info = (type(exc).__name__, str(exc).splitlines()[0][:500],
-                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).splitlines()[-12:])
+        oom_info = (
+            type(exc).__name__,
+            str(exc).splitlines()[0][:500],
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).splitlines()[-12:],
+        )
         del exc
     if oom_info is not None:
         kind, msg, tb = oom_info
-        log.error("Out of memory at step %d with per-device batch %d x accumulation %d: %s",
-                  trainer.state.global_step, t.per_device_train_batch_size, t.gradient_accumulation_steps, msg)
+        log.error(
+            "Out of memory at step %d with per-device batch %d x accumulation %d: %s",
+            trainer.state.global_step,
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            msg,
+        )
         saved = emergency_checkpoint(trainer)
-        code = report(seam.REASON_OOM, f"{kind}: {msg}", step=trainer.state.global_step,
-                      max_steps=trainer.state.max_steps, exception_type=kind, traceback=tb,
-                      emergency_checkpoint=saved is not None, phase=ctx.phase)
+        code = report(
+            protocol.REASON_OOM,
+            f"{kind}: {msg}",
+            step=trainer.state.global_step,
+            max_steps=trainer.state.max_steps,
+            exception_type=kind,
+            traceback=tb,
+            emergency_checkpoint=saved is not None,
+            phase=ctx.phase,
+        )
         finish_tracking(code)
         return code
 
@@ -607,16 +721,27 @@ def run(cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest
             if final.exists():
                 ckpt.set_aside(final, "replaced by the model of a later completed run")
             os.rename(staging, final)
-        log.info("Training complete: step %d/%d, %s; final model in %s", state.global_step, state.max_steps,
-                 {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, final)
-        code = report(seam.REASON_COMPLETED, f"completed {state.global_step} steps", step=state.global_step,
-                      max_steps=state.max_steps, metrics=metrics)
+        log.info(
+            "Training complete: step %d/%d, %s; final model in %s",
+            state.global_step,
+            state.max_steps,
+            {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+            final,
+        )
+        code = report(
+            protocol.REASON_COMPLETED,
+            f"completed {state.global_step} steps",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            metrics=metrics,
+        )
         finish_tracking(code)
         return code
     # train() returns normally after a requested stop: the step count, not the return, decides.
     latency = time.monotonic() - stop.received_at if stop.received_at else None
     msg = f"{stop.describe() if stop.requested else 'training stopped early'}; checkpoint {ctx.last_checkpoint}"
-    code = report(seam.REASON_INTERRUPTED, msg, step=state.global_step, max_steps=state.max_steps,
-                  stop_to_exit_s=latency)
+    code = report(
+        protocol.REASON_INTERRUPTED, msg, step=state.global_step, max_steps=state.max_steps, stop_to_exit_s=latency
+    )
     finish_tracking(code)
     return code

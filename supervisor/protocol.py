@@ -1,4 +1,4 @@
-"""The seam between supervisor and worker: files, exit codes, environment.
+"""The protocol between supervisor and worker: files, exit codes, environment.
 
 Both sides import this module; it imports only the standard library.
 
@@ -99,7 +99,7 @@ ENV_EXIT_REPORT = "VIT_EXIT_REPORT"
 
 
 def run_dir(output_dir: str | os.PathLike[str]) -> Path:
-    """The folder inside the output directory that holds the seam's files."""
+    """The folder inside the output directory that holds the protocol's files."""
     return Path(output_dir) / RUN_SUBDIR
 
 
@@ -151,8 +151,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, durable: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                       durable=durable)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable=durable)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -204,7 +203,7 @@ def newest_checkpoint_step(output_dir: str | os.PathLike[str]) -> int:
     try:
         for entry in os.scandir(output_dir):
             if entry.name.startswith("checkpoint-") and entry.is_dir():
-                tail = entry.name[len("checkpoint-"):]
+                tail = entry.name[len("checkpoint-") :]
                 if tail.isdigit():
                     best = max(best, int(tail))
     except OSError:

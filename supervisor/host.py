@@ -1,6 +1,6 @@
-"""The supervisor's only door to the operating system: processes, signals, clock, disk, wake-ups.
+"""The supervisor's view of the host: processes, signals, clock, disk, wake-ups.
 
-:class:`RealOS` is the production object; tests/test_state_machine.py drives
+:class:`RealHost` is the production object; tests/test_state_machine.py drives
 the state machine with a fake of the same shape (fake clock, fake children).
 
 Waiting is event driven, never a busy poll: one self-pipe wakes the main loop.
@@ -26,27 +26,32 @@ from typing import Protocol
 import psutil
 
 
-class OS(Protocol):
+class Host(Protocol):
     """What the state machine needs from the operating system."""
 
     def monotonic(self) -> float: ...
     def time(self) -> float: ...
     def wait(self, timeout: float) -> None:
         """Sleep until something may have happened (child exit, file change, signal) or ``timeout``."""
+
     def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
         """Start a child in its own session, output to ``log_path``; return (pid, create_time)."""
+
     def exit_status(self, pid: int) -> int | None:
         """The child's return code once it has exited, else None (never blocks)."""
+
     def kill(self, pid: int, sig: int, *, group: bool = False) -> bool:
         """Send a signal; False if the process is already gone."""
+
     def alive(self, pid: int, create_time: float | None) -> bool:
         """Whether ``pid`` is still the process that started at ``create_time`` (any parent)."""
+
     def free_disk(self, path: Path) -> int: ...
     def oom_kills(self) -> int:
         """Kernel plus cgroup OOM-kill counters (only their movement matters)."""
 
 
-class RealOS:
+class RealHost:
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -95,15 +100,23 @@ class RealOS:
 
     # ------------------------------------------------------------------ children
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, *,
-              stdin_pipe: bool = False) -> tuple[int, float]:
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, *, stdin_pipe: bool = False
+    ) -> tuple[int, float]:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             # Own session: a terminal's Ctrl+C reaches only the supervisor, which decides what the
             # worker gets. Spawned from the main thread on purpose: PR_SET_PDEATHSIG in the worker
             # fires when the *thread* that forked it exits, not only the process.
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
         try:
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
