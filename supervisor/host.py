@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import psutil
 
@@ -298,3 +298,36 @@ def self_create_time() -> float:
 
 def install_signal_wakeup(fd: int) -> None:
     signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+
+
+T = TypeVar("T")
+
+
+def poll_until(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    progress: Callable[[], object] | None = None,
+) -> T | None:
+    """Call ``predicate`` until it returns something truthy (returned) or the deadline passes (None).
+
+    With ``progress``, the deadline is a *stall* limit: it restarts whenever
+    ``progress()`` returns a value it has not returned before (a step count, a
+    state), so a slow but working machine is waited for and a stuck one is not.
+    For waits in the CLI, tests and benchmarks; the daemon's own loop never polls.
+    """
+    deadline = time.monotonic() + timeout
+    seen = progress() if progress is not None else None
+    while True:
+        value = predicate()
+        if value:
+            return value
+        now = time.monotonic()
+        if progress is not None:
+            current = progress()
+            if current != seen:
+                seen, deadline = current, now + timeout
+        if now >= deadline:
+            return None
+        time.sleep(interval)
