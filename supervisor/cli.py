@@ -5,10 +5,16 @@
     vit-supervisor stop [CONFIG | --run-dir DIR] [--force]
     vit-supervisor report [CONFIG | --run-dir DIR]   # run/report.png and run/report.html
 
-Exit codes. start: 0 completed or stopped, 2 bad config, 3 failed (gave up or
-non-retryable worker error), 4 another supervisor runs this directory.
+Exit codes. start: 0 completed or stopped, 1 could not begin (e.g. no disk
+space for the lock file), 2 bad config, 3 failed (gave up, non-retryable
+worker error, output directory deleted under the run), 4 another supervisor
+or vit-train runs this directory (also after it was deleted and recreated).
 status: 0 running, 3 not running (stopped, completed, failed, supervisor dead),
 4 unknown. stop: 0 stopped (or was not running), 1 did not stop in time.
+
+Signals to a running supervisor: SIGTERM, SIGINT and SIGQUIT ask for a graceful
+stop (the worker checkpoints; the same signal again kills it); SIGUSR1 and
+SIGUSR2 log one status line; SIGHUP is logged and ignored.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from supervisor import protocol
+from supervisor import protocol, record, runlock
+from supervisor.host import is_supervisor_process, poll_until
+from supervisor.record import RunRecord
 from supervisor.schema import Config, ConfigError, load_config
+from supervisor.states import FINAL_STATES, State
 
 ENV_LOG_FILE = "VIT_SUPERVISOR_LOG_FILE"  # set by --detach for its child: where its own log goes
 
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"vit-supervisor: error: {exc}", file=sys.stderr)
-        return args.config_error_code
+        return int(args.config_error_code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +103,7 @@ def _node_rank(args: argparse.Namespace) -> int:
 
 def _output_dir(args: argparse.Namespace) -> Path | None:
     if args.run_dir is not None:
-        return args.run_dir.resolve()
+        return Path(args.run_dir).resolve()
     if args.config:
         return Path(load_config(args.config, check_paths=False).training.output_dir)
     return None
@@ -115,15 +122,23 @@ def cmd_start(args: argparse.Namespace) -> int:
     return daemon.serve(cfg, log_path=os.environ.get(ENV_LOG_FILE))
 
 
+_DETACH_DONE = frozenset({State.RUNNING, State.WAITING} | FINAL_STATES)
+"""--detach returns once the detached supervisor reaches one of these."""
+
+
 def _start_detached(cfg: Config, timeout: float) -> int:
     from supervisor import daemon
 
     run_dir = protocol.supervisor_dir(cfg.training.output_dir, cfg.node_rank)
     try:
-        os.close(daemon.acquire_lock(run_dir))  # refuse here, with the pid, rather than in a log file
-    except daemon.LockHeld as exc:
+        # Refuse here, with the pid, rather than in a log file; the child takes it for good.
+        runlock.acquire(cfg.training.output_dir, "run", cfg.node_rank).release()
+    except runlock.LockHeld as exc:
         print(f"vit-supervisor: {exc}", file=sys.stderr)
         return daemon.SUPERVISOR_LOCKED
+    except OSError as exc:
+        print(f"vit-supervisor: error: cannot take the run lock in {cfg.training.output_dir}: {exc}", file=sys.stderr)
+        return daemon.SUPERVISOR_ERROR
     log_path = run_dir / protocol.LOGS_SUBDIR / "supervisor.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **{ENV_LOG_FILE: str(log_path)})
@@ -138,23 +153,26 @@ def _start_detached(cfg: Config, timeout: float) -> int:
             env=env,
             cwd="/",
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def settled() -> RunRecord | tuple[int] | None:
+        rec = record.load(cfg.training.output_dir, cfg.node_rank)
+        if rec is not None and rec.supervisor_pid == child.pid and _state(rec) in _DETACH_DONE:
+            return rec
         code = child.poll()
-        state = protocol.read_json(protocol.state_path(cfg.training.output_dir, cfg.node_rank)) or {}
-        mine = state.get("supervisor_pid") == child.pid
-        if mine and state.get("state") in ("running", "waiting", "completed", "stopped", "failed"):
-            worker = f", worker pid {state['worker_pid']}" if state.get("worker_pid") else ""
-            print(
-                f"vit-supervisor: {state['state']} (supervisor pid {child.pid}{worker})\n"
-                f"  logs:   {log_path} and {run_dir / protocol.LOGS_SUBDIR}/attempt-N.log\n"
-                f"  status: vit-supervisor status {cfg.source_path}"
-            )
-            return 3 if state["state"] == "failed" else 0
-        if code is not None:
-            print(f"vit-supervisor: the detached supervisor exited with code {code}; see {log_path}", file=sys.stderr)
-            return code or 1
-        time.sleep(0.1)
+        return None if code is None else (code,)  # a tuple: exit code 0 must count as an answer
+
+    got = poll_until(settled, timeout, interval=0.1)
+    if isinstance(got, RunRecord):
+        worker = f", worker pid {got.worker_pid}" if got.worker_pid else ""
+        print(
+            f"vit-supervisor: {got.state} (supervisor pid {child.pid}{worker})\n"
+            f"  logs:   {log_path} and {run_dir / protocol.LOGS_SUBDIR}/attempt-N.log\n"
+            f"  status: vit-supervisor status {cfg.source_path}"
+        )
+        return daemon.SUPERVISOR_FAILED if _state(got) == State.FAILED else 0
+    if isinstance(got, tuple):
+        print(f"vit-supervisor: the detached supervisor exited with code {got[0]}; see {log_path}", file=sys.stderr)
+        return got[0] or 1
     print(
         f"vit-supervisor: no worker running after {timeout:.0f}s; the supervisor (pid {child.pid}) carries on, "
         f"see {log_path}",
@@ -173,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if out is not None:
         v = status.view(out, _node_rank(args))
         print(json.dumps(v, indent=2, default=str) if args.json else status.render(v))
-        return v["status_code"]
+        return int(v["status_code"])
     runs = status.registered_runs()
     views = [status.view(Path(r["output_dir"])) for r in runs]
     if args.json:
@@ -193,31 +211,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     import psutil
 
-    from supervisor import status
-
     out = _output_dir(args)
     if out is None:
         print("vit-supervisor: error: stop needs CONFIG or --run-dir DIR", file=sys.stderr)
         return 2
     node = _node_rank(args)
-    state = protocol.read_json(protocol.state_path(out, node))
-    if state is None:
+    rec = record.load(out, node)
+    if rec is None:
         print(f"vit-supervisor: no run in {out}")
         return 0
-    pid = state.get("supervisor_pid")
-    if not status.supervisor_alive(pid, state.get("supervisor_create_time")):
-        print(f"vit-supervisor: not running (state {state.get('state')})")
+    pid = rec.supervisor_pid
+    # Never signal a pid the state file names unless it is provably that supervisor (pid reuse).
+    if pid is None or not is_supervisor_process(pid, rec.supervisor_create_time):
+        print(f"vit-supervisor: not running (state {rec.state})")
         return 0
-    grace = _grace(state)
-    timeout = args.timeout if args.timeout is not None else grace + 30
-    os.kill(pid, signal.SIGTERM)
-    if args.force:
-        # The second signal is what forces; wait until the first was taken, or the two would merge.
-        _wait(lambda: (protocol.read_json(protocol.state_path(out, node)) or {}).get("state") != "running", 5.0)
-        try:
+    timeout = args.timeout if args.timeout is not None else _grace(rec) + 30
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if args.force:
+            # The second signal is what forces; wait until the first was taken, or the two would merge.
+            poll_until(lambda: _state(record.load(out, node)) not in (State.RUNNING, None), 5.0)
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    except ProcessLookupError:
+        pass
     print(f"vit-supervisor: stop sent to supervisor pid {pid}; waiting for the worker's checkpoint", flush=True)
     try:
         psutil.Process(pid).wait(timeout)
@@ -226,30 +242,29 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except psutil.TimeoutExpired:
         print(f"vit-supervisor: still stopping after {timeout:.0f}s (use --force to kill the worker)", file=sys.stderr)
         return 1
-    final: dict[str, Any] = protocol.read_json(protocol.state_path(out, node)) or {}
-    step = (protocol.read_json(protocol.heartbeat_path(out)) or {}).get("global_step")
+    final = record.load(out, node)
+    hb = protocol.read_record(protocol.Heartbeat, protocol.heartbeat_path(out))
     ckpt = protocol.newest_checkpoint_step(out)
     print(
-        f"vit-supervisor: {final.get('state')} at step {step}"
+        f"vit-supervisor: {final.state if final else None} at step {hb.global_step if hb else None}"
         + (f"; newest checkpoint {out / f'checkpoint-{ckpt}'}" if ckpt >= 0 else "")
     )
-    return 0 if final.get("state") in ("stopped", "completed") else 1
+    return 0 if _state(final) in (State.STOPPED, State.COMPLETED) else 1
 
 
-def _grace(state: dict[str, Any]) -> float:
+def _state(rec: RunRecord | None) -> State | None:
+    """The record's state as a :class:`State`; None for no record or a name no supervisor writes."""
     try:
-        return load_config(state["config"], check_paths=False).supervisor.term_grace_s
-    except (ConfigError, KeyError, TypeError):
+        return State(rec.state) if rec is not None and rec.state is not None else None
+    except ValueError:
+        return None
+
+
+def _grace(rec: RunRecord) -> float:
+    try:
+        return load_config(rec.config, check_paths=False).supervisor.term_grace_s if rec.config else 60.0
+    except (ConfigError, OSError, ValueError, TypeError):
         return 60.0
-
-
-def _wait(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,7 +1,10 @@
 """The supervisor's view of the host: processes, signals, clock, disk, wake-ups.
 
 :class:`RealHost` is the production object; tests/test_state_machine.py drives
-the state machine with a fake of the same shape (fake clock, fake children).
+the state machine with a fake of the same shape (fake clock, fake children,
+the standby's stdin included). The run directory's files are not behind this
+seam: the daemon reads and writes them directly (tests use real files in
+``tmp_path``).
 
 Waiting is event driven, never a busy poll: one self-pipe wakes the main loop.
 Writers are a thread blocked in ``Popen.wait`` per child (exit), watchdog's
@@ -12,6 +15,7 @@ next deadline (hang check, backoff, escalation, systemd watchdog ping).
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import shutil
@@ -21,21 +25,30 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psutil
 
 
 class Host(Protocol):
-    """What the state machine needs from the operating system."""
+    """What the state machine needs from the operating system (every use the daemon makes)."""
 
     def monotonic(self) -> float: ...
     def time(self) -> float: ...
     def wait(self, timeout: float) -> None:
         """Sleep until something may have happened (child exit, file change, signal) or ``timeout``."""
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
-        """Start a child in its own session, output to ``log_path``; return (pid, create_time)."""
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, *, stdin_pipe: bool = False
+    ) -> tuple[int, float]:
+        """Start a child in its own session, output to ``log_path``; return (pid, create_time).
+
+        ``stdin_pipe``: keep a pipe to its stdin for one :meth:`send_line` (a standby's go)."""
+
+    def send_line(self, pid: int, line: str | None) -> bool:
+        """Write one line to the child's stdin and close it (None: only close, i.e. EOF).
+
+        False if the child is gone, has no pipe, or ``line`` is None."""
 
     def exit_status(self, pid: int) -> int | None:
         """The child's return code once it has exited, else None (never blocks)."""
@@ -46,9 +59,16 @@ class Host(Protocol):
     def alive(self, pid: int, create_time: float | None) -> bool:
         """Whether ``pid`` is still the process that started at ``create_time`` (any parent)."""
 
+    def is_worker(self, pid: int, create_time: float | None) -> bool:
+        """Whether ``pid`` is provably a training worker we may signal: alive, started at
+        ``create_time`` (required), and running ``-m worker`` or ``vit-train``."""
+
     def free_disk(self, path: Path) -> int: ...
     def oom_kills(self) -> int:
         """Kernel plus cgroup OOM-kill counters (only their movement matters)."""
+
+    def dir_identity(self, path: Path) -> tuple[int, int] | None:
+        """(device, inode) of a directory, None if missing: tells a deleted-and-recreated one apart."""
 
 
 class RealHost:
@@ -183,13 +203,10 @@ class RealHost:
         return True
 
     def alive(self, pid: int, create_time: float | None) -> bool:
-        try:
-            proc = psutil.Process(pid)
-            if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
-                return False  # the pid was reused by another process
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return process_alive(pid, create_time)
+
+    def is_worker(self, pid: int, create_time: float | None) -> bool:
+        return is_worker_process(pid, create_time)
 
     # ------------------------------------------------------------------ resources
 
@@ -199,6 +216,73 @@ class RealHost:
 
     def oom_kills(self) -> int:
         return oom_kill_count()
+
+    def dir_identity(self, path: Path) -> tuple[int, int] | None:
+        return dir_identity(path)
+
+
+_CREATE_TIME_SLACK_S = 1.0  # psutil's create time is derived from boot time and clock ticks
+
+
+def process_alive(pid: object, create_time: object) -> bool:
+    """Whether ``pid`` is a live process that started at ``create_time`` (None: any start time).
+
+    The one identity check for state-file pids (the daemon's orphan, ``status``'s supervisor):
+    a pid alone may have been reused by an unrelated process since it was written."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if (
+            isinstance(create_time, (int, float))
+            and not isinstance(create_time, bool)
+            and not abs(proc.create_time() - create_time) <= _CREATE_TIME_SLACK_S  # NaN: not equal either
+        ):
+            return False
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.Error, OverflowError, ValueError):
+        return False
+
+
+def is_worker_process(pid: object, create_time: object) -> bool:
+    """Whether ``pid`` is provably one of our training workers (never signal one that is not).
+
+    Needs the create time (a bare pid proves nothing) and a command line that runs the
+    worker: ``-m worker`` (also under torchrun) or the ``vit-train`` entry point."""
+    if not isinstance(create_time, (int, float)) or not process_alive(pid, create_time):
+        return False
+    assert isinstance(pid, int)  # process_alive checked it
+    try:
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+        name = proc.name()
+    except psutil.Error:
+        return False
+    runs_module = any(a == "-m" and b == "worker" for a, b in itertools.pairwise(cmdline))
+    entry_point = any(Path(a).name == "vit-train" for a in cmdline[:2])
+    return runs_module or entry_point or name == "vit-train"
+
+
+def is_supervisor_process(pid: object, create_time: object) -> bool:
+    """Whether ``pid`` is provably a live ``vit-supervisor`` (what ``stop`` may signal)."""
+    if not isinstance(create_time, (int, float)) or not process_alive(pid, create_time):
+        return False
+    assert isinstance(pid, int)  # process_alive checked it
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    module = any(a == "-m" and b.startswith("supervisor") for a, b in itertools.pairwise(cmdline))
+    return module or any(Path(a).name == "vit-supervisor" for a in cmdline[:2])
+
+
+def dir_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a directory; None if it is missing. A new directory at the same path differs."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def oom_kill_count() -> int:
@@ -256,7 +340,7 @@ class RunDirWatch:
     def __init__(self, output_dir: Path, wake: Callable[[], None]) -> None:
         self.output_dir = output_dir
         self.wake = wake
-        self.observer = None
+        self.observer: Any = None
 
     def start(self) -> bool:
         try:

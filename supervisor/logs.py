@@ -32,4 +32,5 @@ def setup(stream: TextIO | None = None, *, json: bool | None = None, level: int 
 
 
 def get(name: str = "vit-supervisor") -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

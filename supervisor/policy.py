@@ -16,7 +16,18 @@ from supervisor.schema import SupervisorConfig
 
 # ----------------------------------------------------------------------------- classifying an exit
 
-Kind = Literal["completed", "stopped", "oom", "host_oom", "disk_low", "user_error", "crash", "hang", "external_signal"]
+Kind = Literal[
+    "completed",
+    "stopped",
+    "oom",
+    "host_oom",
+    "disk_low",
+    "user_error",
+    "crash",
+    "hang",
+    "external_signal",
+    "standby_stale",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,8 @@ class ExitInfo:
     """The supervisor killed this worker because it hung."""
     host_oom: bool = False
     """The kernel or cgroup OOM-kill counter moved while this worker ran."""
+    max_steps: int | None = None
+    """The run's step count from this worker's heartbeat (the report's own wins)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | No
     if missing:
         # A rank that wrote nothing was killed by a signal (SIGKILL, the kernel's OOM killer, a
         # segfault); the others only saw their peer vanish.
-        steps = [rep.get("step") for rep in got.values() if isinstance(rep.get("step"), int)]
+        steps: list[int] = [rep["step"] for rep in got.values() if isinstance(rep.get("step"), int)]
         return {
             "reason": protocol.REASON_CRASH,
             "exit_code": protocol.EXIT_CRASH,
@@ -123,8 +136,17 @@ def classify(info: ExitInfo) -> Outcome:
             return Outcome("hang", f"hung worker was killed ({how})", described)
         return Outcome("external_signal", f"worker stopped by a signal the supervisor did not send ({how})", described)
 
+    if reason == protocol.REASON_STANDBY_STALE or (reason is None and rc == protocol.EXIT_STANDBY_STALE):
+        return Outcome("standby_stale", message or "the standby found its prepared state out of date", described)
     if reason == protocol.REASON_COMPLETED or (reason is None and rc == protocol.EXIT_COMPLETED):
-        return Outcome("completed", message or "training completed", described)
+        done = _completed_steps(report, info.max_steps)
+        if done is not None:
+            return Outcome("completed", message or f"training completed ({done})", described)
+        # The step count, not the exit code, says a run is done: a standby told to stop before it
+        # trained, or a worker that returned early, exits 0 without reaching max_steps.
+        if info.stop_sent:
+            return Outcome("stopped", f"stopped on request ({described} before the last step)", described)
+        return Outcome("crash", f"worker exited ({described}) without a completed report at its last step", described)
     if reason == protocol.REASON_INTERRUPTED or (
         reason is None and (sig in _STOP_SIGNALS or rc == protocol.EXIT_INTERRUPTED)
     ):
@@ -145,6 +167,22 @@ def classify(info: ExitInfo) -> Outcome:
     if message:
         return Outcome("crash", message, described)
     return Outcome("crash", f"worker {described} without an exit report", described)
+
+
+def _completed_steps(report: dict[str, Any], hb_max_steps: int | None) -> str | None:
+    """'step N of M' when a completed report's step reached the run's step count, else None."""
+    if report.get("reason") != protocol.REASON_COMPLETED:
+        return None
+    step, total = report.get("step"), report.get("max_steps")
+    if not _is_int(total):
+        total = hb_max_steps
+    if isinstance(step, int) and isinstance(total, int) and _is_int(step) and step >= total:
+        return f"step {step} of {total}"
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ----------------------------------------------------------------------------- OOM: lower the batch
@@ -206,7 +244,7 @@ def backoff_delay(failures: int, cfg: SupervisorConfig) -> float:
     return min(delay, cfg.backoff_max_s)
 
 
-Action = Literal["complete", "stop", "restart", "wait_disk", "fail"]
+Action = Literal["complete", "stop", "restart", "replace_standby", "wait_disk", "fail"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +255,8 @@ class Decision:
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
     failures_without_progress: int = 0
+    disk_needed_bytes: int | None = None
+    """With ``wait_disk``: free bytes one checkpoint needs (the worker measured it), if known."""
 
 
 def decide(
@@ -228,12 +268,14 @@ def decide(
     accum: int,
     cfg: SupervisorConfig,
     stop_requested: bool = False,
+    disk_needed_bytes: int | None = None,
 ) -> Decision:
     """What to do after a worker exit.
 
     ``progressed``: the attempt trained a step no earlier attempt had reached.
     ``failures_without_progress``: consecutive failed attempts before this one
-    that made no progress.
+    that made no progress. ``disk_needed_bytes``: what a ``disk_low`` worker
+    said one checkpoint needs (the wait lasts until that much is free).
     """
     keep = dict(
         per_device_train_batch_size=batch,
@@ -246,8 +288,11 @@ def decide(
         return Decision("stop", outcome.message, **keep)
     if outcome.kind == "user_error":
         return Decision("fail", f"not retried: {outcome.message}", **keep)
+    if outcome.kind == "standby_stale":
+        # Not a failure (nothing was trained or touched) and not a restart: launch again, cold.
+        return Decision("replace_standby", outcome.message, **keep)
     if outcome.kind == "disk_low":
-        return Decision("wait_disk", outcome.message, **keep)
+        return Decision("wait_disk", outcome.message, disk_needed_bytes=disk_needed_bytes, **keep)
     if outcome.kind == "external_signal" and not cfg.restart_on_external_signal:
         return Decision(
             "stop", f"{outcome.message}; not restarted (supervisor.restart_on_external_signal is false)", **keep
@@ -317,9 +362,18 @@ def hang_check(
     return None
 
 
-def disk_shortfall(free_bytes: int, reserve_mb: float) -> str | None:
-    """Why a launch must wait for disk space, or None if there is enough."""
+def disk_shortfall(free_bytes: int, reserve_mb: float, *, needed_bytes: int | None = None) -> str | None:
+    """Why a launch must wait for disk space, or None if there is enough.
+
+    ``needed_bytes``: after a ``disk_low`` exit, what one checkpoint needs. Relaunching with
+    less would only fail the next save again (an endless loop when it is above the reserve).
+    """
     need = int(reserve_mb * 2**20)
-    if free_bytes >= need:
-        return None
-    return f"{free_bytes / 2**20:.0f} MiB free on the output directory, disk.reserve_mb is {reserve_mb:g}"
+    if free_bytes < need:
+        return f"{free_bytes / 2**20:.0f} MiB free on the output directory, disk.reserve_mb is {reserve_mb:g}"
+    if needed_bytes is not None and free_bytes < needed_bytes:
+        return (
+            f"{free_bytes / 2**20:.0f} MiB free on the output directory, "
+            f"one checkpoint needs {needed_bytes / 2**20:.0f} MiB"
+        )
+    return None

@@ -20,12 +20,13 @@ import base64
 import html
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import protocol
+from supervisor import protocol, record
 
 
 @dataclass
@@ -38,16 +39,25 @@ class RunData:
 def load(output_dir: Path) -> RunData:
     rows: list[dict[str, Any]] = []
     try:
-        with open(protocol.run_dir(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        with open(protocol.metrics_path(output_dir), encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    rows.append(json.loads(line))
-                except ValueError:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
                     continue  # a line cut by a kill
+                if _plottable(row):
+                    rows.append(row)
     except OSError:
         pass
-    state = protocol.read_json(protocol.state_path(output_dir)) or {}
-    return RunData(rows=rows, attempts=list(state.get("attempts") or []), state=state)
+    rec = record.load(output_dir) or record.RunRecord()
+    return RunData(rows=rows, attempts=[protocol.record_dict(a) for a in rec.attempts], state=rec.to_dict())
+
+
+def _plottable(row: Any) -> bool:
+    """A metrics row with an integer step and finite numbers (anything else is skipped, not drawn)."""
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+        return False
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
 
 
 def summary(data: RunData) -> list[dict[str, Any]]:
@@ -161,7 +171,7 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     lost = sum(a["downtime_s"] or 0 for a in atts)
     redone = sum(a["steps_redone"] or 0 for a in atts)
     title = (
-        f"{Path(output_dir).name}: {st.get('state', 'no supervisor state')}, {len(atts)} attempt(s), "
+        f"{Path(output_dir).name}: {st.get('state') or 'no supervisor state'}, {len(atts)} attempt(s), "
         f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s from death to next step, {redone} step(s) redone"
     )
     fig.suptitle(title, fontsize=11)

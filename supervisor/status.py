@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from supervisor import protocol
+from supervisor import protocol, record
+from supervisor.host import process_alive
 from supervisor.states import ACTIVE_STATES, State
 
 # LSB / supervisorctl status codes, so scripts and systemd can branch on them.
@@ -48,36 +47,44 @@ def register(output_dir: Path, config_path: str) -> Path:
 
 
 def registered_runs() -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     d = registry_dir()
     if not d.is_dir():
         return out
     for p in sorted(d.glob("*.json")):
         entry = protocol.read_json(p)
-        if entry and entry.get("output_dir"):
+        if entry and isinstance(entry.get("output_dir"), str) and entry["output_dir"]:
             out.append(entry)
     return out
 
 
 def supervisor_alive(pid: Any, create_time: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if isinstance(create_time, (int, float)) and abs(proc.create_time() - create_time) > 1.0:
-            return False  # pid reused
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return process_alive(pid, create_time)
+
+
+_HB_FIELDS = (
+    "state",
+    "global_step",
+    "max_steps",
+    "epoch",
+    "loss",
+    "samples_per_s",
+    "last_checkpoint",
+    "time",
+    "disk_free_bytes",
+    "disk_needed_bytes",
+)
+_ACTIVE = frozenset(s.value for s in ACTIVE_STATES)
 
 
 def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
-    """Everything ``status`` shows about one run, as plain data (this is also ``--json``)."""
+    """Everything ``status`` shows about one run, as plain data (this is also ``--json``).
+
+    Never raises on run-directory content: the record and heartbeat are read defensively."""
     output_dir = Path(output_dir)
-    state = protocol.read_json(protocol.state_path(output_dir, node_rank))
-    hb = protocol.read_json(protocol.heartbeat_path(output_dir)) or {}
-    v: dict[str, Any] = {"output_dir": str(output_dir), "known": state is not None}
-    if state is None:
+    rec = record.load(output_dir, node_rank)
+    v: dict[str, Any] = {"output_dir": str(output_dir), "known": rec is not None}
+    if rec is None:
         v.update(
             state="unknown",
             running=False,
@@ -85,85 +92,63 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
             note=f"no supervisor state in {protocol.state_path(output_dir, node_rank)}",
         )
         return v
-    alive = supervisor_alive(state.get("supervisor_pid"), state.get("supervisor_create_time"))
-    name = state.get("state")
-    active = name in {s.value for s in ACTIVE_STATES}
+    alive = supervisor_alive(rec.supervisor_pid, rec.supervisor_create_time)
+    active = rec.state in _ACTIVE
     running = active and alive
-    note = None
-    if active and not alive:
-        note = f"supervisor not running (pid {state.get('supervisor_pid')} died)"
+    note = f"supervisor not running (pid {rec.supervisor_pid} died)" if active and not alive else None
     try:
-        free = shutil.disk_usage(output_dir).free
+        free: int | None = shutil.disk_usage(output_dir).free
     except OSError:
         free = None
-    worker_pid = state.get("worker_pid")
-    hb_current = bool(hb) and (
-        hb.get("pid") == worker_pid
-        or not running
-        or (hb.get("attempt") is not None and hb.get("attempt") == state.get("attempt"))
+    hb = protocol.read_record(protocol.Heartbeat, protocol.heartbeat_path(output_dir))
+    hb_current = hb is not None and (
+        hb.pid == rec.worker_pid or not running or (hb.attempt is not None and hb.attempt == rec.attempt)
     )
-    tracker = state.get("tracker_run_id") or hb.get("tracker_run_id")
-    if not tracker:
-        try:
-            tracker = (protocol.run_dir(output_dir) / protocol.TRACKER_ID).read_text().strip() or None
-        except OSError:
-            tracker = None
-    attempts = state.get("attempts") or []
+    attempts = [protocol.record_dict(a) for a in rec.attempts]
     v.update(
-        state=name,
+        state=rec.state,
         running=running,
         status_code=STATUS_RUNNING if running else STATUS_NOT_RUNNING,
         note=note,
-        state_reason=state.get("state_reason"),
-        config=state.get("config"),
-        supervisor_pid=state.get("supervisor_pid"),
+        state_reason=rec.state_reason,
+        config=rec.config,
+        supervisor_pid=rec.supervisor_pid,
         supervisor_alive=alive,
-        worker_pid=worker_pid if running else None,
-        attempt=state.get("attempt") or len(attempts),
-        restart_count=state.get("restart_count", 0),
+        worker_pid=rec.worker_pid if running else None,
+        attempt=rec.attempt or len(attempts),
+        restart_count=rec.restart_count,
         restarts=[
-            {
-                "attempt": a.get("attempt"),
-                "reason": a.get("reason"),
-                "exit": a.get("exit"),
-                "message": a.get("message"),
-                "step_reached": a.get("step_reached"),
-            }
+            {k: a.get(k) for k in ("attempt", "reason", "exit", "message", "step_reached")}
             for a in attempts
             if a.get("end") is not None
         ],
-        per_device_train_batch_size=state.get("per_device_train_batch_size"),
-        gradient_accumulation_steps=state.get("gradient_accumulation_steps"),
-        effective_batch=state.get("effective_batch"),
-        last_error=state.get("last_error"),
-        waiting_reason=state.get("waiting_reason"),
-        backoff_until=state.get("backoff_until"),
-        tracker_run_id=tracker,
+        per_device_train_batch_size=rec.per_device_train_batch_size,
+        gradient_accumulation_steps=rec.gradient_accumulation_steps,
+        effective_batch=rec.effective_batch,
+        last_error=rec.last_error,
+        waiting_reason=rec.waiting_reason,
+        backoff_until=rec.backoff_until,
+        tracker_run_id=_tracker(output_dir, rec, hb),
         free_disk_bytes=free,
-        updated=state.get("updated"),
-        log=state.get("log"),
+        updated=rec.updated,
+        log=rec.log,
         attempts=attempts,
-        standby=state.get("standby") if running else None,
-        heartbeat={
-            k: hb.get(k)
-            for k in (
-                "state",
-                "global_step",
-                "max_steps",
-                "epoch",
-                "loss",
-                "samples_per_s",
-                "last_checkpoint",
-                "time",
-                "disk_free_bytes",
-                "disk_needed_bytes",
-            )
-        }
-        if hb_current
-        else None,
+        standby=protocol.record_dict(rec.standby) if running and rec.standby else None,
+        heartbeat={k: getattr(hb, k) for k in _HB_FIELDS} if hb is not None and hb_current else None,
     )
     v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
     return v
+
+
+def _tracker(output_dir: Path, rec: record.RunRecord, hb: protocol.Heartbeat | None) -> str | None:
+    tracker = rec.tracker_run_id or (hb.tracker_run_id if hb else None)
+    if tracker:
+        return tracker
+    try:
+        with open(protocol.run_dir(output_dir) / protocol.TRACKER_ID, "rb") as f:
+            return f.read(256).decode("utf-8", "replace").strip() or None
+    except OSError:
+        return None
 
 
 def eta_seconds(hb: dict[str, Any] | None, batch: Any, accum: Any) -> float | None:

@@ -68,8 +68,15 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
 @pytest.mark.parametrize(
     "rc, report, kw, kind",
     [
-        (0, None, {}, "completed"),
-        (0, {"reason": "completed", "message": "done"}, {}, "completed"),
+        # Complete only when the step count says so (bug 4): a bare exit 0 is not completion.
+        (0, {"reason": "completed", "message": "done", "step": 10, "max_steps": 10}, {}, "completed"),
+        (0, {"reason": "completed", "step": 10}, {"max_steps": 10}, "completed"),
+        (0, None, {}, "crash"),
+        (0, None, {"stop_sent": True}, "stopped"),
+        (0, {"reason": "completed", "message": "done"}, {}, "crash"),
+        (0, {"reason": "completed", "step": 5, "max_steps": 380}, {}, "crash"),
+        (6, {"reason": "standby_stale", "message": "data changed"}, {}, "standby_stale"),
+        (6, None, {}, "standby_stale"),
         (1, {"reason": "crash", "message": "ValueError: x"}, {}, "crash"),
         (1, None, {}, "crash"),
         (2, {"reason": "incompatible_checkpoint", "message": "model_name changed"}, {}, "user_error"),
@@ -227,3 +234,21 @@ def test_lost_peer_errors_are_consequences_not_causes() -> None:
 
 def test_no_rank_reports_leaves_the_launchers_exit_code_to_explain() -> None:
     assert policy.root_cause({0: None, 1: None}) is None
+
+
+def test_standby_stale_is_replaced_cold_but_a_stop_wins() -> None:
+    stale = policy.Outcome("standby_stale", "data changed", "exit 6 (standby_stale)")
+    assert policy.decide(stale, **_common()).action == "replace_standby"
+    assert policy.decide(stale, **_common(), stop_requested=True).action == "stop"
+
+
+def test_disk_low_waits_for_one_checkpoint_not_only_the_reserve() -> None:
+    low = policy.Outcome("disk_low", "no space", "exit 5 (disk_low)")
+    assert policy.decide(low, **_common(), disk_needed_bytes=500 * 2**20).disk_needed_bytes == 500 * 2**20
+    assert policy.disk_shortfall(200 * 2**20, 100, needed_bytes=500 * 2**20) is not None
+    assert "one checkpoint needs 500 MiB" in (policy.disk_shortfall(200 * 2**20, 100, needed_bytes=500 * 2**20) or "")
+    assert policy.disk_shortfall(600 * 2**20, 100, needed_bytes=500 * 2**20) is None
+
+
+def _common() -> dict:
+    return dict(progressed=False, failures_without_progress=0, batch=8, accum=2, cfg=cfg())

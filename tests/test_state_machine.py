@@ -29,6 +29,13 @@ class FakeChild:
     spawned_at: float
     code: int | None = None
     signals: list[tuple[int, bool, float]] = field(default_factory=list)
+    stdin_pipe: bool = False
+    lines: list[str | None] = field(default_factory=list)
+    """What the supervisor wrote to its stdin (None: it closed it)."""
+
+    @property
+    def standby(self) -> bool:
+        return "--standby" in self.argv
 
     @property
     def batch(self) -> tuple[int, int]:
@@ -51,6 +58,11 @@ class FakeOS:
         self.free = 10 * 2**30
         self.ooms = 0
         self.foreign_alive: set[int] = set()
+        self.not_workers: set[int] = set()  # alive, but not a vit worker (pid reuse)
+        self.dir_id: tuple[int, int] | None = (1, 1)
+        self.standby_script: Callable[[FakeOS, FakeChild], None] = lambda fake, child: None
+        self.go_hook: Callable[[FakeChild, str], None] = lambda child, line: None
+        self.cfg_path = ""
         self.kill_hook: Callable[[FakeChild, int], None] = default_kill
         self.waits = 0
 
@@ -75,11 +87,33 @@ class FakeOS:
         else:
             self.now = target
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float]:
-        child = FakeChild(1000 + len(self.children), argv, env, self.now)
+    def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, *, stdin_pipe: bool = False
+    ) -> tuple[int, float]:
+        child = FakeChild(1000 + len(self.children), argv, env, self.now, stdin_pipe=stdin_pipe)
         self.children.append(child)
-        self.script(self, child)
+        if child.standby:
+            self.standby_script(self, child)
+        else:
+            self.script(self, child)
         return child.pid, self.time()
+
+    def send_line(self, pid: int, line: str | None) -> bool:
+        child = next(c for c in self.children if c.pid == pid)
+        if not child.stdin_pipe or child.code is not None or (child.lines and child.lines[-1] is None):
+            return False
+        child.lines.append(line)
+        if line is None:
+            # Like worker/standby.py: stdin is read (EOF: "not needed", exit 0) only once prepared.
+            if child.code is None and protocol.standby_announcement(self.out, child.pid).exists():
+                self.at(0.1, lambda: setattr(child, "code", 0) if child.code is None else None)
+            return False
+        child.lines.append(None)
+        order = protocol.LaunchOrder.from_line(line)
+        if order is not None:  # the standby now is that attempt's worker
+            child.env.update(order.env())
+        self.go_hook(child, line)
+        return True
 
     def exit_status(self, pid: int) -> int | None:
         return next(c.code for c in self.children if c.pid == pid)
@@ -96,6 +130,12 @@ class FakeOS:
 
     def alive(self, pid: int, create_time: float | None) -> bool:
         return pid in self.foreign_alive
+
+    def is_worker(self, pid: int, create_time: float | None) -> bool:
+        return pid in self.foreign_alive and pid not in self.not_workers and create_time is not None
+
+    def dir_identity(self, path: Path) -> tuple[int, int] | None:
+        return self.dir_id
 
     def free_disk(self, path: Path) -> int:
         return self.free
@@ -457,3 +497,372 @@ def test_every_transition_in_the_code_is_declared() -> None:
     assert labelled
     for old, new in labelled:
         assert State[new] in TRANSITIONS[None if old == "None" else State[old]], f"{old} -> {new}"
+
+
+# ----------------------------------------------------------------------------- the standby, through the fake host
+
+
+def standby_cfg(tmp_path: Path, **sup: Any) -> Config:
+    cfg = make_cfg(tmp_path, standby=True, **sup)
+    Path(cfg.source_path).write_text("model: {num_labels: 10}\n")
+    return cfg
+
+
+def prepares(delay: float = 1.0) -> Callable[[FakeOS, FakeChild], None]:
+    """A standby that announces itself ready ``delay`` seconds after it is spawned."""
+
+    def behaviour(fake: FakeOS, child: FakeChild) -> None:
+        def ready() -> None:
+            protocol.atomic_write_json(
+                protocol.standby_announcement(fake.out, child.pid),
+                {"pid": child.pid, "config_sha256": protocol.config_sha(fake.cfg_path)},
+            )
+
+        fake.at(delay, ready)
+
+    return behaviour
+
+
+def trains_then_completes(fake: FakeOS, child: FakeChild) -> None:
+    """What a standby does with the go: report steps, then complete."""
+    fake.at(1, lambda: fake.heartbeat(child, 60))
+    fake.at(4, lambda: fake.exit(child, 0, "completed", step=100, message="completed 100 steps"))
+
+
+def run_with_standby(
+    tmp_path: Path,
+    script: Callable[[FakeOS, FakeChild], None],
+    *,
+    standby: Callable[[FakeOS, FakeChild], None] | None = None,
+    go: Callable[[FakeOS, FakeChild, str], None] | None = None,
+    setup: Callable[[FakeOS, Supervisor], None] | None = None,
+    **sup: Any,
+) -> tuple[Supervisor, FakeOS, RecordingLog, int]:
+    cfg = standby_cfg(tmp_path, **sup)
+    fake = FakeOS(Path(cfg.training.output_dir), script)
+    fake.cfg_path = cfg.source_path
+    fake.standby_script = standby or prepares()
+    fake.go_hook = lambda child, line: (go or (lambda f, c, ln: trains_then_completes(f, c)))(fake, child, line)
+    log = RecordingLog()
+    s = Supervisor(cfg, fake, log=log)
+    if setup:
+        setup(fake, s)
+    return s, fake, log, s.run()
+
+
+def trains_then_crashes(fake: FakeOS, child: FakeChild) -> None:
+    fake.at(1, lambda: fake.heartbeat(child, 10))
+    fake.at(20, lambda: fake.exit(child, 1, "crash", step=30, message="ValueError: boom"))
+
+
+def standbys(fake: FakeOS) -> list[FakeChild]:
+    return [c for c in fake.children if c.standby]
+
+
+def test_standby_starts_only_once_the_worker_trains_and_takes_over_after_a_crash(tmp_path: Path) -> None:
+    sup, fake, log, code = run_with_standby(tmp_path, script_of(trains_then_crashes))
+    assert code == SUPERVISOR_OK and sup.state == State.COMPLETED
+    sb = standbys(fake)[0]  # (the new worker starts a standby of its own once it trains)
+    assert sb.stdin_pipe and sb.spawned_at >= fake.children[0].spawned_at + 1  # after the first step
+    order = protocol.LaunchOrder.from_line(str(sb.lines[0]))
+    assert order is not None and order.attempt == 2 and order.exit_report == str(sup.run_dir / "exit-2.json")
+    st = state_file(sup)
+    assert st["attempts"][1]["standby"] is True and st["attempts"][1]["pid"] == sb.pid
+    assert ("standby", {"pid": sb.pid, "action": "ready"}) in log.events
+    assert len([c for c in fake.children if not c.standby]) == 1  # no cold start
+
+
+def test_a_stale_standby_is_replaced_by_a_cold_start(tmp_path: Path) -> None:
+    def stale(fake: FakeOS, child: FakeChild, line: str) -> None:
+        fake.at(1, lambda: fake.exit(child, 6, "standby_stale", message="the data changed"))
+
+    sup, _fake, log, code = run_with_standby(tmp_path, script_of(trains_then_crashes, completes), go=stale)
+    assert code == SUPERVISOR_OK and sup.state == State.COMPLETED
+    st = state_file(sup)
+    assert [a["reason"] for a in st["attempts"]] == ["crash", "standby_stale", "completed"]
+    assert st["attempts"][2]["standby"] is False and "standby unusable" in st["attempts"][2]["standby_fallback"]
+    assert ("running", "starting") in log.transitions()
+
+
+def test_stop_while_a_stale_standby_is_replaced_ends_stopped_not_in_a_traceback(tmp_path: Path) -> None:
+    """Bug 1: exit 6 went to STARTING without looking at the stop; STOPPING -> STARTING is illegal."""
+
+    def stale_after_the_stop(fake: FakeOS, child: FakeChild, line: str) -> None:
+        fake.at(0.5, lambda: holder["sup"].on_signal(signal.SIGTERM))
+        fake.at(2, lambda: fake.exit(child, 6, "standby_stale", message="the data changed"))
+
+    holder: dict[str, Supervisor] = {}
+    fake_kill = lambda child, sig: None  # noqa: E731 - the standby is busy finding out it is stale
+    sup, fake, log, code = run_with_standby(
+        tmp_path,
+        script_of(trains_then_crashes),
+        go=stale_after_the_stop,
+        setup=lambda f, s: (holder.update(sup=s), setattr(f, "kill_hook", fake_kill)),
+    )
+    assert code == SUPERVISOR_OK and sup.state == State.STOPPED
+    assert log.transitions()[-2:] == [("running", "stopping"), ("stopping", "stopped")]
+    assert state_file(sup)["state"] == "stopped"
+    assert len([c for c in fake.children if not c.standby]) == 1  # nothing relaunched
+
+
+def test_stop_after_the_go_to_a_preparing_standby_is_not_recorded_as_completed(tmp_path: Path) -> None:
+    """Bug 4: the standby saw the stop before the go and exited 0 with no report."""
+    holder: dict[str, Supervisor] = {}
+
+    def never_ready(fake: FakeOS, child: FakeChild) -> None:
+        pass
+
+    def stop_then_bare_exit_0(fake: FakeOS, child: FakeChild, line: str) -> None:
+        fake.at(0.5, lambda: holder["sup"].on_signal(signal.SIGTERM))
+
+    def exits_0_on_sigterm(child: FakeChild, sig: int) -> None:
+        if child.code is None:
+            child.code = 0 if child.standby else (-9 if sig == signal.SIGKILL else 3)
+
+    sup, _fake, _log, code = run_with_standby(
+        tmp_path,
+        script_of(trains_then_crashes),
+        standby=never_ready,
+        go=stop_then_bare_exit_0,
+        setup=lambda f, s: (holder.update(sup=s), setattr(f, "kill_hook", exits_0_on_sigterm)),
+    )
+    assert sup.state == State.STOPPED and code == SUPERVISOR_OK
+    st = state_file(sup)
+    assert st["state"] == "stopped" and st["attempts"][-1]["reason"] == "stopped"
+
+
+def test_bare_exit_0_before_the_last_step_is_a_crash_not_completion(tmp_path: Path) -> None:
+    def returns_early(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 5))
+        fake.at(2, lambda: setattr(child, "code", 0))
+
+    sup, fake, _, code = run(tmp_path, script_of(returns_early, completes))
+    assert code == SUPERVISOR_OK and len(fake.children) == 2
+    assert state_file(sup)["attempts"][0]["reason"] == "crash"
+
+
+def test_a_dead_standby_means_a_cold_start_and_three_deaths_give_it_up(tmp_path: Path) -> None:
+    def dies(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(0.5, lambda: setattr(child, "code", 1))
+
+    def long_then_crash(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(30, lambda: fake.exit(child, 1, "crash", step=30, message="boom"))
+
+    sup, fake, _, code = run_with_standby(tmp_path, script_of(long_then_crash, completes), standby=dies)
+    assert code == SUPERVISOR_OK
+    assert len(standbys(fake)) == 3  # replaced twice, then given up
+    fallback = state_file(sup)["attempts"][1]["standby_fallback"]
+    assert "given up after it died 3 times" in fallback
+
+
+def test_a_changed_config_dismisses_the_standby_for_a_cold_start(tmp_path: Path) -> None:
+    def edit_config_then_crash(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(10, lambda: Path(fake.cfg_path).write_text("model: {num_labels: 11}\n"))
+        fake.at(20, lambda: fake.exit(child, 1, "crash", step=30, message="boom"))
+
+    sup, fake, _log, code = run_with_standby(tmp_path, script_of(edit_config_then_crash, completes))
+    assert code == SUPERVISOR_OK
+    sb = standbys(fake)[0]
+    assert sb.lines == [None]  # dismissed (EOF), never given the go
+    assert "config file changed" in state_file(sup)["attempts"][1]["standby_fallback"]
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["ready", "preparing"])
+def test_standby_is_dismissed_on_completion_and_a_preparing_one_gets_sigterm(tmp_path: Path, ready: bool) -> None:
+    """Bug 8e: EOF is read only once prepared, so a preparing standby would outlive the supervisor."""
+
+    def trains_long(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(20, lambda: fake.exit(child, 0, "completed", step=100))
+
+    def ignores_eof_until_prepared(fake: FakeOS, child: FakeChild) -> None:
+        if ready:
+            prepares(1)(fake, child)
+
+    def term_ends_it(child: FakeChild, sig: int) -> None:
+        if child.code is None:
+            child.code = -sig
+
+    sup, fake, _, code = run_with_standby(
+        tmp_path,
+        script_of(trains_long),
+        standby=ignores_eof_until_prepared,
+        setup=lambda f, s: setattr(f, "kill_hook", term_ends_it),
+    )
+    assert code == SUPERVISOR_OK and sup.state == State.COMPLETED
+    (sb,) = standbys(fake)
+    assert sb.lines == [None] and sb.code is not None  # gone before run() returned
+    assert [s for s, _, _ in sb.signals] == ([] if ready else [signal.SIGTERM])
+
+
+def test_a_dismissed_standby_that_ignores_sigterm_is_killed_before_the_supervisor_exits(tmp_path: Path) -> None:
+    def trains_long(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(20, lambda: fake.exit(child, 0, "completed", step=100))
+
+    def only_sigkill(child: FakeChild, sig: int) -> None:
+        if sig == signal.SIGKILL and child.code is None:
+            child.code = -9
+
+    _sup, fake, _, code = run_with_standby(
+        tmp_path,
+        script_of(trains_long),
+        standby=lambda f, c: None,
+        setup=lambda f, s: setattr(f, "kill_hook", only_sigkill),
+    )
+    assert code == SUPERVISOR_OK
+    (sb,) = standbys(fake)
+    assert [s for s, _, _ in sb.signals] == [signal.SIGTERM, signal.SIGKILL] and sb.code == -9
+
+
+# ----------------------------------------------------------------------------- surviving what it supervises
+
+
+def test_the_supervisors_log_file_reaches_the_state_file_of_a_first_run(tmp_path: Path) -> None:
+    """Bug 2: serve() set record["log"], then run() -> _load_previous replaced the record."""
+    cfg = make_cfg(tmp_path)
+    fake = FakeOS(Path(cfg.training.output_dir), script_of(completes))
+    sup = Supervisor(cfg, fake, log=RecordingLog(), log_file="/var/log/sup.log")
+    sup.run()
+    assert state_file(sup)["log"] == "/var/log/sup.log"
+
+
+def test_disk_low_exit_waits_for_one_checkpoint_of_space_not_only_the_reserve(tmp_path: Path) -> None:
+    """Bug 9: free above reserve_mb but below one checkpoint relaunched forever."""
+
+    def disk_low(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(2, lambda: fake.exit(child, 5, "disk_low", step=10, message="no room", disk_needed_bytes=500 * 2**20))
+
+    def setup(fake: FakeOS) -> None:
+        fake.free = 100 * 2**20  # above reserve_mb (1), below one checkpoint
+        fake.at(60, lambda: setattr(fake, "free", 10 * 2**30))
+
+    _sup, fake, log, code = run(tmp_path, script_of(disk_low, completes), setup=setup)
+    assert code == SUPERVISOR_OK and len(fake.children) == 2
+    assert fake.children[1].spawned_at >= 60
+    assert ("running", "waiting") in log.transitions()
+
+
+def test_a_full_disk_while_writing_state_is_logged_and_retried_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug 8a: ENOSPC from the state write was a traceback, state left `running`."""
+    import errno
+
+    from supervisor import record as record_mod
+
+    real_save = record_mod.save
+    full = {"on": False}
+
+    def save(*a: Any) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(*a)
+
+    def disk_fills(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: full.update(on=True))
+        fake.at(2, lambda: fake.heartbeat(child, 50))
+        fake.at(5, lambda: full.update(on=False))
+        fake.at(10, lambda: fake.exit(child, 0, "completed", step=100))
+
+    monkeypatch.setattr(record_mod, "save", save)
+    sup, _fake, log, code = run(tmp_path, script_of(disk_fills))
+    assert code == SUPERVISOR_OK and sup.state == State.COMPLETED
+    assert state_file(sup)["state"] == "completed" and state_file(sup)["tracker_run_id"] == "abc123"
+    assert any(e == "state_file" and "No space" in kw.get("error", "") for e, kw in log.events)
+
+
+HOSTILE: list[tuple[str, bytes | None]] = [
+    ("list", b"[1, 2, 3]"),
+    ("wrong_types", b'{"state": 5, "attempts": {"a": 1}, "worker_pid": "12", "restart_count": "x", "log": 3}'),
+    ("attempts_garbage", b'{"attempts": [1, "x", null, {"attempt": "one"}, {"attempt": 1, "end": "yesterday"}]}'),
+    ("huge_numbers", b'{"worker_pid": 1' + b"0" * 400 + b', "worker_create_time": 1e308, "step_high_water": 1e999}'),
+    ("nan", b'{"per_device_train_batch_size": NaN, "gradient_accumulation_steps": Infinity, "updated": NaN}'),
+    ("negative_batch", b'{"per_device_train_batch_size": -4, "gradient_accumulation_steps": -4}'),
+    ("binary", bytes(range(256)) * 4),
+    ("ten_mb", b'{"log": "' + b"x" * (10 * 2**20) + b'"}'),
+    ("truncated", b'{"state": "running", "attempts": [{"attem'),
+    ("deep", b"[" * 100_000),
+    ("directory", None),
+]
+
+
+def _plant(path: Path, content: bytes | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+
+
+@pytest.mark.parametrize("name, content", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_run_files_never_crash_load_observe_or_status(tmp_path: Path, name: str, content: bytes | None) -> None:
+    """Bug 8b: every run file the supervisor reads, planted with hostile content."""
+    from supervisor import record, status
+
+    cfg = make_cfg(tmp_path, max_failures_without_progress=1)
+    out = Path(cfg.training.output_dir)
+    _plant(protocol.state_path(out), content)
+    record.load(out)
+    v = status.view(out)
+    status.render(v)
+
+    def hostile_worker(fake: FakeOS, child: FakeChild) -> None:
+        def plant_all() -> None:
+            _plant(protocol.heartbeat_path(out), content)
+            _plant(Path(child.env[protocol.ENV_EXIT_REPORT]), content)
+            _plant(protocol.standby_announcement(out, child.pid), content)
+
+        fake.at(1, plant_all)
+        fake.at(3, lambda: setattr(child, "code", 1))
+
+    # (A directory where state.json goes: the supervisor cannot write it at all, and carries on.)
+    sup, fake, _, code = run(tmp_path, script_of(hostile_worker), cfg=cfg)
+    status.render(status.view(out))
+    assert sup.state == State.FAILED and code == SUPERVISOR_FAILED and len(fake.children) == 1
+
+
+def test_a_state_file_naming_an_unrelated_process_is_never_signalled(tmp_path: Path) -> None:
+    """Bug 8d: pid reuse or a hand-edited pid; proven with a real `sleep` and the real identity check."""
+    import subprocess
+
+    import psutil
+
+    from supervisor import host
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        created = psutil.Process(sleeper.pid).create_time()
+        assert host.process_alive(sleeper.pid, created) and not host.is_worker_process(sleeper.pid, created)
+        cfg = make_cfg(tmp_path)
+        out = Path(cfg.training.output_dir)
+        protocol.atomic_write_json(
+            protocol.state_path(out),
+            {"state": "running", "worker_pid": sleeper.pid, "worker_create_time": created, "attempts": []},
+        )
+
+        def setup(fake: FakeOS) -> None:
+            fake.foreign_alive.add(sleeper.pid)
+            fake.is_worker = host.is_worker_process  # type: ignore[method-assign]
+
+        _sup, fake, log, code = run(tmp_path, script_of(completes), setup=setup, cfg=cfg)
+        assert code == SUPERVISOR_OK and fake.children[0].spawned_at == 0  # not waited for either
+        assert sleeper.poll() is None
+        assert any(e == "orphan" and "not our worker" in kw["why"] for e, kw in log.events)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_output_dir_deleted_under_the_run_stops_the_worker_and_ends_failed(tmp_path: Path) -> None:
+    def trains(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 10))
+        fake.at(5, lambda: setattr(fake, "dir_id", (1, 2)))
+
+    sup, fake, _log, code = run(tmp_path, script_of(trains))
+    assert code == SUPERVISOR_FAILED and sup.state == State.FAILED and len(fake.children) == 1
+    assert fake.children[0].signals[0][0] == signal.SIGTERM
+    assert "deleted or replaced" in (state_file(sup)["last_error"] or "")

@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import protocol, status
-from supervisor.daemon import SUPERVISOR_LOCKED, acquire_lock
+from supervisor import protocol, runlock, status
+from supervisor.daemon import SUPERVISOR_LOCKED
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -188,15 +188,15 @@ def test_bad_config_fails_at_once_with_exit_2_and_writes_nothing(tmp_path: Path)
 def test_second_start_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  num_labels: 10\ntraining:\n  output_dir: out\n")
-    fd = acquire_lock(tmp_path / "out" / "run")
+    lock = runlock.acquire(tmp_path / "out", "run")
     try:
         r = cli("start", str(cfg), env=env_with(tmp_path))
         assert r.returncode == SUPERVISOR_LOCKED
-        assert f"another supervisor (pid {os.getpid()}) is already running" in r.stderr
+        assert f"another supervisor or vit-train (pid {os.getpid()}) is already running" in r.stderr
         r = cli("start", "--detach", str(cfg), env=env_with(tmp_path))
         assert r.returncode == SUPERVISOR_LOCKED and f"pid {os.getpid()}" in r.stderr
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def test_stop_of_a_run_that_is_not_running_says_so(tmp_path: Path) -> None:
