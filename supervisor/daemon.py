@@ -572,7 +572,14 @@ class Supervisor:
             self.exit_code = SUPERVISOR_FAILED
             # RUNNING -> FAILED, STOPPING -> FAILED
             self._transition(State.FAILED, decision.message, last_error=decision.message)
-        elif decision.action == "wait_disk":
+        elif self.state != State.RUNNING:  # pragma: no cover - policy.decide lets a stop win over any relaunch
+            raise RuntimeError(f"decision {decision.action!r} in state {self.state}")
+        else:
+            self._continue(outcome, decision)
+
+    def _continue(self, outcome: policy.Outcome, decision: policy.Decision) -> None:
+        """The decisions that keep the run going (only from RUNNING: a stop always ends it)."""
+        if decision.action == "wait_disk":
             self.until = self.host.monotonic() + self.cfg.disk.recheck_s
             self.disk_needed = decision.disk_needed_bytes
             # RUNNING -> WAITING

@@ -2,12 +2,17 @@
 
 Lifecycle of one ``vit-supervisor start``::
 
-    (new) ──> STARTING ──launch──> RUNNING ──completed──────────────> COMPLETED
-                 │  ^                 │ │ └─crash/hang/OOM/signal──> BACKOFF ──delay──> STARTING
-                 │  │                 │ └──non-retryable, gave up──> FAILED
-         disk low│  │disk ok          └──stop (signal or `stop`)──> STOPPING ──worker saved──> STOPPED
-                 v  │
-                WAITING
+    (new)    ─> STARTING
+    STARTING ─> RUNNING   worker launched
+             ─> WAITING   free disk below disk.reserve_mb
+    RUNNING  ─> COMPLETED the step count was reached
+             ─> STARTING  at once: OOM (lower batch), crash after progress, stale standby
+             ─> BACKOFF   crash/hang/signal without progress, after a delay  ─> STARTING
+             ─> WAITING   disk_low exit: until one checkpoint fits            ─> STARTING
+             ─> STOPPING  stop (signal or `stop`): the worker saves           ─> STOPPED
+             ─> STOPPED   an external signal not restarted
+             ─> FAILED    non-retryable error, gave up, output dir deleted
+    STARTING, WAITING, BACKOFF ─> STOPPED (stop) or FAILED; STOPPING ─> COMPLETED or FAILED too
 
 STARTING checks free disk and launches the worker; RUNNING watches it (exit,
 heartbeat, hang); BACKOFF waits before the next launch; WAITING re-checks disk

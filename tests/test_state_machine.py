@@ -489,14 +489,61 @@ def test_previous_workers_survivor_is_waited_for_before_launch(tmp_path: Path) -
     assert st["attempts"][0]["reason"] == "supervisor_died" and st["attempts"][1]["attempt"] == 2
 
 
-def test_every_transition_in_the_code_is_declared() -> None:
+# Which states each handler runs in (a method reached from several is checked for each).
+_HANDLER_STATES: dict[str, set[str | None]] = {
+    "run": {None},
+    "_starting": {"STARTING"},
+    "_waiting": {"WAITING"},
+    "_backoff": {"BACKOFF"},
+    "_end_before_launch": {"STARTING", "WAITING", "BACKOFF"},
+    "_request_stop": {"RUNNING"},
+    "_apply": {"RUNNING", "STOPPING"},
+    "_continue": {"RUNNING"},
+    "_restart": {"RUNNING"},
+}
+
+
+def _transition_calls() -> list[tuple[str, int, str, set[str]]]:
+    """(enclosing method, line, target state, labelled sources) for every ``_transition(State.X, ...)`` call."""
+    import ast
     import re
 
-    src = (Path(__file__).resolve().parents[1] / "supervisor" / "daemon.py").read_text()
-    labelled = re.findall(r"# (None|[A-Z]+) -> ([A-Z]+)", src)
-    assert labelled
-    for old, new in labelled:
-        assert State[new] in TRANSITIONS[None if old == "None" else State[old]], f"{old} -> {new}"
+    path = Path(__file__).resolve().parents[1] / "supervisor" / "daemon.py"
+    src = path.read_text()
+    lines = src.splitlines()
+    found = []
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "_transition"
+                and fn.name != "_transition"
+            ):
+                target = node.args[0]
+                assert isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name), ast.dump(target)
+                assert target.value.id == "State", f"line {node.lineno}: _transition needs a literal State.X"
+                label = lines[node.lineno - 2].strip()  # the `# A -> B` comment right above the call
+                pairs = re.findall(r"(None|[A-Z]+) -> ([A-Z]+)", label)
+                assert pairs, f"line {node.lineno}: the call has no `# A -> B` label above it"
+                assert all(new == target.attr for _, new in pairs), f"line {node.lineno}: label {label!r}"
+                found.append((fn.name, node.lineno, target.attr, {old for old, _ in pairs}))
+    return found
+
+
+def test_every_transition_call_is_declared_and_labelled() -> None:
+    """Checks the calls themselves (AST), not only the comments: the label above each call must
+    name its real target, and every state the enclosing handler runs in must allow that move."""
+    calls = _transition_calls()
+    assert len(calls) >= 15
+    for method, line, new, labelled in calls:
+        assert method in _HANDLER_STATES, f"line {line}: _transition in {method}: add it to _HANDLER_STATES"
+        for old in _HANDLER_STATES[method]:
+            source = None if old is None else State[old]
+            assert State[new] in TRANSITIONS[source], f"{method} line {line}: {old} -> {new} is not allowed"
+            assert (old or "None") in labelled, f"{method} line {line}: label does not mention {old} -> {new}"
 
 
 # ----------------------------------------------------------------------------- the standby, through the fake host
