@@ -113,7 +113,7 @@ def test_detach_status_and_stop_commands_and_a_second_start_is_refused(
     sup_pid = run.state()["supervisor_pid"]
     try:
         second = run.cli("start", str(run.config))
-        assert second.returncode == 4 and f"another supervisor (pid {sup_pid})" in second.stderr
+        assert second.returncode == 4 and f"(pid {sup_pid}) is already running" in second.stderr
         run.worker_at_step(5)
         st = run.cli("status", str(run.config))
         assert st.returncode == 0 and "state:       running" in st.stdout and "progress:" in st.stdout
