@@ -96,7 +96,7 @@ class _Observed:
     """Everything observed about one worker exit (the input of classify and decide)."""
 
     code: int
-    report: dict[str, Any] | None
+    report: protocol.ExitReport | None
     reached: int | None
     progressed: bool
     host_oom: bool
@@ -470,21 +470,19 @@ class Supervisor:
 
     # ------------------------------------------------------------------ exits: observe -> classify -> decide -> apply
 
-    def _read_report(self, w: _Worker) -> dict[str, Any] | None:
+    def _read_report(self, w: _Worker) -> protocol.ExitReport | None:
         """The attempt's exit report; under torchrun, the root cause among the ranks' reports."""
         if self.cfg.launcher != "torchrun":
             report = protocol.read_record(protocol.ExitReport, w.report_path)
             if report is None or report.pid not in (None, w.pid):
                 return None  # none, unreadable, or someone else's
-            return protocol.record_dict(report)
+            return report
         d = self.cfg.distributed
         ranks = range(d.node_rank * d.nproc_per_node, (d.node_rank + 1) * d.nproc_per_node)
-        reports: dict[int, dict[str, Any] | None] = {}
-        for r in ranks:
-            rep = protocol.read_record(
-                protocol.ExitReport, w.report_path.with_name(f"{w.report_path.stem}.rank{r}.json")
-            )
-            reports[r] = protocol.record_dict(rep) if rep is not None else None
+        reports: dict[int, protocol.ExitReport | None] = {
+            r: protocol.read_record(protocol.ExitReport, w.report_path.with_name(f"{w.report_path.stem}.rank{r}.json"))
+            for r in ranks
+        }
         return policy.root_cause(reports)
 
     def _observe_exit(self, w: _Worker, code: int) -> _Observed:
@@ -494,8 +492,8 @@ class Supervisor:
             protocol.signal_name(code) == "SIGKILL" and report is None and self.host.oom_kills() > w.oom_kills_before
         )
         reached = w.step_reached
-        step = report.get("step") if report else None
-        if isinstance(step, int) and not isinstance(step, bool):
+        step = report.step if report is not None else None
+        if step is not None:
             reached = step if reached is None else max(reached, step)
         return _Observed(code, report, reached, reached is not None and reached > w.step_at_start, host_oom)
 
@@ -519,7 +517,7 @@ class Supervisor:
             accum=self.accum,
             cfg=self.cfg.supervisor,
             stop_requested=self.stop_requested,
-            disk_needed_bytes=_positive_int((seen.report or {}).get("disk_needed_bytes")),
+            disk_needed_bytes=_positive_int(seen.report.disk_needed_bytes if seen.report is not None else None),
         )
         self._record_exit(w, seen, outcome, decision)
         self._apply(outcome, decision)
@@ -529,13 +527,13 @@ class Supervisor:
             self.rec.step_high_water = max(self.rec.step_high_water, seen.reached)
         current = self.rec.current
         if current is not None:
-            tail = (seen.report or {}).get("traceback")
+            tail = seen.report.traceback if seen.report is not None else []
             current.end = self.host.time()
             current.reason = outcome.kind
             current.exit = outcome.exit
             current.message = outcome.message
             current.step_reached = seen.reached
-            current.traceback_tail = [str(x) for x in tail[-3:]] if isinstance(tail, list) else []
+            current.traceback_tail = tail[-3:]
         self.log.info(
             "exit",
             pid=w.pid,

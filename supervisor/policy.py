@@ -7,9 +7,10 @@ rule here testable in microseconds (tests/test_policy.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from supervisor import protocol
 from supervisor.schema import SupervisorConfig
@@ -36,7 +37,7 @@ class ExitInfo:
 
     returncode: int
     """Popen's return code: negative for death by signal."""
-    report: dict[str, Any] | None
+    report: protocol.ExitReport | None
     """The worker's exit report for this attempt, if it wrote one."""
     stop_sent: bool = False
     """The supervisor asked this worker to stop (a user stop)."""
@@ -72,7 +73,7 @@ _PEER_GONE = (
 )
 
 
-def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | None:
+def root_cause(reports: dict[int, protocol.ExitReport | None]) -> protocol.ExitReport | None:
     """One report for a torchrun attempt from its ranks' reports (rank -> report or None).
 
     An OOM anywhere is the cause (the batch is lowered for all ranks). Then a rank that
@@ -84,39 +85,39 @@ def root_cause(reports: dict[int, dict[str, Any] | None]) -> dict[str, Any] | No
     if not got:
         return None
 
-    def tagged(rank: int, rep: dict[str, Any], note: str = "") -> dict[str, Any]:
-        return {**rep, "rank": rank, "message": f"rank {rank}: {rep.get('message')}{note}"}
+    def tagged(rank: int, rep: protocol.ExitReport) -> protocol.ExitReport:
+        return dataclasses.replace(rep, rank=rank, message=f"rank {rank}: {rep.message}")
 
-    by_time = sorted(got.items(), key=lambda kv: kv[1].get("time") or 0)
+    by_time = sorted(got.items(), key=lambda kv: kv[1].time or 0)
     for r, rep in by_time:
-        if rep.get("reason") == protocol.REASON_OOM:
+        if rep.reason == protocol.REASON_OOM:
             return tagged(r, rep)
     missing = sorted(r for r, rep in reports.items() if rep is None)
     if missing:
         # A rank that wrote nothing was killed by a signal (SIGKILL, the kernel's OOM killer, a
         # segfault); the others only saw their peer vanish.
-        steps: list[int] = [rep["step"] for rep in got.values() if isinstance(rep.get("step"), int)]
-        return {
-            "reason": protocol.REASON_CRASH,
-            "exit_code": protocol.EXIT_CRASH,
-            "rank": missing[0],
-            "step": max(steps) if steps else None,
-            "message": f"rank {', '.join(map(str, missing))} died without an exit report (killed by a signal?)",
-        }
-    reasons = {rep.get("reason") for rep in got.values()}
+        steps = [rep.step for rep in got.values() if rep.step is not None]
+        return protocol.ExitReport(
+            reason=protocol.REASON_CRASH,
+            exit_code=protocol.EXIT_CRASH,
+            rank=missing[0],
+            step=max(steps) if steps else None,
+            message=f"rank {', '.join(map(str, missing))} died without an exit report (killed by a signal?)",
+        )
+    reasons = {rep.reason for rep in got.values()}
     if len(reasons) == 1 and reasons <= {protocol.REASON_COMPLETED, protocol.REASON_INTERRUPTED}:
         r, rep = by_time[0]
         return tagged(r, rep)
     for r, rep in by_time:
-        if rep.get("reason") in protocol.NON_RETRYABLE_REASONS:
+        if rep.reason in protocol.NON_RETRYABLE_REASONS:
             return tagged(r, rep)
     causes = [
         (r, rep)
         for r, rep in by_time
-        if rep.get("reason") not in (protocol.REASON_INTERRUPTED, protocol.REASON_COMPLETED)
-        and not any(s in str(rep.get("message")) for s in _PEER_GONE)
+        if rep.reason not in (protocol.REASON_INTERRUPTED, protocol.REASON_COMPLETED)
+        and not any(s in rep.message for s in _PEER_GONE)
     ]
-    r, rep = (causes or [x for x in by_time if x[1].get("reason") != protocol.REASON_COMPLETED] or by_time)[0]
+    r, rep = (causes or [x for x in by_time if x[1].reason != protocol.REASON_COMPLETED] or by_time)[0]
     return tagged(r, rep)
 
 
@@ -125,9 +126,9 @@ def classify(info: ExitInfo) -> Outcome:
     rc = info.returncode
     described = protocol.describe_exit(rc)
     sig = protocol.signal_name(rc)
-    report = info.report or {}
-    reason = report.get("reason") if info.report is not None else None
-    message = str(report.get("message") or "")
+    report = info.report
+    reason = report.reason if report is not None else None
+    message = report.message if report is not None else ""
 
     def interrupted(how: str) -> Outcome:
         if info.stop_sent:
@@ -169,20 +170,15 @@ def classify(info: ExitInfo) -> Outcome:
     return Outcome("crash", f"worker {described} without an exit report", described)
 
 
-def _completed_steps(report: dict[str, Any], hb_max_steps: int | None) -> str | None:
+def _completed_steps(report: protocol.ExitReport | None, hb_max_steps: int | None) -> str | None:
     """'step N of M' when a completed report's step reached the run's step count, else None."""
-    if report.get("reason") != protocol.REASON_COMPLETED:
+    if report is None or report.reason != protocol.REASON_COMPLETED:
         return None
-    step, total = report.get("step"), report.get("max_steps")
-    if not _is_int(total):
-        total = hb_max_steps
-    if isinstance(step, int) and isinstance(total, int) and _is_int(step) and step >= total:
+    step = report.step
+    total = report.max_steps if report.max_steps is not None else hb_max_steps
+    if step is not None and total is not None and step >= total:
         return f"step {step} of {total}"
     return None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ----------------------------------------------------------------------------- OOM: lower the batch

@@ -69,23 +69,23 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
     "rc, report, kw, kind",
     [
         # Complete only when the step count says so (bug 4): a bare exit 0 is not completion.
-        (0, {"reason": "completed", "message": "done", "step": 10, "max_steps": 10}, {}, "completed"),
-        (0, {"reason": "completed", "step": 10}, {"max_steps": 10}, "completed"),
+        (0, protocol.ExitReport("completed", message="done", step=10, max_steps=10), {}, "completed"),
+        (0, protocol.ExitReport("completed", step=10), {"max_steps": 10}, "completed"),
         (0, None, {}, "crash"),
         (0, None, {"stop_sent": True}, "stopped"),
-        (0, {"reason": "completed", "message": "done"}, {}, "crash"),
-        (0, {"reason": "completed", "step": 5, "max_steps": 380}, {}, "crash"),
-        (6, {"reason": "standby_stale", "message": "data changed"}, {}, "standby_stale"),
+        (0, protocol.ExitReport("completed", message="done"), {}, "crash"),
+        (0, protocol.ExitReport("completed", step=5, max_steps=380), {}, "crash"),
+        (6, protocol.ExitReport("standby_stale", message="data changed"), {}, "standby_stale"),
         (6, None, {}, "standby_stale"),
-        (1, {"reason": "crash", "message": "ValueError: x"}, {}, "crash"),
+        (1, protocol.ExitReport("crash", message="ValueError: x"), {}, "crash"),
         (1, None, {}, "crash"),
-        (2, {"reason": "incompatible_checkpoint", "message": "model_name changed"}, {}, "user_error"),
+        (2, protocol.ExitReport("incompatible_checkpoint", message="model_name changed"), {}, "user_error"),
         (2, None, {}, "user_error"),
-        (4, {"reason": "oom", "message": "CUDA out of memory"}, {}, "oom"),
-        (5, {"reason": "disk_low", "message": "no space"}, {}, "disk_low"),
-        (3, {"reason": "interrupted", "message": "stop"}, {"stop_sent": True}, "stopped"),
-        (3, {"reason": "interrupted", "message": "stop"}, {}, "external_signal"),
-        (3, {"reason": "interrupted", "message": "stop"}, {"hang_killed": True}, "hang"),
+        (4, protocol.ExitReport("oom", message="CUDA out of memory"), {}, "oom"),
+        (5, protocol.ExitReport("disk_low", message="no space"), {}, "disk_low"),
+        (3, protocol.ExitReport("interrupted", message="stop"), {"stop_sent": True}, "stopped"),
+        (3, protocol.ExitReport("interrupted", message="stop"), {}, "external_signal"),
+        (3, protocol.ExitReport("interrupted", message="stop"), {"hang_killed": True}, "hang"),
         (-15, None, {}, "external_signal"),
         (-2, None, {}, "external_signal"),
         (-9, None, {"hang_killed": True}, "hang"),
@@ -95,9 +95,41 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
     ],
 )
 def test_exit_is_classified_from_report_then_code_then_signal(
-    rc: int, report: dict | None, kw: dict, kind: str
+    rc: int, report: protocol.ExitReport | None, kw: dict, kind: str
 ) -> None:
     assert policy.classify(ExitInfo(rc, report, **kw)).kind == kind
+
+
+@pytest.mark.parametrize(
+    "rc, raw, kind, message",
+    [
+        # A bool or a string is not a step: the field drops to None, so this is no completion.
+        (0, {"reason": "completed", "step": True, "max_steps": 1}, "crash", "without a completed report"),
+        (0, {"reason": "completed", "step": "10", "max_steps": 10}, "crash", "without a completed report"),
+        (0, {"reason": "completed", "step": 10, "max_steps": float("nan")}, "crash", "without a completed report"),
+        # A non-string message drops to "", and the kind's own words take its place.
+        (4, {"reason": "oom", "message": 5}, "oom", "out of memory"),
+        (5, {"reason": "disk_low", "message": ["no", "space"]}, "disk_low", "too little free disk"),
+        # No usable reason: no report at all, and the exit code explains.
+        (2, {"reason": 7, "message": "ignored"}, "user_error", "user error"),
+        (4, ["oom"], "oom", "out of memory"),
+    ],
+)
+def test_hostile_exit_report_content_is_parsed_not_trusted(rc: int, raw: object, kind: str, message: str) -> None:
+    report = protocol.parse_record(protocol.ExitReport, raw)
+    out = policy.classify(ExitInfo(rc, report))
+    assert out.kind == kind and message in out.message
+
+
+def test_root_cause_of_hostile_rank_reports() -> None:
+    reports = {
+        0: protocol.parse_record(protocol.ExitReport, {"reason": "crash", "time": "soon", "step": "x", "message": 3}),
+        1: protocol.parse_record(protocol.ExitReport, {"reason": "crash", "time": 2.0, "step": 9}),
+        2: protocol.parse_record(protocol.ExitReport, {"reason": None}),
+    }
+    r = policy.root_cause(reports)
+    assert r is not None and r.reason == "crash" and r.rank == 2 and r.step == 9
+    assert r.exit_code == protocol.EXIT_CRASH and "rank 2 died without an exit report" in r.message
 
 
 def test_signal_deaths_are_named_never_negative_numbers() -> None:
@@ -198,8 +230,8 @@ def test_disk_shortfall_compares_free_space_with_reserve() -> None:
 # ----------------------------------------------------------------------------- torchrun: root cause among ranks
 
 
-def _rank_report(reason: str, t: float, message: str = "", step: int = 7) -> dict:
-    return {"reason": reason, "time": t, "message": message or reason, "step": step, "exit_code": 0}
+def _rank_report(reason: str, t: float, message: str = "", step: int = 7) -> protocol.ExitReport:
+    return protocol.ExitReport(reason, time=t, message=message or reason, step=step, exit_code=0)
 
 
 def test_oom_on_any_rank_is_the_root_cause() -> None:
@@ -209,17 +241,17 @@ def test_oom_on_any_rank_is_the_root_cause() -> None:
             1: _rank_report("oom", 2.0, "DefaultCPUAllocator: can't allocate memory"),
         }
     )
-    assert r is not None and r["reason"] == "oom" and r["rank"] == 1 and r["message"].startswith("rank 1:")
+    assert r is not None and r.reason == "oom" and r.rank == 1 and r.message.startswith("rank 1:")
 
 
 def test_a_rank_without_a_report_was_killed_and_is_the_cause() -> None:
     r = policy.root_cause({0: _rank_report("crash", 1.0, "RuntimeError: Connection reset by peer"), 1: None})
-    assert r is not None and r["reason"] == "crash" and "rank 1 died without an exit report" in r["message"]
+    assert r is not None and r.reason == "crash" and "rank 1 died without an exit report" in r.message
 
 
 def test_all_ranks_interrupted_is_an_interruption() -> None:
     r = policy.root_cause({0: _rank_report("interrupted", 1.0), 1: _rank_report("interrupted", 1.1)})
-    assert r is not None and r["reason"] == "interrupted"
+    assert r is not None and r.reason == "interrupted"
 
 
 def test_lost_peer_errors_are_consequences_not_causes() -> None:
@@ -229,7 +261,7 @@ def test_lost_peer_errors_are_consequences_not_causes() -> None:
             1: _rank_report("crash", 2.0, "ValueError: bad label"),
         }
     )
-    assert r is not None and r["rank"] == 1 and "bad label" in r["message"]
+    assert r is not None and r.rank == 1 and "bad label" in r.message
 
 
 def test_no_rank_reports_leaves_the_launchers_exit_code_to_explain() -> None:

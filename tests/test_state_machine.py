@@ -166,7 +166,9 @@ class FakeOS:
         if reason is not None:
             protocol.atomic_write_json(
                 child.env[protocol.ENV_EXIT_REPORT],
-                {"reason": reason, "exit_code": code, "step": step, "message": message, "pid": child.pid, **extra},
+                protocol.record_dict(
+                    protocol.ExitReport(reason, exit_code=code, step=step, message=message, pid=child.pid, **extra)
+                ),
             )
         child.code = code
 
@@ -180,7 +182,9 @@ def default_kill(child: FakeChild, sig: int) -> None:
     elif sig == signal.SIGTERM:
         protocol.atomic_write_json(
             child.env[protocol.ENV_EXIT_REPORT],
-            {"reason": "interrupted", "exit_code": 3, "pid": child.pid, "message": "stopped at step"},
+            protocol.record_dict(
+                protocol.ExitReport("interrupted", exit_code=3, pid=child.pid, message="stopped at step")
+            ),
         )
         child.code = 3
 
