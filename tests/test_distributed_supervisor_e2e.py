@@ -16,12 +16,15 @@ from tests.conftest import Run, finish, heartbeat
 
 pytestmark = pytest.mark.e2e
 
+# 2 ranks x 16 = 32 samples per step: 10 steps per epoch. Long enough that a stop lands mid-run.
 TWO = {
     "launcher": "torchrun",
     "distributed": {"nproc_per_node": 2},
     "training": {"num_train_epochs": 12, "save_steps": 5},
     "supervisor": {"startup_timeout_s": 120},
 }
+# Killed at step 12 and resumed from 10: 40 steps is enough to see the restarted job complete.
+TWO_SHORT = {**TWO, "training": {"num_train_epochs": 4, "save_steps": 5}}
 # Stall limits (they restart while the job moves): three processes importing torch on a
 # loaded 2-core machine show no progress for a while.
 STALL = 120
@@ -34,7 +37,7 @@ def ranks(run: Any) -> list[psutil.Process]:
 
 
 def test_killing_one_rank_restarts_the_whole_job_which_resumes_and_completes(make_config: Any, new_run: Any) -> None:
-    run = new_run(make_config(TWO))
+    run = new_run(make_config(TWO_SHORT))
     sup = run.start()
     run.wait_for(
         lambda: (heartbeat(run.out).get("global_step") or 0) >= 12 and run.state().get("attempt") == 1,
@@ -71,7 +74,7 @@ def test_real_oom_on_one_rank_lowers_the_batch_on_all_ranks(make_config: Any, ne
             "training": {
                 "per_device_train_batch_size": 1024,
                 "gradient_accumulation_steps": 1,
-                "max_steps": 3,
+                "max_steps": 1,
                 "eval_strategy": "no",
             },
             "supervisor": {"oom_batch_factor": 0.0625, "startup_timeout_s": 120},
