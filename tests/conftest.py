@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.e2e)
+
+
+_running: list[pytest.Item] = []  # the test being set up or run (fixtures of any scope included)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
+
+def note_real_process(what: str) -> None:
+    """Warn when a test not marked e2e starts a real worker or supervisor: ``-m "not e2e"`` must take seconds."""
+    if _running and not _running[0].get_closest_marker("e2e"):
+        warnings.warn(
+            f"{_running[0].nodeid} starts a real {what} but is not marked e2e", pytest.PytestWarning, stacklevel=3
+        )
 
 
 @pytest.fixture
@@ -76,6 +93,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 def vit_train(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
     """Start a real worker process (``python -m worker``) in its own session; output to a pipe
     unless ``popen`` says otherwise (e.g. ``stdout=log_file``)."""
+    note_real_process("worker")
     kw: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
     return subprocess.Popen(
         [PYTHON, "-m", "worker", *map(str, args)],
@@ -205,6 +223,7 @@ class Run:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
+        note_real_process("supervisor")
         self.n += 1
         log = open(self.tmp / f"supervisor-{self.n}.log", "w")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
