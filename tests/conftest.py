@@ -23,11 +23,11 @@ import psutil
 import pytest
 import yaml
 
+# One home each, shared with the benchmarks; the tests keep importing them from here.
 from bench.common import TINY, deep_update, run_progress
+from bench.common import env as _child_env
 from supervisor.host import poll_until
 from supervisor.protocol import read_json
-
-__all__ = ["TINY", "deep_update", "read_json"]  # re-exported: the tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -76,18 +76,8 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONUNBUFFERED": "1",
-            "WANDB_SILENT": "true",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
-    env.update(extra)
-    return env
+    """The environment of every child: quiet, offline, one BLAS thread per process."""
+    return _child_env(**extra)
 
 
 def vit_train(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
