@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODE := supervisor worker tests bench
 
-.PHONY: demo test venv
+.PHONY: demo test unit lint venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +20,18 @@ demo: $(STAMP)
 	$(BIN)/vit-supervisor start configs/demo.yaml
 	$(BIN)/vit-supervisor status configs/demo.yaml || true
 
-# Two test processes (one per core); each file's tests stay together in one of them.
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+# The gates: lint and format check on all Python code, then types (files and strictness in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/mypy
+
+# Gates first, then two test processes (one per core); each file's tests stay together in one of them.
+# pytest's exit 5 (no tests collected: a bad -m or PYTEST_ADDOPTS) is a failure, said so.
+test: lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests || { rc=$$?; \
+	  [ $$rc -ne 5 ] || echo "make test: pytest collected no tests (exit 5); that is a failure" >&2; exit $$rc; }
+
+# The unit tests alone (no real worker or supervisor processes): seconds.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e" tests

@@ -51,6 +51,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import run_progress, wait_exit, wait_for
 
 from supervisor import protocol
 
@@ -244,16 +247,6 @@ def supervisor(cfg_path: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait(pred: Any, timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.005)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def schedule(n: int, rng: random.Random, kinds: list[str]) -> list[str]:
     """Every kind at least once; batch-changing faults last so exactness can be checked before them."""
     plain = [k for k in kinds if k not in BATCH_CHANGING]
@@ -357,6 +350,10 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     exact_checked = 0
     batch_changed = False
     oom_budget = 2
+
+    def moved() -> tuple[object, ...]:
+        return run_progress(out)
+
     try:
         attempts_before = 0
         for kind in faults:
@@ -364,20 +361,21 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
                 kind = "sigkill"
             if events and events[-1].kind != "low_disk":
                 # The last fault's restart must have happened before the next fault is aimed.
-                wait(
+                wait_for(
                     lambda: (
                         len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
                         > attempts_before
                     ),
                     180,
                     "the restart after the last fault",
+                    progress=moved,
                 )
             # Let the current worker make some progress first, and (as in a real run, where faults
             # are hours apart) its standby get ready.
-            _pid0, s0 = wait(lambda: (p := watch.step_now())[0] and p, 180, "a running worker")
+            _pid0, s0 = wait_for(lambda: (p := watch.step_now())[0] and p, 180, "a running worker", progress=moved)
             if a.standby_ready:
-                try:
-                    wait(
+                try:  # a fixed allowance, not a budget: the fault goes ahead without a standby
+                    wait_for(
                         lambda: (
                             (protocol.read_json(protocol.state_path(out)) or {}).get("standby", {})
                             and (protocol.read_json(protocol.state_path(out)) or {})["standby"].get("ready")
@@ -392,7 +390,9 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             if target >= steps - 3:
                 print(f"chaos: out of steps before fault {len(events) + 1} ({kind}); ending the schedule")
                 break
-            pid, step = wait(lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}")
+            pid, step = wait_for(
+                lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}", progress=moved
+            )
             if not batch_changed:
                 exact_checked += check_exact(out, ref_out, misses)
             attempts_before = len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
@@ -405,7 +405,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
                 batch_changed = True
             events.append(ev)
             print(f"chaos: {len(events):2d} {ev.kind:<20s} at step {ev.step:4d} {ev.detail}", flush=True)
-        code = sup.wait(timeout=1200)
+        code = wait_exit(sup, 180, out)
     finally:
         watch.stop.set()
         th.join()
@@ -452,7 +452,7 @@ def inject(
         os.kill(pid, sig)
         return ev
     if kind == "kill_during_save":
-        hb = wait(
+        hb = wait_for(
             lambda: (
                 (h := protocol.read_json(protocol.heartbeat_path(out)) or {}).get("state") == "saving"
                 and h.get("pid") == pid
@@ -460,6 +460,7 @@ def inject(
             ),
             120,
             "a save",
+            progress=lambda: run_progress(out),
         )
         ev = Event(kind, now(), hb["global_step"], pid)
         os.kill(pid, signal.SIGKILL)
@@ -505,10 +506,11 @@ def inject(
             f.truncate(0)
             f.write(b"\0" * max(0, free - (1 << 20)))
         try:
-            wait(
+            wait_for(
                 lambda: (protocol.read_json(protocol.heartbeat_path(out)) or {}).get("state") == "waiting_for_disk",
                 60,
                 "waiting_for_disk",
+                progress=lambda: run_progress(out),
             )
             ev.detected = now()
             time.sleep(0.5)  # hold the disk full for a moment: training must stay paused

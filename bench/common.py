@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from supervisor import protocol
+from supervisor.host import poll_until
 
 # The test suite's tiny from-scratch ViT (configs/tiny.yaml): about 20 steps a second on 2 cores,
 # a worker reaches its first step in a few seconds (mostly imports).
@@ -143,13 +144,21 @@ def run_worker(
     environ: dict[str, str] | None = None,
     argv: list[str] | None = None,
 ) -> int:
-    """Run a worker to its end; return its exit code."""
+    """Run a worker to its end; return its exit code. ``timeout`` is a stall limit: it restarts
+    whenever the run's heartbeat moves."""
     p = spawn(argv or worker_argv(cfg, *args), log, environ)
+    out = output_dir(cfg)
     try:
-        return p.wait(timeout)
-    except subprocess.TimeoutExpired:
+        return wait_exit(p, timeout, out)
+    except TimeoutError:
         kill_group(p, signal.SIGKILL)
         raise
+
+
+def wait_exit(p: subprocess.Popen[Any], stall: float, out: Path) -> int:
+    """``p``'s exit code; TimeoutError once the run in ``out`` has not moved for ``stall`` s."""
+    wait_for(lambda: p.poll() is not None, stall, f"pid {p.pid} to exit", 0.05, progress=lambda: run_progress(out))
+    return p.returncode
 
 
 def kill_group(p: subprocess.Popen[Any], sig: int = signal.SIGKILL, wait: float = 30) -> None:
@@ -164,16 +173,32 @@ def kill_group(p: subprocess.Popen[Any], sig: int = signal.SIGKILL, wait: float 
         pass
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
-    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.005,
+    *,
+    progress: Callable[[], object] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` s.
+
+    With ``progress`` (e.g. ``lambda: run_progress(out)``) ``timeout`` is a stall limit: it
+    restarts whenever the run moves, so a loaded machine is waited for and a stuck run is not.
+    """
+    value = poll_until(predicate, timeout, interval=interval, progress=progress)
+    if not value:
+        stalled = "without progress " if progress is not None else ""
+        raise TimeoutError(f"timed out after {timeout:.0f}s {stalled}waiting for {what}")
+    return value
+
+
+def run_progress(out: Path) -> tuple[object, ...]:
+    """What moves while a run is alive: the heartbeat's (step, state, pid) and ``state.json``'s
+    (state, attempt). A wait keyed on it restarts its stall clock whenever one of them changes."""
+    hb = protocol.read_json(protocol.heartbeat_path(out)) or {}
+    st = protocol.read_json(protocol.state_path(out)) or {}
+    return hb.get("global_step"), hb.get("state"), hb.get("pid"), st.get("state"), st.get("attempt")
 
 
 def heartbeat(out: Path) -> dict[str, Any]:

@@ -62,6 +62,7 @@ def one_trial(work: Path, ref_cfg: Path, ref_final: Path, kill_step: int, final_
             lambda: (hb := c.heartbeat(out)).get("global_step", 0) >= kill_step and (hb["pid"], hb["global_step"]),
             300,
             f"step {kill_step}",
+            progress=lambda: c.run_progress(out),
         )
         p.send_signal(signal.SIGKILL)
         p.wait()

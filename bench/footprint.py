@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         out = c.output_dir(cfg)
         sup = c.spawn(c.supervisor_argv(cfg), work / f"{name}.log", environ)
         try:
-            c.wait_for(lambda: ready("supervisor", out, 30), 240, "a training worker and a ready standby")
+            c.wait_for(
+                lambda: ready("supervisor", out, 30),
+                240,
+                "a training worker and a ready standby",
+                progress=lambda: c.run_progress(out),
+            )
             time.sleep(1.0)
             st = protocol.read_json(protocol.state_path(out)) or {}
             pids = {"supervisor": sup.pid, "worker": st["worker_pid"], "standby (idle)": st["standby"]["pid"]}

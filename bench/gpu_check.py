@@ -307,8 +307,8 @@ def write(path: Path, cfg: dict[str, Any]) -> Path:
 def supervise(cfg: Path, log: Path, environ: dict[str, str], timeout: float) -> int:
     p = c.spawn(c.supervisor_argv(cfg), log, environ)
     try:
-        return p.wait(timeout)
-    except subprocess.TimeoutExpired:
+        return c.wait_exit(p, timeout, c.output_dir(cfg))
+    except TimeoutError:
         c.kill_group(p, signal.SIGTERM, wait=60)
         c.kill_group(p)
         return -1
@@ -392,7 +392,7 @@ def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> d
                 raise RuntimeError(f"the supervisor exited ({sup.returncode}) before the kill")
             return None
 
-        pid, step, standby = c.wait_for(due, a.phase_timeout, f"step {KILL_STEP}")
+        pid, step, standby = c.wait_for(due, a.phase_timeout, f"step {KILL_STEP}", progress=lambda: c.run_progress(out))
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
         resume = c.newest_checkpoint_step(out)
@@ -402,9 +402,14 @@ def phase_exact(work: Path, environ: dict[str, str], a: argparse.Namespace) -> d
             f"newest checkpoint {resume}",
             flush=True,
         )
-        first = c.wait_for(lambda: watch.first_step_after(t_kill, pid, resume), a.phase_timeout, "a new step")
+        first = c.wait_for(
+            lambda: watch.first_step_after(t_kill, pid, resume),
+            a.phase_timeout,
+            "a new step",
+            progress=lambda: c.run_progress(out),
+        )
         kill["recovery_s"] = first[0] - t_kill
-        code = sup.wait(a.phase_timeout)
+        code = c.wait_exit(sup, a.phase_timeout, out)
     except (TimeoutError, RuntimeError, subprocess.TimeoutExpired) as exc:
         misses.append(f"phase 2 under the supervisor: {exc}")
         code = None

@@ -60,7 +60,12 @@ def trial(work: Path, fault: str, interval: int, k: int, n: int) -> tuple[int, i
     else:
         p = c.spawn(c.worker_argv(cfg), log)
         try:
-            hit = c.wait_for(lambda: (s := c.heartbeat(out).get("global_step") or 0) >= k and s, 300, f"step {k}")
+            hit = c.wait_for(
+                lambda: (s := c.heartbeat(out).get("global_step") or 0) >= k and s,
+                300,
+                f"step {k}",
+                progress=lambda: c.run_progress(out),
+            )
             p.send_signal(signal.SIGTERM if fault == "sigterm" else signal.SIGKILL)
             rc = p.wait(120)
         finally:

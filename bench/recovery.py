@@ -129,7 +129,12 @@ def run_method(
     try:
         floor = 30
         for _ in range(kills):
-            c.wait_for(lambda: ready(method, out, floor), 240, f"{method}: a trained worker")
+            c.wait_for(
+                lambda: ready(method, out, floor),
+                240,
+                f"{method}: a trained worker",
+                progress=lambda: c.run_progress(out),
+            )
             time.sleep(1.0 + rng.random())  # settle (a standby's start-up is done), then a random moment
             hb = c.heartbeat(out)
             pid, step = hb["pid"], hb["global_step"]
@@ -141,7 +146,12 @@ def run_method(
                 "the kill",
             )
             resume = c.newest_checkpoint_step(out)  # the newest committed one: what the new worker loads
-            first = c.wait_for(lambda: watch.first_step_after(t_kill, pid, resume), 240, f"{method}: recovery")
+            first = c.wait_for(
+                lambda: watch.first_step_after(t_kill, pid, resume),
+                240,
+                f"{method}: recovery",
+                progress=lambda: c.run_progress(out),
+            )
             results.append({"recovery_s": first[0] - t_kill, "lost": step - resume, "step": step})
             c.say(
                 f"{method} round {rnd}: killed pid {pid} at step {step}; pid {first[1]} made step {first[2]} "

@@ -1,14 +1,20 @@
-"""Shared fixtures: small real configs, real processes, deadlines instead of sleeps."""
+"""Shared fixtures: small real configs, real processes, waits bounded by progress instead of sleeps.
+
+A fixed number of seconds assumes an idle machine. The waits on a run here take a
+*stall* limit instead: it restarts whenever the run visibly moves (the heartbeat's
+step, state or pid; ``state.json``'s state or attempt), so a loaded machine is
+waited for and a stuck run is not. A hard cap of ``HARD_CAP`` stall limits still
+fails a livelock (say a crash loop whose attempt number keeps changing).
+"""
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,23 +23,43 @@ import psutil
 import pytest
 import yaml
 
+# One home each, shared with the benchmarks; the tests keep importing them from here.
+from bench.common import TINY, deep_update, run_progress
+from bench.common import env as _child_env
+from supervisor.host import poll_until
+from supervisor.protocol import read_json
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# configs/tiny.yaml: a tiny from-scratch ViT on a slice of the digits. A worker process reaches its
-# first step in a few seconds (mostly imports) and trains ~20 steps a second on 2 cores.
-TINY: dict[str, Any] = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-TINY["training"]["output_dir"] = "out"  # relative to each copy's own folder
+# A wait bounded by progress still gives up after this many stall limits in all.
+HARD_CAP = 10
+
+# Fixtures that start real worker or supervisor processes: a test using one is end-to-end.
+E2E_FIXTURES = frozenset({"new_run", "reference_tiny"})
 
 
-def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_update(out[k], v)
-        else:
-            out[k] = v
-    return out
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Safety net for ``-m "not e2e"``: a test that starts real processes through a fixture is e2e."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
+
+
+_running: list[pytest.Item] = []  # the test being set up or run (fixtures of any scope included)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
+
+def note_real_process(what: str) -> None:
+    """Warn when a test not marked e2e starts a real worker or supervisor: ``-m "not e2e"`` must take seconds."""
+    if _running and not _running[0].get_closest_marker("e2e"):
+        warnings.warn(
+            f"{_running[0].nodeid} starts a real {what} but is not marked e2e", pytest.PytestWarning, stacklevel=3
+        )
 
 
 @pytest.fixture
@@ -50,55 +76,109 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONUNBUFFERED": "1",
-            "WANDB_SILENT": "true",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
-    env.update(extra)
-    return env
+    """The environment of every child: quiet, offline, one BLAS thread per process."""
+    return _child_env(**extra)
 
 
 def vit_train(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
-    """Start a real worker process (``python -m worker``) in its own session."""
+    """Start a real worker process (``python -m worker``) in its own session; output to a pipe
+    unless ``popen`` says otherwise (e.g. ``stdout=log_file``)."""
+    note_real_process("worker")
+    kw: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
     return subprocess.Popen(
         [PYTHON, "-m", "worker", *map(str, args)],
         env=env or worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
         cwd=REPO,
-        **popen,
+        **kw,
     )
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
+class _Capped(Exception):
+    """The hard cap of a progress-bounded wait passed while the run was still moving."""
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    *,
+    progress: Callable[[], object] | None = None,
+    cap: float | None = None,
+    context: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Without ``progress``, ``timeout`` is a plain deadline. With it (e.g. ``run.progress``),
+    ``timeout`` is a stall limit that restarts whenever ``progress()`` changes, and ``cap``
+    (default ``HARD_CAP * timeout``) bounds the whole wait. Fails with an AssertionError
+    "timed out after Ns waiting for WHAT", the last progress seen and ``context()``.
+    """
+    start = time.monotonic()
+    limit = HARD_CAP * timeout if cap is None else cap
+    last: list[object] = [None]
+
+    def watched() -> object:
+        last[0] = progress() if progress is not None else None
+        return last[0]
+
+    def check() -> Any:
         value = predicate()
+        if not value and progress is not None and time.monotonic() - start > limit:
+            raise _Capped
+        return value
+
+    try:
+        value = poll_until(check, timeout, interval=interval, progress=watched if progress is not None else None)
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+        why = "" if progress is None else f": no progress for {timeout:.0f}s, {time.monotonic() - start:.0f}s in all"
+        message = f"timed out after {timeout:.0f}s waiting for {what}{why}"
+    except _Capped:
+        message = f"timed out after {limit:.0f}s waiting for {what}: still moving at the hard cap (a livelock?)"
+    if progress is not None:
+        message += f"; last progress {last[0]}"
+    if context is not None:
+        message += f"\n{context()}"
+    raise AssertionError(message)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def wait_exit(
+    proc: subprocess.Popen[Any],
+    timeout: float,
+    what: str,
+    *,
+    progress: Callable[[], object] | None = None,
+    context: Callable[[], str] | None = None,
+) -> int:
+    """``proc``'s exit code, waited for like :func:`wait_for`; on a timeout ``proc`` (and its
+    session, if it leads one) is SIGKILLed before the AssertionError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        wait_for(lambda: proc.poll() is not None, timeout, what, progress=progress, context=context)
+    except AssertionError:
+        try:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.kill()
+        proc.wait()
+        raise
+    return proc.returncode
 
 
 def heartbeat(out: Path) -> dict[str, Any]:
     return read_json(out / "run" / "heartbeat.json") or {}
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    """The last ``n`` characters of a log file ("" if there is none)."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +187,11 @@ def reference_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("reference")
     cfg = d / "c.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
-    p = vit_train(cfg)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+    log = d / "worker.log"
+    with open(log, "w") as f:
+        p = vit_train(cfg, stdout=f)
+    code = wait_exit(p, 120, "the reference run", progress=lambda: run_progress(d / "out"), context=lambda: tail(log))
+    assert code == 0, tail(log)
     final = d / "out" / "checkpoint-38"
     assert final.is_dir()
     return final
@@ -131,6 +213,7 @@ class Run:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *extra: str) -> subprocess.Popen[str]:
+        note_real_process("supervisor")
         self.n += 1
         log = open(self.tmp / f"supervisor-{self.n}.log", "w")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
@@ -169,8 +252,21 @@ class Run:
     def state(self) -> dict[str, Any]:
         return read_json(self.out / "run" / "state.json") or {}
 
-    def worker_at_step(self, step: int, attempt: int | None = None) -> dict[str, Any]:
-        """Wait until the current worker has trained past ``step``; return its heartbeat."""
+    def progress(self) -> tuple[object, ...]:
+        """The heartbeat's (step, state, pid) and ``state.json``'s (state, attempt): what moves while the run lives."""
+        return run_progress(self.out)
+
+    def describe(self) -> str:
+        """What a failed wait shows: the run's state and the tail of the supervisor logs."""
+        return f"state {self.state()}\n{self.log()[-3000:]}"
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+        """:func:`wait_for` with ``timeout`` as a stall limit on this run's progress."""
+        return wait_for(predicate, timeout, what, interval, progress=self.progress, context=self.describe)
+
+    def worker_at_step(self, step: int, attempt: int | None = None, timeout: float = 45) -> dict[str, Any]:
+        """Wait until the current worker has trained past ``step``; return its heartbeat.
+        ``timeout`` is a stall limit: it restarts while the run moves."""
 
         def ok() -> dict[str, Any] | None:
             hb, st = heartbeat(self.out), self.state()
@@ -183,7 +279,7 @@ class Run:
                 return hb
             return None
 
-        return wait_for(ok, 45, f"worker past step {step}")
+        return self.wait_for(ok, timeout, f"worker past step {step}" + (f" in attempt {attempt}" if attempt else ""))
 
     def log(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.tmp.glob("supervisor-*.log")))
@@ -203,10 +299,6 @@ def new_run(tmp_path: Path) -> Any:
 
 
 def finish(proc: subprocess.Popen[str], run: Run, timeout: float = 45) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(
-            f"supervisor did not exit in {timeout}s; state {run.state()}\n{run.log()[-3000:]}"
-        ) from None
+    """The supervisor's exit code. ``timeout`` is a stall limit: it restarts while ``run`` moves
+    (up to ``HARD_CAP`` times), so a slow machine finishing a long run is not a failure."""
+    return wait_exit(proc, timeout, f"supervisor pid {proc.pid} to exit", progress=run.progress, context=run.describe)

@@ -206,3 +206,17 @@ def test_every_benchmark_script_answers_help() -> None:
             cwd=REPO,
         )
         assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stderr[-2000:])
+
+
+def test_run_progress_reads_the_heartbeat_and_the_state_file(tmp_path: Path) -> None:
+    assert common.run_progress(tmp_path) == (None, None, None, None, None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "heartbeat.json").write_text(json.dumps({"global_step": 7, "state": "training", "pid": 42}))
+    (tmp_path / "run" / "state.json").write_text(json.dumps({"state": "running", "attempt": 2}))
+    assert common.run_progress(tmp_path) == (7, "training", 42, "running", 2)
+
+
+def test_bench_waits_raise_timeout_error_naming_a_stall() -> None:
+    with pytest.raises(TimeoutError, match="timed out after 0s without progress waiting for step 9"):
+        common.wait_for(lambda: None, 0.05, "step 9", progress=lambda: 1)
+    assert common.wait_for(lambda: 3, 0.05, "a value") == 3

@@ -8,33 +8,49 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from bench.common import run_progress
+from tests.conftest import REPO, tail, wait_exit
 
 pytestmark = pytest.mark.e2e
 
+# A stall limit, above the harness's own (180 s) so that it reports a stuck run itself first.
+STALL = 240
+
 
 def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "chaos.py"),
-            "--short",
-            "--no-tracking",
-            "--no-standby-wait",
-            "--seed",
-            "3",
-            "--workdir",
-            str(tmp_path),
-            "--report",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    stdout, stderr = tmp_path / "chaos.out", tmp_path / "chaos.err"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "bench" / "chaos.py"),
+                "--short",
+                "--no-tracking",
+                "--no-standby-wait",
+                "--seed",
+                "3",
+                "--workdir",
+                str(tmp_path),
+                "--report",
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+        )
+    # The reference run, then the chaos run: either one moving is progress.
+    code = wait_exit(
+        p,
+        STALL,
+        "the chaos run",
+        progress=lambda: (run_progress(tmp_path / "reference"), run_progress(tmp_path / "chaos")),
+        context=lambda: tail(stdout, 4000) + tail(stderr, 2000),
     )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "all checks passed (5 faults)" in r.stdout
+    text = stdout.read_text()
+    assert code == 0, text[-4000:] + tail(stderr, 2000)
+    assert "all checks passed (5 faults)" in text
     for kind in ("sigkill", "sigterm", "kill_during_save", "truncate_checkpoint", "oom"):
-        assert any(line.startswith(kind) for line in r.stdout.splitlines()), kind
+        assert any(line.startswith(kind) for line in text.splitlines()), kind
     png = tmp_path / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

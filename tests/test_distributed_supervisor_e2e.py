@@ -12,16 +12,22 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import Run, finish, heartbeat, wait_for
+from tests.conftest import Run, finish, heartbeat
 
 pytestmark = pytest.mark.e2e
 
+# 2 ranks x 16 = 32 samples per step: 10 steps per epoch. Long enough that a stop lands mid-run.
 TWO = {
     "launcher": "torchrun",
     "distributed": {"nproc_per_node": 2},
     "training": {"num_train_epochs": 12, "save_steps": 5},
     "supervisor": {"startup_timeout_s": 120},
 }
+# Killed at step 12 and resumed from 10: 40 steps is enough to see the restarted job complete.
+TWO_SHORT = {**TWO, "training": {"num_train_epochs": 4, "save_steps": 5}}
+# Stall limits (they restart while the job moves): three processes importing torch on a
+# loaded 2-core machine show no progress for a while.
+STALL = 120
 
 
 def ranks(run: Any) -> list[psutil.Process]:
@@ -31,25 +37,25 @@ def ranks(run: Any) -> list[psutil.Process]:
 
 
 def test_killing_one_rank_restarts_the_whole_job_which_resumes_and_completes(make_config: Any, new_run: Any) -> None:
-    run = new_run(make_config(TWO))
+    run = new_run(make_config(TWO_SHORT))
     sup = run.start()
-    wait_for(
+    run.wait_for(
         lambda: (heartbeat(run.out).get("global_step") or 0) >= 12 and run.state().get("attempt") == 1,
-        90,
+        STALL,
         "2 ranks at step 12",
     )
     victims = ranks(run)
     assert len(victims) == 2
     killed = time.time()
     victims[1].kill()
-    wait_for(
+    run.wait_for(
         lambda: run.state().get("attempt") == 2 and (run.state()["attempts"][1].get("first_step_at")),
-        120,
+        STALL,
         "the restarted job's first new step",
     )
     restart_s = run.state()["attempts"][1]["first_step_at"] - killed
     print(f"\n2-rank job: SIGKILL of one rank -> first new step of the restarted job: {restart_s:.2f}s")
-    assert finish(sup, run, timeout=180) == 0, run.log()[-3000:]
+    assert finish(sup, run, timeout=STALL) == 0, run.log()[-3000:]
     st = run.state()
     first, second = st["attempts"][:2]
     assert first["reason"] == "crash" and "died without an exit report" in first["message"]
@@ -68,7 +74,7 @@ def test_real_oom_on_one_rank_lowers_the_batch_on_all_ranks(make_config: Any, ne
             "training": {
                 "per_device_train_batch_size": 1024,
                 "gradient_accumulation_steps": 1,
-                "max_steps": 3,
+                "max_steps": 1,
                 "eval_strategy": "no",
             },
             "supervisor": {"oom_batch_factor": 0.0625, "startup_timeout_s": 120},
@@ -76,7 +82,7 @@ def test_real_oom_on_one_rank_lowers_the_batch_on_all_ranks(make_config: Any, ne
     )
     run = new_run(cfg, VIT_MEMORY_HEADROOM_MB="400", VIT_MEMORY_HEADROOM_RANKS="1")
     sup = run.start()
-    assert finish(sup, run, timeout=180) == 0, run.log()[-3000:]
+    assert finish(sup, run, timeout=STALL) == 0, run.log()[-3000:]
     st = run.state()
     first, last = st["attempts"][0], st["attempts"][-1]
     assert first["reason"] == "oom" and first["message"].startswith("rank 1:")
@@ -90,9 +96,9 @@ def test_real_oom_on_one_rank_lowers_the_batch_on_all_ranks(make_config: Any, ne
 def test_ctrl_c_makes_every_rank_checkpoint_the_same_step_and_stop(make_config: Any, new_run: Any) -> None:
     run = new_run(make_config(TWO))
     sup = run.start()
-    wait_for(lambda: (heartbeat(run.out).get("global_step") or 0) >= 4, 90, "training")
+    run.wait_for(lambda: (heartbeat(run.out).get("global_step") or 0) >= 4, STALL, "training")
     sup.send_signal(signal.SIGINT)
-    assert finish(sup, run, timeout=90) == 0, run.log()[-3000:]
+    assert finish(sup, run, timeout=STALL) == 0, run.log()[-3000:]
     st = run.state()
     assert st["state"] == "stopped"
     reports = [json.loads(p.read_text()) for p in (run.out / "run").glob("exit-1.rank*.json")]
@@ -132,10 +138,11 @@ def test_two_local_nodes_with_one_supervisor_each_train_together(
     for r in (0, 1):
         (tmp_path / f"node{r}").mkdir()
         runs.append(Run(tmp_path / f"node{r}", node[r]))
+        runs[-1].out = tmp_path / "out"  # shared by both nodes: the heartbeat to watch for progress
     try:
         procs = [runs[0].start(), runs[1].start()]
         for r, p in zip(runs, procs, strict=False):
-            assert finish(p, r, timeout=180) == 0, r.log()[-3000:]
+            assert finish(p, r, timeout=STALL) == 0, r.log()[-3000:]
     finally:
         for r in runs:
             r.cleanup()
