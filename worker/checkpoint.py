@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ log = logging.getLogger("vit_train")
 MANIFEST = "vit_checkpoint.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 SET_ASIDE = "set-aside"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = (
     "config.json",
     "model.safetensors",
@@ -47,8 +45,16 @@ class CheckpointInvalid(Exception):
 
 
 def step_of(path: Path) -> int | None:
-    m = CHECKPOINT_RE.match(path.name)
-    return int(m.group(1)) if m else None
+    return protocol.checkpoint_step(path)
+
+
+def is_ours(path: Path) -> bool:
+    """A checkpoint this project committed: exactly ``checkpoint-N``, a real folder, with our manifest.
+
+    Only these may ever be deleted: a user's ``checkpoint-10.bak/`` or a checkpoint copied in
+    from a plain transformers run is not ours to remove.
+    """
+    return step_of(path) is not None and not path.is_symlink() and path.is_dir() and (path / MANIFEST).is_file()
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -209,9 +215,9 @@ def clean_staging(output_dir: Path) -> None:
 
 
 def rotation_candidates(output_dir: Path, keep: int, best: str | None) -> list[Path]:
-    """Checkpoints that rotation to ``keep`` would delete: oldest first, never the newest
-    or the best."""
-    ckpts = list(reversed(list_checkpoints(output_dir)))  # oldest first
+    """Checkpoints that rotation to ``keep`` would delete: oldest first, only our own
+    (:func:`is_ours`), never the newest or the best."""
+    ckpts = [c for c in reversed(list_checkpoints(output_dir)) if is_ours(c)]  # oldest first
     if len(ckpts) <= keep:
         return []
     newest = ckpts[-1]
@@ -219,6 +225,19 @@ def rotation_candidates(output_dir: Path, keep: int, best: str | None) -> list[P
     victims = [c for c in ckpts if c != newest and (best_path is None or c.resolve() != best_path)]
     excess = len(ckpts) - keep
     return victims[:excess]
+
+
+def rotate(output_dir: Path, keep: int, best: str | None) -> list[Path]:
+    """Delete our oldest checkpoints beyond ``keep``, never the newest or the best; return them.
+
+    Replaces transformers' ``rotate_checkpoints``, which matches any name containing
+    ``checkpoint-<digits>`` and so would delete a user's ``checkpoint-10.bak/``.
+    """
+    victims = rotation_candidates(output_dir, keep, best)
+    for victim in victims:
+        log.info("Rotating out checkpoint %s (save_total_limit %d)", victim.name, keep)
+        shutil.rmtree(victim)
+    return victims
 
 
 def estimate_bytes(model: Any, optimizer_states_per_param: int = 2) -> int:
