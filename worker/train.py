@@ -173,6 +173,9 @@ def attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepared:
     except data_mod.DataError as exc:
         log.error("%s", exc)
         return Outcome(protocol.REASON_DATA_ERROR, str(exc))
+    except model_mod.ModelUnavailable as exc:
+        log.error("%s", exc)
+        return Outcome(protocol.REASON_CONFIG_ERROR, str(exc))
     # Under torchrun this also joins the process group.
     args = training_arguments(cfg, ["wandb"] if tracking.enabled(cfg) and main else [])
     decision: tuple[str | None, str | None, str] = (None, None, "")
@@ -236,6 +239,11 @@ def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
     except StoppedWhileWaiting as exc:
         log.warning("%s", exc)
         return Outcome(protocol.REASON_INTERRUPTED, str(exc), _progress(trainer))
+    except data_mod.DataError as exc:
+        # A corrupt image fails again on every retry: the user must fix or remove it.
+        message = data_mod.error_message(exc)
+        log.error("Stopping at step %d: %s", trainer.state.global_step, message)
+        return Outcome(protocol.REASON_DATA_ERROR, message, _progress(trainer))
     except BaseException as exc:
         if not is_oom(exc):
             log.exception("Training crashed at step %d", trainer.state.global_step)
