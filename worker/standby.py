@@ -99,12 +99,7 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         return protocol.EXIT_CRASH
     set_process_name("vit-train")
     _apply_go(cfg, go)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except OSError:
-        log.warning(
-            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
-        )
+    restore_priority()
     fresh = data_mod.build(cfg).fingerprint
     if fresh != prepared.splits.fingerprint:
         msg = f"the data changed since the standby started (fingerprint {prepared.splits.fingerprint} -> {fresh})"
@@ -112,6 +107,42 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         return write_exit_report(cfg.output_dir, protocol.REASON_STANDBY_STALE, msg)
     log.info("Standby taking over as attempt %s", go.get("attempt"))
     return run(cfg, resume=bool(go.get("resume", True)), checkpoint=None, stop=stop, prepared=prepared)
+
+
+def restore_priority() -> None:
+    """Every thread back to normal CPU priority for training.
+
+    On Linux a nice value belongs to a thread: setpriority on the process id changes only
+    the calling thread, and torch's intra-op pool (started while waiting) would train at
+    nice 10 for the whole attempt. Threads started later inherit their creator's value, so
+    once every existing thread is at 0, so are they; the loop catches a thread started
+    while it runs.
+    """
+    done: set[int] = set()
+    failed = False
+    while True:
+        todo = _thread_ids() - done
+        if not todo:
+            break
+        for tid in todo:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+            except ProcessLookupError:
+                pass  # the thread ended meanwhile
+            except OSError:
+                failed = True
+            done.add(tid)
+    if failed:
+        log.warning(
+            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
+        )
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux: the process's priority is the threads' priority
+        return {0}
 
 
 def _wait_for_go(stop: StopRequest) -> str | None:
