@@ -3,38 +3,47 @@
 A restart's cost is almost all start-up: importing torch and transformers,
 reading the data, building the model. The supervisor keeps one process that
 has done all of that and waits on its stdin. When the active worker dies, the
-supervisor writes one JSON line, the go::
+supervisor writes one line, the go: a :class:`protocol.LaunchOrder`
+(:meth:`~protocol.LaunchOrder.to_line`), the same order a cold start receives
+as flags and environment. The standby then continues exactly as a cold
+``vit-train --resume`` would from that point (same checkpoint choice, guard,
+locks, fault contract).
 
-    {"attempt": 4, "resume": true, "per_device_train_batch_size": 16,
-     "gradient_accumulation_steps": 2, "exit_report": "/…/run/exit-4.json"}
-
-and the standby continues exactly as a cold ``vit-train --resume`` would from
-that point (same checkpoint choice, guard, fault contract). EOF on stdin
-without a go means "not needed": it exits 0.
+From the moment a go is on its stdin the standby *is* that attempt's worker: a
+stop then ends it with exit 3 (interrupted) and an exit report at the order's
+path, even if the stop arrived before it read the go. EOF on stdin without a
+go means "not needed": exit 0, no report. A stop without a go (the standby was
+never a worker) exits 3 without a report, so that nothing reads it as a
+completed run. While preparing, a stop (or its supervisor's death, through
+PR_SET_PDEATHSIG) interrupts the preparation at once: there is nothing to save.
 
 While it waits it never touches the GPU (no CUDA context, no device memory;
-the model and data live in host memory) and runs at a lower CPU priority.
-It announces itself in ``run/standby.json``: pid, the SHA-256 of the config
-file it read and the data fingerprint, so the supervisor can tell a stale
-standby from a usable one. If the data changed between start-up and the go
-(fingerprint differs), it exits with code 6 (reason ``standby_stale``) without
-touching anything, and the supervisor starts a cold worker instead.
+the model and data live in host memory) and runs at a lower CPU priority. It
+announces itself in ``run/standby-PID.json`` (:class:`protocol.StandbyReady`):
+the SHA-256 of the config file it read and the data fingerprint, so the
+supervisor can tell a stale standby from a usable one. If the data changed
+between start-up and the go (fingerprint differs), it exits with code 6
+(reason ``standby_stale``) without touching anything, and the supervisor starts
+a cold worker instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import selectors
+import signal
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from supervisor import protocol
 from supervisor.schema import Config
-from worker.fault import StopRequest, set_process_name, write_exit_report
+from worker.fault import ParentWatch, StopRequest, set_process_name, write_exit_report
 
 log = logging.getLogger("vit_train")
 
@@ -42,12 +51,9 @@ EXIT_STANDBY_STALE = protocol.EXIT_STANDBY_STALE
 STANDBY_NICE = 10
 
 
-def config_sha(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def standby_path(output_dir: Path, pid: int | None = None) -> Path:
-    return protocol.standby_announcement(output_dir, pid or os.getpid())
+class _Stopped(BaseException):
+    """A stop arrived while the standby was preparing (a BaseException, like KeyboardInterrupt,
+    so that library code catching Exception during imports does not swallow it)."""
 
 
 def serve(cfg: Config, stop: StopRequest) -> int:
@@ -57,31 +63,28 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         os.nice(STANDBY_NICE)
     except OSError:
         pass
-    from worker import data as data_mod
-    from worker.train import prepare, run
-
+    ParentWatch().arm()  # the supervisor's death becomes a stop, even while importing
     try:
-        prepared = prepare(cfg)
-    except data_mod.DataError as exc:
-        log.error("Standby cannot prepare: %s", exc)
+        with _stops_interrupt(stop):
+            prepared = _prepare(cfg)
+    except _Stopped:
+        return _stopped_before_training(cfg, stop, _read_pending())
+    if stop.requested:  # an interruption that some library caught and swallowed
+        return _stopped_before_training(cfg, stop, _read_pending())
+    if isinstance(prepared, str):
+        log.error("Standby cannot prepare: %s", prepared)
         return protocol.EXIT_USER_ERROR
-    announce = standby_path(cfg.output_dir)
-    info: dict[str, Any] = {
-        "pid": os.getpid(),
-        "ready": True,
-        "config_sha256": config_sha(cfg.source_path),
-        "fingerprint": prepared.splits.fingerprint,
-        "prepared_s": round(time.monotonic() - t0, 3),
-        "time": time.time(),
-    }
-    try:
-        import psutil
-
-        info["rss_bytes"] = psutil.Process().memory_info().rss
-    except Exception:
-        pass
-    protocol.atomic_write_json(announce, info)
-    log.info("Standby ready in %.2fs (pid %d); waiting for a go", info["prepared_s"], os.getpid())
+    announce = protocol.standby_announcement(cfg.output_dir, os.getpid())
+    ready = protocol.StandbyReady(
+        pid=os.getpid(),
+        config_sha256=protocol.config_sha(cfg.source_path),
+        fingerprint=prepared.splits.fingerprint,
+        prepared_s=round(time.monotonic() - t0, 3),
+        time=time.time(),
+        rss_bytes=_rss(),
+    )
+    protocol.atomic_write_json(announce, protocol.record_dict(ready))
+    log.info("Standby ready in %.2fs (pid %d); waiting for a go", ready.prepared_s or 0.0, os.getpid())
     try:
         line = _wait_for_go(stop)
     finally:
@@ -89,24 +92,161 @@ def serve(cfg: Config, stop: StopRequest) -> int:
             announce.unlink()
         except FileNotFoundError:
             pass
-    if line is None:
-        log.info("Standby not needed; exiting")
-        return 0
+    if stop.requested or line is None:
+        return _stopped_before_training(cfg, stop, line)
+    return _take_over(cfg, stop, line, prepared)
+
+
+def _prepare(cfg: Config) -> Any:
+    """The prepared run, or the message of a user error that makes this standby useless."""
+    from worker import data as data_mod
+    from worker import model as model_mod
+    from worker.train import prepare
+
     try:
-        go = json.loads(line)
-    except ValueError:
-        log.error("Standby got a malformed go: %r", line[:200])
-        return protocol.EXIT_CRASH
-    set_process_name("vit-train")
-    _apply_go(cfg, go)
+        return prepare(cfg)
+    except (data_mod.DataError, model_mod.ModelUnavailable) as exc:
+        return str(exc)
+
+
+def _take_over(cfg: Config, stop: StopRequest, line: str, prepared: Any) -> int:
+    """Become the worker of the attempt the go names."""
+    from worker import data as data_mod
+    from worker.train import run
+
+    order = _become_worker(cfg, line)
+    if order is None:
+        return _malformed_go(cfg, line)
     restore_priority()
-    fresh = data_mod.build(cfg).fingerprint
+    if stop.requested:
+        return _interrupted_before_training(cfg, stop)
+    try:
+        fresh = data_mod.build(cfg).fingerprint
+    except data_mod.DataError as exc:
+        return write_exit_report(cfg.output_dir, protocol.REASON_DATA_ERROR, str(exc))
     if fresh != prepared.splits.fingerprint:
         msg = f"the data changed since the standby started (fingerprint {prepared.splits.fingerprint} -> {fresh})"
         log.warning("Standby unusable: %s", msg)
         return write_exit_report(cfg.output_dir, protocol.REASON_STANDBY_STALE, msg)
-    log.info("Standby taking over as attempt %s", go.get("attempt"))
-    return run(cfg, resume=bool(go.get("resume", True)), checkpoint=None, stop=stop, prepared=prepared)
+    log.info("Standby taking over as attempt %s", order.attempt)
+    return run(cfg, resume=order.resume, checkpoint=None, stop=stop, prepared=prepared)
+
+
+def _become_worker(cfg: Config, line: str) -> protocol.LaunchOrder | None:
+    """Apply the go's order (batch, accumulation, environment); None if it is not an order."""
+    order = protocol.LaunchOrder.from_line(line)
+    if order is None:
+        return None
+    set_process_name("vit-train")
+    cfg.training.per_device_train_batch_size = order.per_device_train_batch_size
+    cfg.training.gradient_accumulation_steps = order.gradient_accumulation_steps
+    os.environ.update(order.env())
+    return order
+
+
+def _stopped_before_training(cfg: Config, stop: StopRequest, line: str | None) -> int:
+    """A stop or EOF before training: the go, if one arrived, makes this an interrupted attempt."""
+    if line is not None:
+        if _become_worker(cfg, line) is None:
+            return _malformed_go(cfg, line)
+        return _interrupted_before_training(cfg, stop)
+    if not stop.requested:
+        log.info("Standby not needed; exiting")
+        return protocol.EXIT_COMPLETED
+    log.info("Standby %s before any go; exiting", stop.describe().replace("stop requested", "stopped"))
+    return protocol.EXIT_INTERRUPTED
+
+
+def _interrupted_before_training(cfg: Config, stop: StopRequest) -> int:
+    msg = f"{stop.describe()} before the standby began training; no step was trained"
+    log.warning("%s", msg)
+    return write_exit_report(cfg.output_dir, protocol.REASON_INTERRUPTED, msg)
+
+
+def _malformed_go(cfg: Config, line: str) -> int:
+    """Report a go that is not a launch order where the order meant it to go, if it says."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("exit_report"), str):
+        os.environ[protocol.ENV_EXIT_REPORT] = raw["exit_report"]
+    msg = f"standby got a malformed go (not a launch order): {line[:200]!r}"
+    log.error("%s", msg)
+    return write_exit_report(cfg.output_dir, protocol.REASON_CRASH, msg)
+
+
+@contextmanager
+def _stops_interrupt(stop: StopRequest) -> Iterator[None]:
+    """While preparing there is nothing to save: a stop (or the supervisor's death) is
+    recorded as usual and then interrupts the preparation instead of waiting for its end."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if signum == ParentWatch.DEATH_SIGNAL:
+            stop.request("the supervisor process is gone")
+        else:
+            stop.signum, stop.received_at = signum, time.monotonic()
+        raise _Stopped
+
+    if stop.requested:
+        raise _Stopped
+    for sig in (signal.SIGTERM, signal.SIGINT, ParentWatch.DEATH_SIGNAL):
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        stop.install()
+
+
+def _wait_for_go(stop: StopRequest) -> str | None:
+    """One line from stdin; None on EOF without one, or on a stop (the caller then reads
+    whatever go is already in the pipe)."""
+    parent = ParentWatch()
+    sel = selectors.DefaultSelector()
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    fd = sys.stdin.fileno()
+    buf = b""
+    while not stop.requested:
+        if parent.parent_gone():
+            stop.request("the supervisor process is gone")
+            break
+        if not sel.select(timeout=0.5):
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return buf.decode(errors="replace") or None
+        buf += chunk
+        if b"\n" in buf:
+            return buf.split(b"\n", 1)[0].decode(errors="replace")
+    return (buf + (_read_pending() or "").encode()).decode(errors="replace").split("\n", 1)[0] or None
+
+
+def _read_pending() -> str | None:
+    """The first line already waiting on stdin, without blocking; None if there is none.
+
+    The supervisor writes the go before it may send a stop, so a go that was sent is
+    in the pipe by the time the stop is seen.
+    """
+    fd = sys.stdin.fileno()
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    buf = b""
+    while b"\n" not in buf and sel.select(timeout=0):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+    return line or None
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return None
 
 
 def restore_priority() -> None:
@@ -143,37 +283,3 @@ def _thread_ids() -> set[int]:
         return {int(t) for t in os.listdir("/proc/self/task")}
     except OSError:  # not Linux: the process's priority is the threads' priority
         return {0}
-
-
-def _wait_for_go(stop: StopRequest) -> str | None:
-    """One line from stdin; None on EOF or a stop signal while waiting."""
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
-    buf = b""
-    fd = sys.stdin.fileno()
-    while not stop.requested:
-        if not sel.select(timeout=0.5):
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        buf += chunk
-        if b"\n" in buf:
-            return buf.split(b"\n", 1)[0].decode()
-    return None
-
-
-def _apply_go(cfg: Config, go: dict[str, Any]) -> None:
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if go.get(key):
-            setattr(cfg.training, key, int(go[key]))
-    env = {
-        protocol.ENV_ATTEMPT: go.get("attempt"),
-        protocol.ENV_EXIT_REPORT: go.get("exit_report"),
-        protocol.ENV_SUPERVISOR_PID: go.get("supervisor_pid"),
-    }
-    for k, v in env.items():
-        if v is not None:
-            os.environ[k] = str(v)
