@@ -551,7 +551,8 @@ def _resolve(base: Path, value: str) -> Path:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from a plain mapping (as YAML gives it), strictly."""
-    return _build(Config, raw, "", exclude={"source_path"})
+    cfg: Config = _build(Config, raw, "", exclude={"source_path"})
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -624,7 +625,7 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted} is {_show(value)}; valid values are {', '.join(map(str, args))}{hint}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, dotted + ".")
     if tp is bool:
         if not isinstance(value, bool):

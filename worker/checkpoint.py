@@ -61,7 +61,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders, newest (highest N) first."""
     if not output_dir.is_dir():
         return []
-    found = [(step_of(p), p) for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    found = [(step, p) for p in output_dir.iterdir() if (step := step_of(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
@@ -99,7 +99,7 @@ def commit(staging: Path, final: Path, step: int) -> int:
         set_aside(final, "replaced by a newly committed checkpoint of the same step")
     os.rename(staging, final)
     protocol.fsync_dir(final.parent)
-    return sum(v["size"] for v in files.values()) + (final / MANIFEST).stat().st_size
+    return int(sum(v["size"] for v in files.values())) + (final / MANIFEST).stat().st_size
 
 
 def validate(path: Path, *, deep: bool = True) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def validate(path: Path, *, deep: bool = True) -> dict[str, Any]:
             if deep and sha256_file(f) != meta["sha256"]:
                 raise CheckpointInvalid(f"{name} does not match its SHA-256 in the manifest (corrupted)")
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
         gstep = int(state["global_step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointInvalid(f"trainer_state.json does not parse: {exc}") from None

@@ -43,14 +43,14 @@ def error_message(exc: DataError) -> str:
 
 @dataclass
 class Splits:
-    train: Dataset
-    eval: Dataset
+    train: Dataset[Any]
+    eval: Dataset[Any]
     fingerprint: str
     num_classes: int
     class_names: list[str]
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset[Any]):
     """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``."""
 
     def __init__(
@@ -65,11 +65,13 @@ class ImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        px = self.pixels[i] if self.pixels is not None else self.loader(self.items[i])
+        if self.pixels is not None:
+            return {"pixel_values": self.pixels[i], "labels": int(self.labels[i])}
+        px = self.loader(self.items[i])  # type: ignore[index]  # items are given whenever pixels are not
         return {"pixel_values": px, "labels": int(self.labels[i])}
 
 
-class PairDataset(Dataset):
+class PairDataset(Dataset[Any]):
     """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], labels: np.ndarray, loader: Any) -> None:
@@ -162,8 +164,8 @@ class ImageLoader:
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB").resize(
+            with Image.open(path) as f:
+                im = f.convert("L" if self.channels == 1 else "RGB").resize(
                     (self.size, self.size), Image.Resampling.BILINEAR
                 )
                 arr = np.asarray(im, dtype=np.float32) / 255.0

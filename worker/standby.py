@@ -43,6 +43,7 @@ from typing import Any
 
 from supervisor import protocol
 from supervisor.schema import Config
+from worker import launch
 from worker.fault import ParentWatch, StopRequest, set_process_name, write_exit_report
 
 log = logging.getLogger("vit_train")
@@ -138,9 +139,7 @@ def _become_worker(cfg: Config, line: str) -> protocol.LaunchOrder | None:
     if order is None:
         return None
     set_process_name("vit-train")
-    cfg.training.per_device_train_batch_size = order.per_device_train_batch_size
-    cfg.training.gradient_accumulation_steps = order.gradient_accumulation_steps
-    os.environ.update(order.env())
+    launch.apply(cfg, order)
     return order
 
 

@@ -144,14 +144,15 @@ class SupervisedTrainer(Trainer):
             if main:
                 from transformers.trainer_callback import ExportableState
 
+                stateful: dict[str, Any] = self.state.stateful_callbacks  # type: ignore[assignment]
                 for cb in [
                     c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
                 ]:
                     name = cb.__class__.__name__
-                    if isinstance(self.state.stateful_callbacks.get(name), list):
-                        self.state.stateful_callbacks[name].append(cb.state())
+                    if isinstance(stateful.get(name), list):
+                        stateful[name].append(cb.state())
                     else:
-                        self.state.stateful_callbacks[name] = cb.state()
+                        stateful[name] = cb.state()
                 self.state.save_to_json(str(staging / "trainer_state.json"))
                 size = ckpt.commit(staging, final, step)
             barrier()
@@ -193,6 +194,8 @@ class SupervisedTrainer(Trainer):
         if self.ctx.stop.requested or self.state.global_step < self.state.max_steps:
             return  # an interrupted run keeps training from where it stopped, not from the best
         best = self.state.best_model_checkpoint
+        if best is None:
+            return  # transformers only calls this with a best checkpoint; nothing to load otherwise
         log.info("Loading best model from %s (%s %s)", best, self.args.metric_for_best_model, self.state.best_metric)
         ckpt.load_weights_strict(self.model, Path(best))
 
@@ -282,7 +285,9 @@ class SupervisionCallback(TrainerCallback):
             control.should_evaluate = False
             control.should_save = False
 
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         if not logs:
             return
         if "loss" in logs:
@@ -384,7 +389,8 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
         return None
     if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
         return ctx.last_checkpoint
-    trainer.model.zero_grad(set_to_none=True)
+    if trainer.model is not None:
+        trainer.model.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
