@@ -118,7 +118,7 @@ def test_a_worker_waits_for_an_orphan_that_is_still_saving_then_trains(tmp_path:
 
 def test_standalone_torchrun_style_ranks_lock_once_per_node(tmp_path: Path) -> None:
     """Only LOCAL_RANK 0 takes the locks; other ranks of the node do not contend for them."""
-    from worker import train
+    from worker import locks
 
     cfg_path = config(tmp_path)
     from supervisor.schema import load_config
@@ -129,7 +129,7 @@ def test_standalone_torchrun_style_ranks_lock_once_per_node(tmp_path: Path) -> N
     os.environ.update(env)
     try:
         with runlock.acquire(cfg.output_dir, "worker"):
-            assert train.take_locks(cfg, stop=_NoStop()) == []
+            assert locks.take(cfg, stop=_NoStop()) == []
     finally:
         for k, v in old.items():
             if v is None:

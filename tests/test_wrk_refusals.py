@@ -118,3 +118,23 @@ def test_vit_train_on_an_empty_config_file_says_it_is_empty(tmp_path: Path) -> N
         [sys.executable, "-m", "worker", str(cfg)], capture_output=True, text=True, cwd=REPO, env=worker_env()
     )
     assert p.returncode == 2 and "is empty" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize(
+    "over,key",
+    [
+        ({"training": {"output_dir": "taken"}}, "training.output_dir"),
+        ({"model": {"model_name": "./no-such-model"}}, "model.model_name"),
+    ],
+    ids=["output_dir_is_a_file", "missing_local_model"],
+)
+def test_vit_train_refuses_bad_paths_in_one_line_exit_2_before_any_import(tmp_path: Path, over: dict, key: str) -> None:
+    (tmp_path / "taken").write_text("a file")
+    cfg = write(tmp_path, deep_update(TINY, over))
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-m", "worker", str(cfg)], capture_output=True, text=True, cwd=REPO, env=worker_env()
+    )
+    assert p.returncode == 2 and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "out").exists()
+    assert time.monotonic() - t0 < 10
