@@ -108,3 +108,22 @@ def test_a_hub_model_that_cannot_be_fetched_is_a_config_error_in_seconds(tmp_pat
     report = json.loads((tmp_path / "out" / "run" / "exit_report.json").read_text())
     assert report["reason"] == "config_error" and "no-such-org/no-such-vit-xyz" in report["message"]
     assert took < 30, f"took {took:.1f}s"
+
+
+@pytest.mark.e2e
+def test_a_corrupt_image_met_in_the_final_evaluation_is_a_data_error(tmp_path: Path) -> None:
+    _digit_pngs(tmp_path / "images", per_class=8)
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {
+            "data": {"source": "image_folder", "path": "images", "limit": None},
+            "training": {"max_steps": 3, "eval_strategy": "no"},
+        },
+    )
+    bad = data_mod.build(load_config(cfg)).eval.items[0]  # type: ignore[attr-defined]
+    bad.write_bytes(b"")
+    p = vit_train(cfg)
+    log, _ = p.communicate(timeout=180)
+    assert p.returncode == 2, log[-3000:]
+    report = json.loads((tmp_path / "out" / "run" / "exit_report.json").read_text())
+    assert report["reason"] == "data_error" and str(bad) in report["message"]

@@ -248,10 +248,7 @@ def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
         log.warning("%s", exc)
         return Outcome(protocol.REASON_INTERRUPTED, str(exc), _progress(trainer))
     except data_mod.DataError as exc:
-        # A corrupt image fails again on every retry: the user must fix or remove it.
-        message = data_mod.error_message(exc)
-        log.error("Stopping at step %d: %s", trainer.state.global_step, message)
-        return Outcome(protocol.REASON_DATA_ERROR, message, _progress(trainer))
+        return _data_error(trainer, exc)
     except BaseException as exc:
         if not is_oom(exc):
             log.exception("Training crashed at step %d", trainer.state.global_step)
@@ -264,12 +261,22 @@ def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
     if oom is not None:
         return after_oom(trainer, oom)
     if trainer.state.global_step >= trainer.state.max_steps:
-        return complete(trainer)
+        try:
+            return complete(trainer)
+        except data_mod.DataError as exc:  # the final evaluation met a corrupt image
+            return _data_error(trainer, exc)
     # train() returns normally after a requested stop: the step count, not the return, decides.
     stop, ctx = trainer.ctx.stop, trainer.ctx
     latency = time.monotonic() - stop.received_at if stop.received_at else None
     msg = f"{stop.describe() if stop.requested else 'training stopped early'}; checkpoint {ctx.last_checkpoint}"
     return Outcome(protocol.REASON_INTERRUPTED, msg, {**_progress(trainer), "stop_to_exit_s": latency})
+
+
+def _data_error(trainer: SupervisedTrainer, exc: data_mod.DataError) -> Outcome:
+    """A corrupt image fails again on every retry: the user must fix or remove it."""
+    message = data_mod.error_message(exc)
+    log.error("Stopping at step %d: %s", trainer.state.global_step, message)
+    return Outcome(protocol.REASON_DATA_ERROR, message, _progress(trainer))
 
 
 def after_oom(trainer: SupervisedTrainer, oom: dict[str, Any]) -> Outcome:
