@@ -168,3 +168,36 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_standby_that_cannot_prepare_reports_to_the_go_it_already_got(tmp_path: Path) -> None:
+    from tests.test_worker_e2e import _digit_pngs
+
+    _digit_pngs(tmp_path / "images", per_class=4)
+    cfg = tmp_path / "c.yaml"
+    over = {"data": {"source": "image_folder", "path": "images", "limit": None}, "model": {"num_labels": 5}}
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, over)))
+    p = standby(cfg)
+    assert p.stdin is not None
+    line, report_path = go(tmp_path)
+    p.stdin.write(line.encode())  # the go reaches it while it is still preparing
+    p.stdin.close()
+    code, log = finish(p)
+    assert code == 2, log[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["reason"] == "data_error" and "num_labels" in report["message"]
+
+
+def test_a_standby_whose_stdin_is_dev_null_is_simply_not_needed(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    p = subprocess.run(
+        [PYTHON, "-m", "worker", str(cfg), "--standby"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "Standby not needed" in p.stderr

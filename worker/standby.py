@@ -32,19 +32,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import selectors
+import select
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from supervisor import protocol
 from supervisor.schema import Config
 from worker import launch
 from worker.fault import ParentWatch, StopRequest, set_process_name, write_exit_report
+
+if TYPE_CHECKING:  # the real import is deferred: it pulls in torch, which a stop may interrupt
+    from worker.train import Prepared
 
 log = logging.getLogger("vit_train")
 
@@ -64,7 +67,10 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         os.nice(STANDBY_NICE)
     except OSError:
         pass
-    ParentWatch().arm()  # the supervisor's death becomes a stop, even while importing
+    parent = ParentWatch()
+    parent.arm()  # the supervisor's death becomes a stop, even while importing
+    if parent.parent_gone():  # it died before the kernel was told to signal it
+        stop.request("the supervisor process is gone")
     try:
         with _stops_interrupt(stop):
             prepared = _prepare(cfg)
@@ -72,9 +78,8 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         return _stopped_before_training(cfg, stop, _read_pending())
     if stop.requested:  # an interruption that some library caught and swallowed
         return _stopped_before_training(cfg, stop, _read_pending())
-    if isinstance(prepared, str):
-        log.error("Standby cannot prepare: %s", prepared)
-        return protocol.EXIT_USER_ERROR
+    if isinstance(prepared, tuple):
+        return _cannot_prepare(cfg, *prepared)
     announce = protocol.standby_announcement(cfg.output_dir, os.getpid())
     ready = protocol.StandbyReady(
         pid=os.getpid(),
@@ -98,19 +103,31 @@ def serve(cfg: Config, stop: StopRequest) -> int:
     return _take_over(cfg, stop, line, prepared)
 
 
-def _prepare(cfg: Config) -> Any:
-    """The prepared run, or the message of a user error that makes this standby useless."""
+def _prepare(cfg: Config) -> Prepared | tuple[str, str]:
+    """The prepared run, or (reason, message) of a user error that makes this standby useless."""
     from worker import data as data_mod
     from worker import model as model_mod
     from worker.train import prepare
 
     try:
         return prepare(cfg)
-    except (data_mod.DataError, model_mod.ModelUnavailable) as exc:
-        return str(exc)
+    except data_mod.DataError as exc:
+        return protocol.REASON_DATA_ERROR, str(exc)
+    except model_mod.ModelUnavailable as exc:
+        return protocol.REASON_CONFIG_ERROR, str(exc)
 
 
-def _take_over(cfg: Config, stop: StopRequest, line: str, prepared: Any) -> int:
+def _cannot_prepare(cfg: Config, reason: str, message: str) -> int:
+    """A user error while preparing; reported at the go's path if a go already came (a cold
+    worker would fail the same way, so the supervisor must hear it as that attempt's outcome)."""
+    log.error("Standby cannot prepare: %s", message)
+    line = _read_pending()
+    if line is not None and _become_worker(cfg, line) is not None:
+        return write_exit_report(cfg.output_dir, reason, message)
+    return protocol.EXIT_USER_ERROR
+
+
+def _take_over(cfg: Config, stop: StopRequest, line: str, prepared: Prepared) -> int:
     """Become the worker of the attempt the go names."""
     from worker import data as data_mod
     from worker.train import run
@@ -198,45 +215,53 @@ def _stops_interrupt(stop: StopRequest) -> Iterator[None]:
 
 
 def _wait_for_go(stop: StopRequest) -> str | None:
-    """One line from stdin; None on EOF without one, or on a stop (the caller then reads
-    whatever go is already in the pipe)."""
+    """The go line from stdin; None on EOF without one. A stop (or the supervisor's death)
+    ends the wait, but a go already in the pipe still counts: the supervisor writes the go
+    before it may send a stop, so a go that was sent is there by the time the stop is seen."""
     parent = ParentWatch()
-    sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
-    fd = sys.stdin.fileno()
-    buf = b""
-    while not stop.requested:
+    reader = _LineReader(sys.stdin.fileno())
+    while not stop.requested and not reader.done:
         if parent.parent_gone():
             stop.request("the supervisor process is gone")
             break
-        if not sel.select(timeout=0.5):
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return buf.decode(errors="replace") or None
-        buf += chunk
-        if b"\n" in buf:
-            return buf.split(b"\n", 1)[0].decode(errors="replace")
-    return (buf + (_read_pending() or "").encode()).decode(errors="replace").split("\n", 1)[0] or None
+        reader.read(timeout=0.5)
+    reader.read(timeout=0)
+    return reader.line()
 
 
 def _read_pending() -> str | None:
-    """The first line already waiting on stdin, without blocking; None if there is none.
+    """The go already waiting on stdin, without blocking; None if there is none."""
+    reader = _LineReader(sys.stdin.fileno())
+    reader.read(timeout=0)
+    return reader.line()
 
-    The supervisor writes the go before it may send a stop, so a go that was sent is
-    in the pipe by the time the stop is seen.
+
+class _LineReader:
+    """The first line of a file descriptor, never blocking past a timeout.
+
+    ``select`` rather than a selector: epoll refuses regular files and /dev/null, which is
+    what stdin is for a standby started by hand or by a service manager.
     """
-    fd = sys.stdin.fileno()
-    sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
-    buf = b""
-    while b"\n" not in buf and sel.select(timeout=0):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
-    return line or None
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    @property
+    def done(self) -> bool:
+        return self.eof or b"\n" in self.buf
+
+    def read(self, timeout: float) -> None:
+        while not self.done and select.select([self.fd], [], [], timeout)[0]:
+            chunk = os.read(self.fd, 4096)
+            self.eof = not chunk
+            self.buf += chunk
+            timeout = 0
+
+    def line(self) -> str | None:
+        text = self.buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+        return text or None
 
 
 def _rss() -> int | None:
