@@ -10,6 +10,11 @@ sizes and SHA-256 written last, then renamed into place. A directory named
 
 A checkpoint that fails validation is moved to ``set-aside/`` with a REASON.txt;
 the next older good one is used.
+
+Rotation (``save_total_limit``) is ours, not transformers': it deletes only
+folders named exactly ``checkpoint-N`` that carry our manifest, keeping the
+newest ones and the best. A user's ``checkpoint-10.bak/`` or a checkpoint
+copied in from elsewhere is never deleted.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ def from_cli(cfg: Config, *, resume: bool) -> protocol.LaunchOrder | None:
     raw_pid = os.environ.get(protocol.ENV_SUPERVISOR_PID, "")
     if not raw_pid.isdigit():
         return None
-    report = fault.exit_report_path(cfg.output_dir)
+    # The path as given, not this rank's: under torchrun each rank derives its own from it.
+    report = os.environ.get(protocol.ENV_EXIT_REPORT) or str(protocol.exit_report_path(cfg.output_dir))
     return protocol.LaunchOrder(
         attempt=max(fault.attempt(), 1),
-        exit_report=str(report or protocol.exit_report_path(cfg.output_dir)),
+        exit_report=report,
         supervisor_pid=int(raw_pid),
         per_device_train_batch_size=cfg.training.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
