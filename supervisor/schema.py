@@ -465,7 +465,12 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
     if raw is None:
-        raw = {}
+        # An empty file (or one of comments only) is far more likely a mistake than a wish for
+        # every default; an explicit ``{}`` still means "all defaults".
+        raise ConfigError(
+            f"config file {p} is empty: give at least the sections you need (model, data, training, ...), "
+            "e.g. start from configs/demo.yaml"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"config file {p} must be a YAML mapping of sections (model, data, training, ...), "
@@ -479,11 +484,51 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         cfg.data.path = str(_resolve(base, cfg.data.path))
     if cfg.data.image_root:
         cfg.data.image_root = str(_resolve(base, cfg.data.image_root))
-    if cfg.model.model_name != SCRATCH and cfg.model.model_name.startswith((".", "/", "~")):
+    if cfg.model.model_name != SCRATCH and (
+        cfg.model.model_name.startswith((".", "/", "~")) or (base / cfg.model.model_name).is_dir()
+    ):
+        # A path (explicit, or a folder beside the config) rather than a hub id like "google/vit-base".
         cfg.model.model_name = str(_resolve(base, cfg.model.model_name))
     if check_paths:
+        check_model_path(cfg)
         check_data_paths(cfg)
+        check_output_dir(cfg)
     return cfg
+
+
+def check_model_path(cfg: Config) -> None:
+    """A local model path that does not exist is a config error (a hub id is checked by the worker)."""
+    name = cfg.model.model_name
+    if name != SCRATCH and name.startswith("/") and not Path(name).exists():
+        raise ConfigError(
+            f"model.model_name {name} is a path that does not exist: "
+            "give a folder saved with save_pretrained, a hub id, or 'scratch'"
+        )
+
+
+def check_output_dir(cfg: Config) -> None:
+    """The run directory must be (or become) a writable folder; checked before anything is written."""
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"training.output_dir {out} exists but is not a folder: choose another output_dir")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"training.output_dir {out} cannot be created: {existing} is a file, not a folder")
+    read_only = False
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        pass
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == out else f"cannot be created: {existing} is"
+        raise ConfigError(
+            f"training.output_dir {out} {what} not writable{' (read-only filesystem)' if read_only else ''}: "
+            "fix its permissions or choose another output_dir"
+        )
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -497,12 +542,6 @@ def check_data_paths(cfg: Config) -> None:
         raise ConfigError(f"data.path {path} does not exist: pairs_csv needs a CSV of image_a,image_b,label")
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         raise ConfigError(f"data.image_root {cfg.data.image_root} is not a folder")
-    if (
-        cfg.model.model_name != SCRATCH
-        and cfg.model.model_name.startswith("/")
-        and not Path(cfg.model.model_name).exists()
-    ):
-        raise ConfigError(f"model.model_name {cfg.model.model_name} is a path that does not exist")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -512,7 +551,8 @@ def _resolve(base: Path, value: str) -> Path:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from a plain mapping (as YAML gives it), strictly."""
-    return _build(Config, raw, "", exclude={"source_path"})
+    cfg: Config = _build(Config, raw, "", exclude={"source_path"})
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -585,7 +625,7 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted} is {_show(value)}; valid values are {', '.join(map(str, args))}{hint}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, dotted + ".")
     if tp is bool:
         if not isinstance(value, bool):
@@ -598,20 +638,32 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{dotted} must be a whole number, not {_show(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads 5e-5 as a string; accept numeric strings, reject the rest.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+        number = _as_float(value)
+        if number is None:
             raise ConfigError(f"{dotted} must be a number, not {_show(value)}")
-        return float(value)
+        if not math.isfinite(number):
+            # NaN compares false with every bound and inf passes every lower bound: refuse both here.
+            raise ConfigError(f"{dotted} is {_show(value)}; it must be a finite number")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{dotted} must be a string, not {_show(value)}")
         return str(value)
     raise ConfigError(f"{dotted}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _as_float(value: Any) -> float | None:
+    """A YAML number as a float; YAML 1.1 reads 5e-5 as a string, so numeric strings count too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _show(value: Any) -> str:

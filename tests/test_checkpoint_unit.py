@@ -112,6 +112,7 @@ def test_staging_folders_are_outside_the_checkpoint_pattern(tmp_path: Path) -> N
 def test_rotation_candidates_never_include_newest_or_best(tmp_path: Path) -> None:
     for s in (5, 10, 15, 20):
         (tmp_path / f"checkpoint-{s}").mkdir()
+        (tmp_path / f"checkpoint-{s}" / ckpt.MANIFEST).write_text("{}")  # committed by us: rotation may remove it
     victims = ckpt.rotation_candidates(tmp_path, keep=1, best=str(tmp_path / "checkpoint-5"))
     assert [v.name for v in victims] == ["checkpoint-10", "checkpoint-15"]
     assert ckpt.rotation_candidates(tmp_path, keep=4, best=None) == []

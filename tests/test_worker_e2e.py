@@ -12,6 +12,7 @@ from tests.conftest import TINY, deep_update, heartbeat, read_json, vit_train, w
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = 120
+LOCK_FILES = ("supervisor.lock", "worker.lock")  # rewritten with the holder's pid by every start, like the heartbeat
 
 
 def write_cfg(path: Path, overrides: dict | None = None) -> Path:
@@ -117,7 +118,7 @@ def test_resume_guard_names_each_changed_key_and_touches_nothing(tmp_path: Path)
     before = sorted(
         (p.relative_to(out), p.stat().st_mtime_ns)
         for p in out.rglob("*")
-        if p.name not in ("run", "exit_report.json", "heartbeat.json")
+        if p.name not in ("run", "exit_report.json", "heartbeat.json", *LOCK_FILES)
     )
     changed = {"data": {"random_seed": 8, "train_test_split": 0.3}, "training": {"max_steps": 10}}
     cfg.write_text(yaml.safe_dump(deep_update(TINY, changed)))
@@ -126,7 +127,7 @@ def test_resume_guard_names_each_changed_key_and_touches_nothing(tmp_path: Path)
     after = sorted(
         (p.relative_to(out), p.stat().st_mtime_ns)
         for p in out.rglob("*")
-        if p.name not in ("run", "exit_report.json", "heartbeat.json")
+        if p.name not in ("run", "exit_report.json", "heartbeat.json", *LOCK_FILES)
     )
     assert before == after
     assert read_json(out / "run" / "exit_report.json")["reason"] == "incompatible_checkpoint"

@@ -10,6 +10,11 @@ sizes and SHA-256 written last, then renamed into place. A directory named
 
 A checkpoint that fails validation is moved to ``set-aside/`` with a REASON.txt;
 the next older good one is used.
+
+Rotation (``save_total_limit``) is ours, not transformers': it deletes only
+folders named exactly ``checkpoint-N`` that carry our manifest, keeping the
+newest ones and the best. A user's ``checkpoint-10.bak/`` or a checkpoint
+copied in from elsewhere is never deleted.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +35,6 @@ log = logging.getLogger("vit_train")
 MANIFEST = "vit_checkpoint.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 SET_ASIDE = "set-aside"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = (
     "config.json",
     "model.safetensors",
@@ -47,15 +50,23 @@ class CheckpointInvalid(Exception):
 
 
 def step_of(path: Path) -> int | None:
-    m = CHECKPOINT_RE.match(path.name)
-    return int(m.group(1)) if m else None
+    return protocol.checkpoint_step(path)
+
+
+def is_ours(path: Path) -> bool:
+    """A checkpoint this project committed: exactly ``checkpoint-N``, a real folder, with our manifest.
+
+    Only these may ever be deleted: a user's ``checkpoint-10.bak/`` or a checkpoint copied in
+    from a plain transformers run is not ours to remove.
+    """
+    return step_of(path) is not None and not path.is_symlink() and path.is_dir() and (path / MANIFEST).is_file()
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders, newest (highest N) first."""
     if not output_dir.is_dir():
         return []
-    found = [(step_of(p), p) for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    found = [(step, p) for p in output_dir.iterdir() if (step := step_of(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
@@ -93,7 +104,7 @@ def commit(staging: Path, final: Path, step: int) -> int:
         set_aside(final, "replaced by a newly committed checkpoint of the same step")
     os.rename(staging, final)
     protocol.fsync_dir(final.parent)
-    return sum(v["size"] for v in files.values()) + (final / MANIFEST).stat().st_size
+    return int(sum(v["size"] for v in files.values())) + (final / MANIFEST).stat().st_size
 
 
 def validate(path: Path, *, deep: bool = True) -> dict[str, Any]:
@@ -129,7 +140,7 @@ def validate(path: Path, *, deep: bool = True) -> dict[str, Any]:
             if deep and sha256_file(f) != meta["sha256"]:
                 raise CheckpointInvalid(f"{name} does not match its SHA-256 in the manifest (corrupted)")
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state: dict[str, Any] = json.loads((path / "trainer_state.json").read_text())
         gstep = int(state["global_step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointInvalid(f"trainer_state.json does not parse: {exc}") from None
@@ -209,9 +220,9 @@ def clean_staging(output_dir: Path) -> None:
 
 
 def rotation_candidates(output_dir: Path, keep: int, best: str | None) -> list[Path]:
-    """Checkpoints that rotation to ``keep`` would delete: oldest first, never the newest
-    or the best."""
-    ckpts = list(reversed(list_checkpoints(output_dir)))  # oldest first
+    """Checkpoints that rotation to ``keep`` would delete: oldest first, only our own
+    (:func:`is_ours`), never the newest or the best."""
+    ckpts = [c for c in reversed(list_checkpoints(output_dir)) if is_ours(c)]  # oldest first
     if len(ckpts) <= keep:
         return []
     newest = ckpts[-1]
@@ -219,6 +230,19 @@ def rotation_candidates(output_dir: Path, keep: int, best: str | None) -> list[P
     victims = [c for c in ckpts if c != newest and (best_path is None or c.resolve() != best_path)]
     excess = len(ckpts) - keep
     return victims[:excess]
+
+
+def rotate(output_dir: Path, keep: int, best: str | None) -> list[Path]:
+    """Delete our oldest checkpoints beyond ``keep``, never the newest or the best; return them.
+
+    Replaces transformers' ``rotate_checkpoints``, which matches any name containing
+    ``checkpoint-<digits>`` and so would delete a user's ``checkpoint-10.bak/``.
+    """
+    victims = rotation_candidates(output_dir, keep, best)
+    for victim in victims:
+        log.info("Rotating out checkpoint %s (save_total_limit %d)", victim.name, keep)
+        shutil.rmtree(victim)
+    return victims
 
 
 def estimate_bytes(model: Any, optimizer_states_per_param: int = 2) -> int:

@@ -4,9 +4,10 @@
     vit-train configs/demo.yaml --resume           # newest good checkpoint in output_dir
     vit-train configs/demo.yaml --checkpoint DIR   # exactly that checkpoint
 
-Exit codes (the supervisor relies on them; see README): 0 completed, 1 crash,
-2 config/checkpoint/data error, 3 interrupted (checkpoint committed), 4 out of
-memory, 5 disk low.
+Exit codes (the supervisor relies on them; protocol.EXIT_CODES, README): 0
+completed, 1 crash, 2 config/checkpoint/data error or another process holds
+the run, 3 interrupted (checkpoint committed), 4 out of memory, 5 disk low,
+6 standby stale (a standby found the data changed since it prepared).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from supervisor import protocol
 from supervisor.schema import ConfigError, load_config
+from worker import launch
 from worker.fault import StopRequest, set_process_name, write_exit_report
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other user error
         write_exit_report(None, protocol.REASON_CONFIG_ERROR, f"vit-train: {message}")
         self.exit(protocol.EXIT_USER_ERROR, f"vit-train: error: {message} (see vit-train --help)\n")
 
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 if value < 1:
                     raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
                 setattr(cfg.training, name, value)
+        if not args.standby:  # a standby gets its order on stdin
+            order = launch.from_cli(cfg, resume=args.resume)
+            if order is not None:
+                launch.apply(cfg, order)
         if args.checkpoint is not None and not args.checkpoint.is_dir():
             raise ConfigError(f"--checkpoint {args.checkpoint} is not a folder")
     except ConfigError as exc:

@@ -27,16 +27,30 @@ class DataError(Exception):
     """The data cannot be used as configured (missing files, unreadable images, bad CSV)."""
 
 
+def error_message(exc: DataError) -> str:
+    """The one-line message of a DataError, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's whole
+    traceback as its message; the original message is its last line.
+    """
+    lines = str(exc).strip().splitlines() or [""]
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    for line in reversed(lines):
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return lines[0]
+
+
 @dataclass
 class Splits:
-    train: Dataset
-    eval: Dataset
+    train: Dataset[Any]
+    eval: Dataset[Any]
     fingerprint: str
     num_classes: int
     class_names: list[str]
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset[Any]):
     """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``."""
 
     def __init__(
@@ -51,11 +65,13 @@ class ImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        px = self.pixels[i] if self.pixels is not None else self.loader(self.items[i])
+        if self.pixels is not None:
+            return {"pixel_values": self.pixels[i], "labels": int(self.labels[i])}
+        px = self.loader(self.items[i])  # type: ignore[index]  # items are given whenever pixels are not
         return {"pixel_values": px, "labels": int(self.labels[i])}
 
 
-class PairDataset(Dataset):
+class PairDataset(Dataset[Any]):
     """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], labels: np.ndarray, loader: Any) -> None:
@@ -148,13 +164,15 @@ class ImageLoader:
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB").resize(
+            with Image.open(path) as f:
+                im = f.convert("L" if self.channels == 1 else "RGB").resize(
                     (self.size, self.size), Image.Resampling.BILINEAR
                 )
                 arr = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            # PIL reports a corrupt file with any of these, depending on the format and the damage.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot read image {path}: {first}") from None
         t = torch.from_numpy(arr)
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         return _normalise(t).contiguous()
@@ -202,26 +220,39 @@ def _image_folder(cfg: Config) -> Splits:
     )
 
 
+def _pair_row(csv_path: Path, line: int, row: dict[str | Any, Any], base: Path) -> tuple[Path, Path, str]:
+    """One CSV row as (image_a, image_b, label); a short, long or blank-celled row is an error naming its line."""
+    if None in row:  # DictReader's key for fields beyond the header
+        raise DataError(f"{csv_path} line {line} has more fields than the header: quote paths that contain commas")
+    cells = {k: (row.get(k) or "").strip() for k in ("image_a", "image_b", "label")}
+    empty = [k for k, v in cells.items() if not v]
+    if empty:
+        raise DataError(f"{csv_path} line {line} has no {', '.join(empty)} (every row needs image_a,image_b,label)")
+    a, b = base / cells["image_a"], base / cells["image_b"]
+    for p in (a, b):
+        if not p.is_file():
+            raise DataError(f"{csv_path} line {line}: image {p} does not exist")
+    return a, b, cells["label"]
+
+
 def _pairs(cfg: Config) -> Splits:
     csv_path = Path(cfg.data.path or "")
     base = Path(cfg.data.image_root) if cfg.data.image_root else csv_path.parent
     pairs: list[tuple[Path, Path]] = []
     raw_labels: list[str] = []
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to "image_a".
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             need = {"image_a", "image_b", "label"}
             if not reader.fieldnames or not need <= set(reader.fieldnames):
                 raise DataError(
                     f"{csv_path} must have a header row with columns image_a,image_b,label (found {reader.fieldnames})"
                 )
-            for n, row in enumerate(reader, start=2):
-                a, b = base / row["image_a"], base / row["image_b"]
-                for p in (a, b):
-                    if not p.is_file():
-                        raise DataError(f"{csv_path} line {n}: image {p} does not exist")
+            for row in reader:
+                a, b, label = _pair_row(csv_path, reader.line_num, row, base)
                 pairs.append((a, b))
-                raw_labels.append(row["label"].strip())
+                raw_labels.append(label)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {csv_path}: {exc}") from None
     classes = sorted(

@@ -7,6 +7,7 @@ milliseconds.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -121,27 +122,27 @@ class ParentWatch:
         return False
 
 
-class Heartbeat:
-    """Writes ``run/heartbeat.json`` atomically, at most every ``interval`` seconds
-    unless the state changes."""
+class HeartbeatWriter:
+    """Writes the :class:`protocol.Heartbeat` record atomically, at most every ``interval``
+    seconds unless the state changes (or ``force``)."""
 
     def __init__(self, output_dir: Path, interval: float, **static: Any) -> None:
         self.path = protocol.heartbeat_path(output_dir)
         self.interval = interval
-        self.fields: dict[str, Any] = {"pid": os.getpid(), "state": protocol.HB_STARTING, **static}
+        self.record = protocol.Heartbeat(pid=os.getpid(), **static)
         self._last_write = 0.0
         self._last_state: str | None = None
 
     def update(self, force: bool = False, **fields: Any) -> None:
-        self.fields.update(fields)
+        self.record = dataclasses.replace(self.record, **fields)
         if rank() != 0:
             return  # one heartbeat per job: rank 0 speaks for all
         now = time.monotonic()
-        state = self.fields.get("state")
+        state = self.record.state
         if force or state != self._last_state or now - self._last_write >= self.interval:
-            self.fields["time"] = time.time()
+            self.record = dataclasses.replace(self.record, time=time.time())
             try:
-                protocol.atomic_write_json(self.path, self.fields, durable=False)
+                protocol.atomic_write_json(self.path, protocol.record_dict(self.record), durable=False)
             except OSError:
                 return  # a full disk must not kill training; the next write retries
             self._last_write = now
@@ -170,41 +171,40 @@ def exit_report_path(output_dir: Path | None) -> Path | None:
     return path
 
 
-def write_exit_report(
-    output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None, **fields: Any
-) -> int:
-    """Write the exit report (best effort) and return the exit code for ``reason``."""
-    code = protocol.EXIT_CODES[reason]
-    report: dict[str, Any] = {
-        "reason": reason,
-        "exit_code": code,
-        "message": message,
-        "pid": os.getpid(),
-        "attempt": attempt(),
-        "time": time.time(),
-        "exception_type": None,
-        "traceback": [],
-        "emergency_checkpoint": False,
-        "step": None,
-        "max_steps": None,
-        "last_checkpoint": None,
-        "per_device_train_batch_size": None,
-        "gradient_accumulation_steps": None,
-    }
+def exit_report(reason: str, message: str, *, exc: BaseException | None = None, **fields: Any) -> protocol.ExitReport:
+    """The exit report for ``reason``, stamped with this process's identity and attempt."""
     if exc is not None:
-        report["exception_type"] = type(exc).__name__
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        report["traceback"] = "".join(tb).splitlines()[-25:]
-    report.update(fields)
-    report["rank"] = rank()
-    report["world_size"] = world_size()
+        fields = {"exception_type": type(exc).__name__, "traceback": "".join(tb).splitlines()[-25:], **fields}
+    return protocol.ExitReport(
+        reason=reason,
+        message=message,
+        exit_code=protocol.EXIT_CODES[reason],
+        pid=os.getpid(),
+        attempt=attempt(),
+        rank=rank(),
+        world_size=world_size(),
+        time=time.time(),
+        **fields,
+    )
+
+
+def save_exit_report(output_dir: Path | None, report: protocol.ExitReport) -> int:
+    """Write ``report`` (best effort: a full disk must not hide the exit code) and return its exit code."""
     target = exit_report_path(output_dir)
     if target is not None:
         try:
-            protocol.atomic_write_json(target, report)
+            protocol.atomic_write_json(target, protocol.record_dict(report))
         except OSError as err:
             print(f"vit-train: could not write exit report {target}: {err}", file=sys.stderr)
-    return code
+    return protocol.EXIT_CODES[report.reason]
+
+
+def write_exit_report(
+    output_dir: Path | None, reason: str, message: str, *, exc: BaseException | None = None, **fields: Any
+) -> int:
+    """Build, write and return the exit code of an exit report (for exits outside a training run)."""
+    return save_exit_report(output_dir, exit_report(reason, message, exc=exc, **fields))
 
 
 def is_oom(exc: BaseException) -> bool:

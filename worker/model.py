@@ -8,6 +8,12 @@ transformers) read their checkpoints.
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
 import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTModel, ViTPreTrainedModel
@@ -29,7 +35,7 @@ def fuse(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown concat_mode {mode!r}")
 
 
-class ViTPairForImageClassification(ViTPreTrainedModel):
+class ViTPairForImageClassification(ViTPreTrainedModel):  # type: ignore[no-untyped-call]
     """Classifies an image pair: ``pixel_values`` is (B, 2, C, H, W)."""
 
     def __init__(self, config: ViTConfig) -> None:
@@ -38,8 +44,8 @@ class ViTPairForImageClassification(ViTPreTrainedModel):
         self.concat_mode = getattr(config, "concat_mode", "concat")
         self.vit = ViTModel(config, add_pooling_layer=False)
         width = config.hidden_size * (2 if self.concat_mode == "concat" else 1)
-        self.classifier = nn.Linear(width, config.num_labels)
-        self.post_init()
+        self.classifier = nn.Linear(width, config.num_labels or 2)
+        self.post_init()  # type: ignore[no-untyped-call]
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object
@@ -69,7 +75,7 @@ def build(cfg: Config, class_names: list[str]) -> ViTPreTrainedModel:
     label2id = {n: i for i, n in id2label.items()}
     if cfg.model.model_name == SCRATCH:
         s = cfg.model.scratch
-        vc = ViTConfig(
+        vc = ViTConfig(  # type: ignore[call-arg]  # num_labels, id2label, label2id: PretrainedConfig kwargs
             image_size=s.image_size,
             patch_size=s.patch_size,
             num_channels=s.num_channels,
@@ -85,8 +91,84 @@ def build(cfg: Config, class_names: list[str]) -> ViTPreTrainedModel:
         )
         vc.concat_mode = cfg.model.concat_mode
         return cls(vc)
-    vc = ViTConfig.from_pretrained(cfg.model.model_name)
+    name = cfg.model.model_name
+    vc, local_only = _pretrained_config(name)
     vc.num_labels = cfg.model.num_labels
     vc.id2label, vc.label2id = id2label, label2id
     vc.concat_mode = cfg.model.concat_mode
-    return cls.from_pretrained(cfg.model.model_name, config=vc, ignore_mismatched_sizes=True)
+    try:
+        return cls.from_pretrained(name, config=vc, ignore_mismatched_sizes=True, local_files_only=local_only)
+    except OSError as exc:
+        raise ModelUnavailable(
+            f"model.model_name {name!r}: the weights cannot be loaded ({_first_line(exc)})"
+        ) from None
+
+
+class ModelUnavailable(Exception):
+    """``model.model_name`` cannot be loaded: not a model folder, not cached, or not on a reachable hub.
+
+    A config error: retrying cannot fix it, and must not take minutes of network retries to say so.
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _pretrained_config(name: str) -> tuple[Any, bool]:
+    """The model's config, and whether its weights should come from the local cache only.
+
+    The cache is tried first, without any network; the hub only when it is allowed
+    (no ``HF_HUB_OFFLINE``) and answers within seconds. Otherwise a missing model fails
+    at once, naming it, instead of after the hub client's retries.
+    """
+    try:
+        return ViTConfig.from_pretrained(name, local_files_only=True), True
+    except OSError as exc:
+        local_error = _first_line(exc)
+    if os.path.isdir(name):
+        raise ModelUnavailable(f"model.model_name {name} is not a saved model folder ({local_error})")
+    if hub_offline():
+        raise ModelUnavailable(
+            f"model.model_name {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"download it first (huggingface-cli download {name}) or give a local path"
+        )
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if not reachable(endpoint):
+        raise ModelUnavailable(
+            f"model.model_name {name!r} is not in the local Hugging Face cache and the hub ({endpoint}) "
+            "cannot be reached: download it on a connected machine or give a local path"
+        )
+    try:
+        return ViTConfig.from_pretrained(name), False
+    except OSError as exc:
+        raise ModelUnavailable(f"model.model_name {name!r} cannot be loaded: {_first_line(exc)}") from None
+
+
+def hub_offline() -> bool:
+    return any(
+        os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` (name lookup included)."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return False
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    # A name lookup ignores socket timeouts: bound the whole probe from outside.
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)

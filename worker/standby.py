@@ -3,38 +3,51 @@
 A restart's cost is almost all start-up: importing torch and transformers,
 reading the data, building the model. The supervisor keeps one process that
 has done all of that and waits on its stdin. When the active worker dies, the
-supervisor writes one JSON line, the go::
+supervisor writes one line, the go: a :class:`protocol.LaunchOrder`
+(:meth:`~protocol.LaunchOrder.to_line`), the same order a cold start receives
+as flags and environment. The standby then continues exactly as a cold
+``vit-train --resume`` would from that point (same checkpoint choice, guard,
+locks, fault contract).
 
-    {"attempt": 4, "resume": true, "per_device_train_batch_size": 16,
-     "gradient_accumulation_steps": 2, "exit_report": "/…/run/exit-4.json"}
-
-and the standby continues exactly as a cold ``vit-train --resume`` would from
-that point (same checkpoint choice, guard, fault contract). EOF on stdin
-without a go means "not needed": it exits 0.
+From the moment a go is on its stdin the standby *is* that attempt's worker: a
+stop then ends it with exit 3 (interrupted) and an exit report at the order's
+path, even if the stop arrived before it read the go. EOF on stdin without a
+go means "not needed": exit 0, no report. A stop without a go (the standby was
+never a worker) exits 3 without a report, so that nothing reads it as a
+completed run. While preparing, a stop (or its supervisor's death, through
+PR_SET_PDEATHSIG) interrupts the preparation at once: there is nothing to save.
 
 While it waits it never touches the GPU (no CUDA context, no device memory;
-the model and data live in host memory) and runs at a lower CPU priority.
-It announces itself in ``run/standby.json``: pid, the SHA-256 of the config
-file it read and the data fingerprint, so the supervisor can tell a stale
-standby from a usable one. If the data changed between start-up and the go
-(fingerprint differs), it exits with code 6 (reason ``standby_stale``) without
-touching anything, and the supervisor starts a cold worker instead.
+the model and data live in host memory) and runs at a lower CPU priority. It
+announces itself in ``run/standby-PID.json`` (:class:`protocol.StandbyReady`):
+the SHA-256 of the config file it read and the data fingerprint, so the
+supervisor can tell a stale standby from a usable one. If the data changed
+between start-up and the go (fingerprint differs), it exits with code 6
+(reason ``standby_stale``) without touching anything, and the supervisor starts
+a cold worker instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import select
+import signal
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from supervisor import protocol
 from supervisor.schema import Config
-from worker.fault import StopRequest, set_process_name, write_exit_report
+from worker import launch
+from worker.fault import ParentWatch, StopRequest, set_process_name, write_exit_report
+
+if TYPE_CHECKING:  # the real import is deferred: it pulls in torch, which a stop may interrupt
+    from worker.train import Prepared
 
 log = logging.getLogger("vit_train")
 
@@ -42,12 +55,9 @@ EXIT_STANDBY_STALE = protocol.EXIT_STANDBY_STALE
 STANDBY_NICE = 10
 
 
-def config_sha(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def standby_path(output_dir: Path, pid: int | None = None) -> Path:
-    return protocol.standby_announcement(output_dir, pid or os.getpid())
+class _Stopped(BaseException):
+    """A stop arrived while the standby was preparing (a BaseException, like KeyboardInterrupt,
+    so that library code catching Exception during imports does not swallow it)."""
 
 
 def serve(cfg: Config, stop: StopRequest) -> int:
@@ -57,31 +67,30 @@ def serve(cfg: Config, stop: StopRequest) -> int:
         os.nice(STANDBY_NICE)
     except OSError:
         pass
-    from worker import data as data_mod
-    from worker.train import prepare, run
-
+    parent = ParentWatch()
+    parent.arm()  # the supervisor's death becomes a stop, even while importing
+    if parent.parent_gone():  # it died before the kernel was told to signal it
+        stop.request("the supervisor process is gone")
     try:
-        prepared = prepare(cfg)
-    except data_mod.DataError as exc:
-        log.error("Standby cannot prepare: %s", exc)
-        return protocol.EXIT_USER_ERROR
-    announce = standby_path(cfg.output_dir)
-    info: dict[str, Any] = {
-        "pid": os.getpid(),
-        "ready": True,
-        "config_sha256": config_sha(cfg.source_path),
-        "fingerprint": prepared.splits.fingerprint,
-        "prepared_s": round(time.monotonic() - t0, 3),
-        "time": time.time(),
-    }
-    try:
-        import psutil
-
-        info["rss_bytes"] = psutil.Process().memory_info().rss
-    except Exception:
-        pass
-    protocol.atomic_write_json(announce, info)
-    log.info("Standby ready in %.2fs (pid %d); waiting for a go", info["prepared_s"], os.getpid())
+        with _stops_interrupt(stop):
+            prepared = _prepare(cfg)
+    except _Stopped:
+        return _stopped_before_training(cfg, stop, _read_pending())
+    if stop.requested:  # an interruption that some library caught and swallowed
+        return _stopped_before_training(cfg, stop, _read_pending())
+    if isinstance(prepared, tuple):
+        return _cannot_prepare(cfg, *prepared)
+    announce = protocol.standby_announcement(cfg.output_dir, os.getpid())
+    ready = protocol.StandbyReady(
+        pid=os.getpid(),
+        config_sha256=protocol.config_sha(cfg.source_path),
+        fingerprint=prepared.splits.fingerprint,
+        prepared_s=round(time.monotonic() - t0, 3),
+        time=time.time(),
+        rss_bytes=_rss(),
+    )
+    protocol.atomic_write_json(announce, protocol.record_dict(ready))
+    log.info("Standby ready in %.2fs (pid %d); waiting for a go", ready.prepared_s or 0.0, os.getpid())
     try:
         line = _wait_for_go(stop)
     finally:
@@ -89,60 +98,212 @@ def serve(cfg: Config, stop: StopRequest) -> int:
             announce.unlink()
         except FileNotFoundError:
             pass
-    if line is None:
-        log.info("Standby not needed; exiting")
-        return 0
+    if stop.requested or line is None:
+        return _stopped_before_training(cfg, stop, line)
+    return _take_over(cfg, stop, line, prepared)
+
+
+def _prepare(cfg: Config) -> Prepared | tuple[str, str]:
+    """The prepared run, or (reason, message) of a user error that makes this standby useless."""
+    from worker import data as data_mod
+    from worker import model as model_mod
+    from worker.train import prepare
+
     try:
-        go = json.loads(line)
-    except ValueError:
-        log.error("Standby got a malformed go: %r", line[:200])
-        return protocol.EXIT_CRASH
-    set_process_name("vit-train")
-    _apply_go(cfg, go)
+        return prepare(cfg)
+    except data_mod.DataError as exc:
+        return protocol.REASON_DATA_ERROR, str(exc)
+    except model_mod.ModelUnavailable as exc:
+        return protocol.REASON_CONFIG_ERROR, str(exc)
+
+
+def _cannot_prepare(cfg: Config, reason: str, message: str) -> int:
+    """A user error while preparing; reported at the go's path if a go already came (a cold
+    worker would fail the same way, so the supervisor must hear it as that attempt's outcome)."""
+    log.error("Standby cannot prepare: %s", message)
+    line = _read_pending()
+    if line is not None and _become_worker(cfg, line) is not None:
+        return write_exit_report(cfg.output_dir, reason, message)
+    return protocol.EXIT_USER_ERROR
+
+
+def _take_over(cfg: Config, stop: StopRequest, line: str, prepared: Prepared) -> int:
+    """Become the worker of the attempt the go names."""
+    from worker import data as data_mod
+    from worker.train import run
+
+    order = _become_worker(cfg, line)
+    if order is None:
+        return _malformed_go(cfg, line)
+    restore_priority()
+    if stop.requested:
+        return _interrupted_before_training(cfg, stop)
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except OSError:
-        log.warning(
-            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
-        )
-    fresh = data_mod.build(cfg).fingerprint
+        fresh = data_mod.build(cfg).fingerprint
+    except data_mod.DataError as exc:
+        return write_exit_report(cfg.output_dir, protocol.REASON_DATA_ERROR, str(exc))
     if fresh != prepared.splits.fingerprint:
         msg = f"the data changed since the standby started (fingerprint {prepared.splits.fingerprint} -> {fresh})"
         log.warning("Standby unusable: %s", msg)
         return write_exit_report(cfg.output_dir, protocol.REASON_STANDBY_STALE, msg)
-    log.info("Standby taking over as attempt %s", go.get("attempt"))
-    return run(cfg, resume=bool(go.get("resume", True)), checkpoint=None, stop=stop, prepared=prepared)
+    log.info("Standby taking over as attempt %s", order.attempt)
+    return run(cfg, resume=order.resume, checkpoint=None, stop=stop, prepared=prepared)
+
+
+def _become_worker(cfg: Config, line: str) -> protocol.LaunchOrder | None:
+    """Apply the go's order (batch, accumulation, environment); None if it is not an order."""
+    order = protocol.LaunchOrder.from_line(line)
+    if order is None:
+        return None
+    set_process_name("vit-train")
+    launch.apply(cfg, order)
+    return order
+
+
+def _stopped_before_training(cfg: Config, stop: StopRequest, line: str | None) -> int:
+    """A stop or EOF before training: the go, if one arrived, makes this an interrupted attempt."""
+    if line is not None:
+        if _become_worker(cfg, line) is None:
+            return _malformed_go(cfg, line)
+        return _interrupted_before_training(cfg, stop)
+    if not stop.requested:
+        log.info("Standby not needed; exiting")
+        return protocol.EXIT_COMPLETED
+    log.info("Standby %s before any go; exiting", stop.describe().replace("stop requested", "stopped"))
+    return protocol.EXIT_INTERRUPTED
+
+
+def _interrupted_before_training(cfg: Config, stop: StopRequest) -> int:
+    msg = f"{stop.describe()} before the standby began training; no step was trained"
+    log.warning("%s", msg)
+    return write_exit_report(cfg.output_dir, protocol.REASON_INTERRUPTED, msg)
+
+
+def _malformed_go(cfg: Config, line: str) -> int:
+    """Report a go that is not a launch order where the order meant it to go, if it says."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("exit_report"), str):
+        os.environ[protocol.ENV_EXIT_REPORT] = raw["exit_report"]
+    msg = f"standby got a malformed go (not a launch order): {line[:200]!r}"
+    log.error("%s", msg)
+    return write_exit_report(cfg.output_dir, protocol.REASON_CRASH, msg)
+
+
+@contextmanager
+def _stops_interrupt(stop: StopRequest) -> Iterator[None]:
+    """While preparing there is nothing to save: a stop (or the supervisor's death) is
+    recorded as usual and then interrupts the preparation instead of waiting for its end."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if signum == ParentWatch.DEATH_SIGNAL:
+            stop.request("the supervisor process is gone")
+        else:
+            stop.signum, stop.received_at = signum, time.monotonic()
+        raise _Stopped
+
+    if stop.requested:
+        raise _Stopped
+    for sig in (signal.SIGTERM, signal.SIGINT, ParentWatch.DEATH_SIGNAL):
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        stop.install()
 
 
 def _wait_for_go(stop: StopRequest) -> str | None:
-    """One line from stdin; None on EOF or a stop signal while waiting."""
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
-    buf = b""
-    fd = sys.stdin.fileno()
-    while not stop.requested:
-        if not sel.select(timeout=0.5):
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        buf += chunk
-        if b"\n" in buf:
-            return buf.split(b"\n", 1)[0].decode()
-    return None
+    """The go line from stdin; None on EOF without one. A stop (or the supervisor's death)
+    ends the wait, but a go already in the pipe still counts: the supervisor writes the go
+    before it may send a stop, so a go that was sent is there by the time the stop is seen."""
+    parent = ParentWatch()
+    reader = _LineReader(sys.stdin.fileno())
+    while not stop.requested and not reader.done:
+        if parent.parent_gone():
+            stop.request("the supervisor process is gone")
+            break
+        reader.read(timeout=0.5)
+    reader.read(timeout=0)
+    return reader.line()
 
 
-def _apply_go(cfg: Config, go: dict[str, Any]) -> None:
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if go.get(key):
-            setattr(cfg.training, key, int(go[key]))
-    env = {
-        protocol.ENV_ATTEMPT: go.get("attempt"),
-        protocol.ENV_EXIT_REPORT: go.get("exit_report"),
-        protocol.ENV_SUPERVISOR_PID: go.get("supervisor_pid"),
-    }
-    for k, v in env.items():
-        if v is not None:
-            os.environ[k] = str(v)
+def _read_pending() -> str | None:
+    """The go already waiting on stdin, without blocking; None if there is none."""
+    reader = _LineReader(sys.stdin.fileno())
+    reader.read(timeout=0)
+    return reader.line()
+
+
+class _LineReader:
+    """The first line of a file descriptor, never blocking past a timeout.
+
+    ``select`` rather than a selector: epoll refuses regular files and /dev/null, which is
+    what stdin is for a standby started by hand or by a service manager.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    @property
+    def done(self) -> bool:
+        return self.eof or b"\n" in self.buf
+
+    def read(self, timeout: float) -> None:
+        while not self.done and select.select([self.fd], [], [], timeout)[0]:
+            chunk = os.read(self.fd, 4096)
+            self.eof = not chunk
+            self.buf += chunk
+            timeout = 0
+
+    def line(self) -> str | None:
+        text = self.buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+        return text or None
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return None
+
+
+def restore_priority() -> None:
+    """Every thread back to normal CPU priority for training.
+
+    On Linux a nice value belongs to a thread: setpriority on the process id changes only
+    the calling thread, and torch's intra-op pool (started while waiting) would train at
+    nice 10 for the whole attempt. Threads started later inherit their creator's value, so
+    once every existing thread is at 0, so are they; the loop catches a thread started
+    while it runs.
+    """
+    done: set[int] = set()
+    failed = False
+    while True:
+        todo = _thread_ids() - done
+        if not todo:
+            break
+        for tid in todo:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+            except ProcessLookupError:
+                pass  # the thread ended meanwhile
+            except OSError:
+                failed = True
+            done.add(tid)
+    if failed:
+        log.warning(
+            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
+        )
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux: the process's priority is the threads' priority
+        return {0}

@@ -1,498 +1,58 @@
-"""The training job: a HuggingFace Trainer with committed checkpoints and a fault contract."""
+"""The training job's orchestration: lock, prepare, choose the checkpoint, train, report.
+
+One attempt ends in exactly one :class:`protocol.ExitReport`, built in
+:func:`exit_report` from the attempt's :class:`Outcome` and written in
+:func:`run`; the exit code is the report's reason's code. The pieces live in
+their own modules: the Trainer subclass and its callback (worker/trainer.py),
+the tracker (worker/tracking.py), collectives (worker/dist.py), checkpoints
+(worker/checkpoint.py) and the fault contract (worker/fault.py).
+"""
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
-import random
-import secrets
 import shutil
-import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import rotate_checkpoints, set_seed
+from transformers.trainer_utils import set_seed
 
-from supervisor import protocol
+from supervisor import protocol, runlock
 from supervisor.schema import Config
 from worker import checkpoint as ckpt
 from worker import data as data_mod
-from worker import guard
+from worker import fault, guard, locks, tracking
 from worker import model as model_mod
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
-from worker.fault import Heartbeat, ParentWatch, StopRequest, is_oom, set_memory_headroom_from_env, write_exit_report
-from worker.fault import rank as fault_rank
-from worker.fault import world_size as fault_world_size
+from worker.dist import barrier, broadcast_from_main
+from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_oom
+from worker.trainer import (
+    RunContext,
+    SupervisedTrainer,
+    SupervisionCallback,
+    compute_metrics,
+    emergency_checkpoint,
+    training_arguments,
+)
+
+__all__ = ["Prepared", "compute_metrics", "prepare", "run", "training_arguments"]
 
 log = logging.getLogger("vit_train")
 
 
-@dataclass
-class RunContext:
-    """What the Trainer subclass and the callback share with the entry point."""
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended; :func:`exit_report` turns it into the attempt's one exit report."""
 
-    cfg: Config
-    output_dir: Path
-    stop: StopRequest
-    parent: ParentWatch
-    heartbeat: Heartbeat
-    disk: DiskGuard
-    last_checkpoint: Path | None = None
-    last_ckpt_bytes: int | None = None
-    phase: str = "setup"  # setup | forward | optimizer | boundary
-    rng_at_boundary: dict[str, Any] | None = None
-    rng_override: dict[str, Any] | None = None
-    save_seconds: list[float] = field(default_factory=list)
-    tracker_run_id: str | None = None
-
-
-def world() -> tuple[int, int]:
-    """(world size, rank) of the initialised process group; (1, 0) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if world()[0] > 1:
-        dist.barrier()
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's value of ``obj`` on every rank."""
-    import torch.distributed as dist
-
-    if world()[0] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def any_rank(flag: bool, device: Any) -> bool:
-    """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
-    import torch.distributed as dist
-
-    if world()[0] == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class _IgnoreStopSignals:
-    """worker_init_fn wrapper: DataLoader workers ignore SIGTERM/SIGINT.
-
-    A terminal's Ctrl+C or a service manager's SIGTERM reaches the whole process
-    group. torch's worker handler dies on a SIGTERM that its parent did not send,
-    and the main process then fails with "DataLoader worker ... killed by signal"
-    before it can save. The main process alone decides when to stop; its workers
-    end with it.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        import signal
-
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def snapshot_rng() -> dict[str, Any]:
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "cpu": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.random.get_rng_state()
-    return states
-
-
-class SupervisedTrainer(Trainer):
-    """Trainer whose checkpoints are committed atomically after a disk check, and whose
-    loads restore every tensor or fail."""
-
-    def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ctx = ctx
-
-    # -- saving -------------------------------------------------------------------------
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        self.commit_checkpoint()
-
-    def commit_checkpoint(self) -> Path:
-        """Write every rank's part into the staging folder, then rank 0 seals and renames it.
-
-        Barriers make it all-or-nothing across ranks: the rename happens only after
-        every rank's RNG state is on disk.
-        """
-        ctx = self.ctx
-        step = self.state.global_step
-        out = ctx.output_dir
-        final = out / f"checkpoint-{step}"
-        if ctx.last_checkpoint == final and final.is_dir():
-            return final  # already committed at this step (a stop right after a periodic save)
-        main = self.args.should_save
-        self.store_flos()
-        keep = self.args.save_total_limit
-        if main:
-            needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
-            ctx.disk.ensure(
-                needed,
-                lambda: (
-                    ckpt.rotation_candidates(out, max(1, keep - 1), self.state.best_model_checkpoint) if keep else []
-                ),
-            )
-            ctx.heartbeat.update(state=protocol.HB_SAVING, force=True)
-        t0 = time.monotonic()
-        staging = ckpt.staging_dir(out, step)
-        if main:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir()
-        barrier()
-        try:
-            self.save_model(str(staging), _internal_call=True)
-            if self.state.best_global_step:
-                best = out / f"checkpoint-{self.state.best_global_step}"
-                if best.exists() or self.state.best_global_step == step:
-                    self.state.best_model_checkpoint = str(best)
-            self._save_optimizer_and_scheduler(str(staging))
-            self._save_scaler(str(staging))
-            self._save_rng_state(str(staging))
-            barrier()
-            size = 0
-            if main:
-                from transformers.trainer_callback import ExportableState
-
-                for cb in [
-                    c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
-                ]:
-                    name = cb.__class__.__name__
-                    if isinstance(self.state.stateful_callbacks.get(name), list):
-                        self.state.stateful_callbacks[name].append(cb.state())
-                    else:
-                        self.state.stateful_callbacks[name] = cb.state()
-                self.state.save_to_json(str(staging / "trainer_state.json"))
-                size = ckpt.commit(staging, final, step)
-            barrier()
-        except BaseException:
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        ctx.last_checkpoint = final
-        ctx.save_seconds.append(time.monotonic() - t0)
-        if main:
-            ctx.last_ckpt_bytes = size
-            log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
-            if keep:
-                rotate_checkpoints(
-                    output_dir=str(out),
-                    save_total_limit=keep,
-                    best_model_checkpoint=self.state.best_model_checkpoint,
-                    use_mtime=False,
-                )
-            ctx.heartbeat.update(state=protocol.HB_TRAINING, last_checkpoint=str(final), force=True)
-        return final
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        if self.ctx.rng_override is None:
-            return super()._save_rng_state(output_dir)
-        name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
-        torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
-
-    # -- data loading -------------------------------------------------------------------
-
-    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
-        dl = super()._get_dataloader(*args, **kwargs)
-        if self.args.dataloader_num_workers > 0:
-            base = getattr(dl, "base_dataloader", dl)  # accelerate wraps the torch DataLoader
-            base.worker_init_fn = _IgnoreStopSignals(base.worker_init_fn)
-        return dl
-
-    # -- loading ------------------------------------------------------------------------
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        ckpt.load_weights_strict(model if model is not None else self.model, Path(resume_from_checkpoint))
-
-    def _load_best_model(self) -> None:
-        if self.ctx.stop.requested or self.state.global_step < self.state.max_steps:
-            return  # an interrupted run keeps training from where it stopped, not from the best
-        best = self.state.best_model_checkpoint
-        log.info("Loading best model from %s (%s %s)", best, self.args.metric_for_best_model, self.state.best_metric)
-        ckpt.load_weights_strict(self.model, Path(best))
-
-    # -- evaluation ---------------------------------------------------------------------
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        self.ctx.heartbeat.update(state=protocol.HB_EVALUATING, force=True)
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self.ctx.heartbeat.update(
-                state=protocol.HB_STOPPING if self.ctx.stop.requested else protocol.HB_TRAINING, force=True
-            )
-
-
-class SupervisionCallback(TrainerCallback):
-    """Turns stop signals into "save at the end of this step", keeps the heartbeat,
-    remembers where in a step we are (for the emergency checkpoint after an OOM)."""
-
-    def __init__(self, ctx: RunContext) -> None:
-        self.ctx = ctx
-        self._t_step: float | None = None
-        self._rate: float | None = None
-        self._last_loss: float | None = None
-
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
-        # A resume reloads trainer_state.json, whose logging/eval/save intervals would silently
-        # override the config's: the config in force decides.
-        state.compute_steps(args, state.max_steps)
-        limit = set_memory_headroom_from_env()
-        if limit:
-            log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
-        self.ctx.phase = "boundary"
-        self.ctx.rng_at_boundary = snapshot_rng()
-        self.ctx.heartbeat.update(
-            state=protocol.HB_TRAINING,
-            global_step=state.global_step,
-            max_steps=state.max_steps,
-            epoch=state.epoch,
-            force=True,
-        )
-
-    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
-        self.ctx.phase = "forward"
-        if self._t_step is None:
-            self._t_step = time.monotonic()
-
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
-        self.ctx.phase = "optimizer"
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
-        ctx = self.ctx
-        ctx.phase = "boundary"
-        ctx.rng_at_boundary = snapshot_rng()
-        now = time.monotonic()
-        if self._t_step is not None:
-            dt = max(now - self._t_step, 1e-6)
-            inst = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1) / dt
-            self._rate = inst if self._rate is None else 0.8 * self._rate + 0.2 * inst
-        self._t_step = now
-        if ctx.parent.parent_gone():
-            ctx.stop.request("the supervisor process is gone")
-        if any_rank(ctx.stop.requested, args.device) and not ctx.stop.requested:
-            ctx.stop.request("another rank was asked to stop")
-        if ctx.stop.requested:
-            log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
-            control.should_save = True
-            control.should_training_stop = True
-        if state.global_step >= state.max_steps:
-            control.should_save = True  # the last step is always committed
-        gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
-        ctx.heartbeat.update(
-            state=protocol.HB_STOPPING if ctx.stop.requested else protocol.HB_TRAINING,
-            global_step=state.global_step,
-            max_steps=state.max_steps,
-            **gpu,
-            epoch=round(state.epoch or 0.0, 4),
-            loss=self._last_loss,
-            samples_per_s=round(self._rate, 2) if self._rate else None,
-            force=ctx.stop.requested,
-        )
-
-    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
-        if self.ctx.stop.requested:
-            # A stop breaks out mid-epoch; the Trainer would still run its epoch-end evaluation
-            # (and, under torchrun, its collectives) before exiting. The step is committed: go.
-            control.should_evaluate = False
-            control.should_save = False
-
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-        if not logs:
-            return
-        if "loss" in logs:
-            self._last_loss = float(logs["loss"])
-        if state.is_world_process_zero:
-            # Every attempt appends here, steps that a restart redoes included: the run report
-            # draws one curve across attempts from it. JSON lines survive a kill mid-write.
-            row = {
-                "time": time.time(),
-                "attempt": int(os.environ.get(protocol.ENV_ATTEMPT, "0") or 0),
-                "step": state.global_step,
-                "epoch": state.epoch,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
-            }
-            try:
-                with open(protocol.run_dir(self.ctx.output_dir) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError:
-                pass
-
-
-def compute_metrics(pred: Any) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    y = np.argmax(logits, axis=-1)
-    return {
-        "accuracy": float(accuracy_score(pred.label_ids, y)),
-        "f1": float(f1_score(pred.label_ids, y, average="macro")),
-    }
-
-
-def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
-    t = cfg.training
-    warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
-    return TrainingArguments(
-        output_dir=str(cfg.output_dir),
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=warmup,
-        lr_scheduler_type=t.lr_scheduler_type,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        logging_strategy="steps",
-        eval_strategy=t.eval_strategy,
-        eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=t.load_best_model_at_end,
-        metric_for_best_model=t.metric_for_best_model,
-        greater_is_better=t.greater_is_better,
-        dataloader_num_workers=t.dataloader_num_workers,
-        seed=t.seed,
-        data_seed=t.seed,
-        fp16=t.fp16,
-        bf16=t.bf16,
-        tf32=t.tf32,
-        full_determinism=t.full_determinism,
-        optim=t.optim,
-        report_to=report_to,
-        run_name=cfg.tracking.run_name or cfg.output_dir.name,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        save_only_model=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Without a GPU, torchrun ranks train with DDP over gloo (accelerate's MULTI_CPU needs use_cpu).
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if not torch.cuda.is_available() and fault_world_size() > 1 else None,
-    )
-
-
-def tracker_run_id(output_dir: Path) -> str:
-    """One tracker run per output directory, whatever the number of restarts."""
-    p = protocol.run_dir(output_dir) / protocol.TRACKER_ID
-    try:
-        existing = p.read_text().strip()
-    except OSError:
-        existing = ""
-    if existing:
-        return existing
-    # Several ranks may get here at once: create exclusively, and the losers read the winner's id.
-    tmp = p.with_name(f".{p.name}.{os.getpid()}")
-    tmp.write_text(secrets.token_hex(4) + "\n")
-    try:
-        os.link(tmp, p)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return p.read_text().strip()
-
-
-def init_tracking(cfg: Config, run_id: str) -> None:
-    tr = cfg.tracking
-    import wandb
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    wandb.init(
-        id=run_id,
-        resume="allow",
-        mode=tr.mode,
-        project=tr.project,
-        entity=tr.entity,
-        name=tr.run_name or cfg.output_dir.name,
-        dir=str(protocol.run_dir(cfg.output_dir)),
-        settings=wandb.Settings(
-            x_transaction_log_flush_interval=tr.flush_interval_s, console="off", x_disable_stats=True
-        ),
-    )
-
-
-def finish_tracking(code: int) -> None:
-    if "wandb" not in sys.modules:
-        return  # never started: importing it now would only delay the exit
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=code)
-    except Exception as exc:  # the tracker must never turn an outcome into a crash
-        log.warning("Tracker did not finish cleanly: %s", exc)
-
-
-def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
-    """After an OOM, commit the last completed step if the weights are still those of a step
-    boundary (the OOM hit in forward/backward or evaluation, not inside the optimizer step)."""
-    ctx = trainer.ctx
-    step = trainer.state.global_step
-    if trainer.args.world_size > 1:
-        log.warning(
-            "No emergency checkpoint: with several ranks the others may be inside a collective, "
-            "so a coordinated save cannot be made; the newest committed checkpoint stands"
-        )
-        return None
-    if step <= 0 or trainer.optimizer is None:
-        log.warning("No emergency checkpoint: no optimizer step had completed")
-        return None
-    if ctx.phase not in ("forward", "boundary"):
-        log.warning(
-            "No emergency checkpoint: the OOM hit inside the optimizer step, so the weights are "
-            "half-updated; the newest committed checkpoint stands"
-        )
-        return None
-    if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
-        return ctx.last_checkpoint
-    trainer.model.zero_grad(set_to_none=True)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    ctx.rng_override = ctx.rng_at_boundary
-    try:
-        path = trainer.commit_checkpoint()
-    except BaseException as exc:  # the save itself may run out of memory
-        log.warning("Emergency checkpoint failed (%s: %s); the previous checkpoint stands", type(exc).__name__, exc)
-        return None
-    finally:
-        ctx.rng_override = None
-    log.warning("Emergency checkpoint %s committed after the out-of-memory: no step is lost", path.name)
-    return path
+    reason: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    """Further :class:`protocol.ExitReport` fields (step, traceback, metrics, ...)."""
 
 
 @dataclass
@@ -545,24 +105,40 @@ def choose_checkpoint(
 def run(
     cfg: Config, *, resume: bool, checkpoint: Path | None, stop: StopRequest, prepared: Prepared | None = None
 ) -> int:
-    """Train to the end or to a stop; return the exit code (the exit report is written)."""
+    """Train to the end or to a stop; write the exit report; return its exit code."""
+    try:
+        held = locks.take(cfg, stop)
+    except (runlock.LockHeld, locks.StoppedWhileWaitingForLock) as exc:
+        return locks.refused(exc)
+    try:
+        ctx = open_context(cfg, stop)
+        outcome = run_attempt(ctx, resume=resume, checkpoint=checkpoint, prepared=prepared)
+        report = exit_report(ctx, outcome)
+        code = fault.save_exit_report(cfg.output_dir, report)
+        ctx.heartbeat.update(state=protocol.HB_EXITED, reason=report.reason, force=True)
+        tracking.finish(code)
+        return code
+    finally:
+        for lock in reversed(held):  # only now: the exit report is on disk before a successor may start
+            lock.release()
+
+
+def open_context(cfg: Config, stop: StopRequest) -> RunContext:
+    """The run folder, the parent watch, the first heartbeat and the disk guard."""
     out = cfg.output_dir
-    main = fault_rank() == 0
     out.mkdir(parents=True, exist_ok=True)
     protocol.run_dir(out).mkdir(exist_ok=True)
     parent = ParentWatch()
     parent.arm()
     t = cfg.training
-    hb = Heartbeat(
+    hb = HeartbeatWriter(
         out,
         cfg.supervisor.heartbeat_interval_s,
-        attempt=int(os.environ.get(protocol.ENV_ATTEMPT, "0") or 0),
+        attempt=fault.attempt(),
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         global_step=0,
-        max_steps=None,
-        last_checkpoint=None,
-        world_size=fault_world_size(),
+        world_size=fault.world_size(),
     )
     hb.update(force=True)
     disk = DiskGuard(
@@ -575,35 +151,41 @@ def run(
             state=protocol.HB_WAITING_FOR_DISK, disk_needed_bytes=need, disk_free_bytes=free, force=True
         ),
     )
-    ctx = RunContext(cfg=cfg, output_dir=out, stop=stop, parent=parent, heartbeat=hb, disk=disk)
+    return RunContext(cfg=cfg, output_dir=out, stop=stop, parent=parent, heartbeat=hb, disk=disk)
 
-    def report(reason: str, message: str, exc: BaseException | None = None, **extra: Any) -> int:
-        fields = dict(
-            step=None,
-            last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            tracker_run_id=ctx.tracker_run_id,
-            gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-            checkpoint_bytes=ctx.last_ckpt_bytes,
-            save_seconds=ctx.save_seconds,
-        )
-        fields.update(extra)
-        code = write_exit_report(out, reason, message, exc=exc, **fields)
-        hb.update(state=protocol.HB_EXITED, reason=reason, force=True)
-        return code
 
+def exit_report(ctx: RunContext, outcome: Outcome) -> protocol.ExitReport:
+    """The one place an attempt's exit report is built."""
+    t = ctx.cfg.training
+    return fault.exit_report(
+        outcome.reason,
+        outcome.message,
+        last_checkpoint=str(ctx.last_checkpoint) if ctx.last_checkpoint else None,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        tracker_run_id=ctx.tracker_run_id,
+        gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        checkpoint_bytes=ctx.last_ckpt_bytes,
+        save_seconds=ctx.save_seconds,
+        **outcome.fields,
+    )
+
+
+def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepared: Prepared | None) -> Outcome:
+    """Prepare, choose the checkpoint, train: how this attempt ended."""
+    cfg, out, main = ctx.cfg, ctx.output_dir, fault.rank() == 0
     if main:
         ckpt.clean_staging(out)
     try:
         prepared = prepared or prepare(cfg)
     except data_mod.DataError as exc:
         log.error("%s", exc)
-        return report(protocol.REASON_DATA_ERROR, str(exc))
-    tracking_on = cfg.tracking.backend == "wandb" and cfg.tracking.mode != "disabled"
+        return Outcome(protocol.REASON_DATA_ERROR, str(exc))
+    except model_mod.ModelUnavailable as exc:
+        log.error("%s", exc)
+        return Outcome(protocol.REASON_CONFIG_ERROR, str(exc))
     # Under torchrun this also joins the process group.
-    args = training_arguments(cfg, ["wandb"] if tracking_on and main else [])
-
+    args = training_arguments(cfg, ["wandb"] if tracking.enabled(cfg) and main else [])
     decision: tuple[str | None, str | None, str] = (None, None, "")
     if main:
         target, reason, message = choose_checkpoint(
@@ -613,20 +195,18 @@ def run(
     target_s, reason, message = broadcast_from_main(decision)
     if reason is not None:
         log.error("%s", message)
-        return report(reason, message)
+        return Outcome(reason, message)
     target = Path(target_s) if target_s else None
     ctx.last_checkpoint = target
     if target is not None:
         ctx.last_ckpt_bytes = ckpt.dir_bytes(target)
-    hb.update(last_checkpoint=str(target) if target else None)
-
+    ctx.heartbeat.update(last_checkpoint=str(target) if target else None)
     if main:
-        ctx.tracker_run_id = tracker_run_id(out)
-        hb.update(tracker_run_id=ctx.tracker_run_id)
-        if tracking_on:
-            init_tracking(cfg, ctx.tracker_run_id)
-            stop.install()  # again: wandb.init may have installed handlers of its own
-
+        ctx.tracker_run_id = tracking.tracker_run_id(out)
+        ctx.heartbeat.update(tracker_run_id=ctx.tracker_run_id)
+        if tracking.enabled(cfg):
+            tracking.init(cfg, ctx.tracker_run_id)
+            ctx.stop.install()  # again: wandb.init may have installed handlers of its own
     trainer = SupervisedTrainer(
         model=prepared.model,
         args=args,
@@ -636,112 +216,107 @@ def run(
         callbacks=[SupervisionCallback(ctx)],
         ctx=ctx,
     )
-    oom_info: tuple[str, str, list[str]] | None = None
+    return train(trainer, target)
+
+
+def _progress(trainer: SupervisedTrainer) -> dict[str, Any]:
+    return {"step": trainer.state.global_step, "max_steps": trainer.state.max_steps}
+
+
+def _exception_fields(exc: BaseException, lines: int) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).splitlines()
+    return {"exception_type": type(exc).__name__, "traceback": tb[-lines:]}
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
+    """Run the Trainer and classify how it ended."""
+    oom: dict[str, Any] | None = None
     try:
         trainer.train(resume_from_checkpoint=str(target) if target else None)
     except ckpt.CheckpointInvalid as exc:
         log.error("%s", exc)
-        code = report(protocol.REASON_INCOMPATIBLE, str(exc))
-        finish_tracking(code)
-        return code
+        return Outcome(protocol.REASON_INCOMPATIBLE, str(exc))
     except DiskLow as exc:
         log.error("Stopping: %s", exc)
-        code = report(
-            protocol.REASON_DISK_LOW,
-            str(exc),
-            step=trainer.state.global_step,
-            max_steps=trainer.state.max_steps,
-            disk_needed_bytes=exc.needed,
-            disk_free_bytes=exc.free,
-        )
-        finish_tracking(code)
-        return code
+        fields = {**_progress(trainer), "disk_needed_bytes": exc.needed, "disk_free_bytes": exc.free}
+        return Outcome(protocol.REASON_DISK_LOW, str(exc), fields)
     except StoppedWhileWaiting as exc:
         log.warning("%s", exc)
-        code = report(
-            protocol.REASON_INTERRUPTED, str(exc), step=trainer.state.global_step, max_steps=trainer.state.max_steps
-        )
-        finish_tracking(code)
-        return code
+        return Outcome(protocol.REASON_INTERRUPTED, str(exc), _progress(trainer))
+    except data_mod.DataError as exc:
+        return _data_error(trainer, exc)
     except BaseException as exc:
         if not is_oom(exc):
             log.exception("Training crashed at step %d", trainer.state.global_step)
-            code = report(
-                protocol.REASON_CRASH,
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                exc=exc,
-                step=trainer.state.global_step,
-                max_steps=trainer.state.max_steps,
-            )
-            finish_tracking(code)
-            return code
-        import traceback
-
-        oom_info = (
-            type(exc).__name__,
-            str(exc).splitlines()[0][:500],
-            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).splitlines()[-12:],
-        )
+            fields = {**_progress(trainer), **_exception_fields(exc, 25)}
+            return Outcome(protocol.REASON_CRASH, f"{type(exc).__name__}: {_first_line(exc)}", fields)
+        # Keep only text: the exception's frames hold the tensors whose memory the
+        # emergency checkpoint needs back.
+        oom = {**_exception_fields(exc, 12), "message": f"{type(exc).__name__}: {_first_line(exc)[:500]}"}
         del exc
-    if oom_info is not None:
-        kind, msg, tb = oom_info
-        log.error(
-            "Out of memory at step %d with per-device batch %d x accumulation %d: %s",
-            trainer.state.global_step,
-            t.per_device_train_batch_size,
-            t.gradient_accumulation_steps,
-            msg,
-        )
-        saved = emergency_checkpoint(trainer)
-        code = report(
-            protocol.REASON_OOM,
-            f"{kind}: {msg}",
-            step=trainer.state.global_step,
-            max_steps=trainer.state.max_steps,
-            exception_type=kind,
-            traceback=tb,
-            emergency_checkpoint=saved is not None,
-            phase=ctx.phase,
-        )
-        finish_tracking(code)
-        return code
-
-    state = trainer.state
-    if state.global_step >= state.max_steps:
-        evals = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
-        metrics = evals[-1] if evals else (trainer.evaluate() if trainer.eval_dataset is not None else {})
-        final = out / "model"
-        staging = out / ".staging-model"
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        barrier()
-        trainer.save_model(str(staging))
-        barrier()
-        if main:
-            if final.exists():
-                ckpt.set_aside(final, "replaced by the model of a later completed run")
-            os.rename(staging, final)
-        log.info(
-            "Training complete: step %d/%d, %s; final model in %s",
-            state.global_step,
-            state.max_steps,
-            {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
-            final,
-        )
-        code = report(
-            protocol.REASON_COMPLETED,
-            f"completed {state.global_step} steps",
-            step=state.global_step,
-            max_steps=state.max_steps,
-            metrics=metrics,
-        )
-        finish_tracking(code)
-        return code
+    if oom is not None:
+        return after_oom(trainer, oom)
+    if trainer.state.global_step >= trainer.state.max_steps:
+        try:
+            return complete(trainer)
+        except data_mod.DataError as exc:  # the final evaluation met a corrupt image
+            return _data_error(trainer, exc)
     # train() returns normally after a requested stop: the step count, not the return, decides.
+    stop, ctx = trainer.ctx.stop, trainer.ctx
     latency = time.monotonic() - stop.received_at if stop.received_at else None
     msg = f"{stop.describe() if stop.requested else 'training stopped early'}; checkpoint {ctx.last_checkpoint}"
-    code = report(
-        protocol.REASON_INTERRUPTED, msg, step=state.global_step, max_steps=state.max_steps, stop_to_exit_s=latency
+    return Outcome(protocol.REASON_INTERRUPTED, msg, {**_progress(trainer), "stop_to_exit_s": latency})
+
+
+def _data_error(trainer: SupervisedTrainer, exc: data_mod.DataError) -> Outcome:
+    """A corrupt image fails again on every retry: the user must fix or remove it."""
+    message = data_mod.error_message(exc)
+    log.error("Stopping at step %d: %s", trainer.state.global_step, message)
+    return Outcome(protocol.REASON_DATA_ERROR, message, _progress(trainer))
+
+
+def after_oom(trainer: SupervisedTrainer, oom: dict[str, Any]) -> Outcome:
+    """Log the out-of-memory, commit the last whole step if possible, report it."""
+    t = trainer.ctx.cfg.training
+    message = oom.pop("message")
+    log.error(
+        "Out of memory at step %d with per-device batch %d x accumulation %d: %s",
+        trainer.state.global_step,
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        message,
     )
-    finish_tracking(code)
-    return code
+    saved = emergency_checkpoint(trainer)
+    fields = {**_progress(trainer), **oom, "emergency_checkpoint": saved is not None, "phase": trainer.ctx.phase}
+    return Outcome(protocol.REASON_OOM, message, fields)
+
+
+def complete(trainer: SupervisedTrainer) -> Outcome:
+    """Final evaluation and the final model, committed by a rename like a checkpoint."""
+    state, out, main = trainer.state, trainer.ctx.output_dir, fault.rank() == 0
+    evals = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
+    metrics = evals[-1] if evals else (trainer.evaluate() if trainer.eval_dataset is not None else {})
+    final = out / "model"
+    staging = out / ".staging-model"
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(staging))
+    barrier()
+    if main:
+        if final.exists():
+            ckpt.set_aside(final, "replaced by the model of a later completed run")
+        os.rename(staging, final)
+    log.info(
+        "Training complete: step %d/%d, %s; final model in %s",
+        state.global_step,
+        state.max_steps,
+        {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+        final,
+    )
+    fields = {**_progress(trainer), "metrics": metrics}
+    return Outcome(protocol.REASON_COMPLETED, f"completed {state.global_step} steps", fields)

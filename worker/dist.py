@@ -1,0 +1,44 @@
+"""Collectives the worker needs under torchrun; each is a no-op in a single process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world()[0] > 1:
+        dist.barrier()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks stop at the same step)."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,406 @@
+"""The Trainer subclass and its callback: committed checkpoints, stop-at-step-end, heartbeat.
+
+:class:`SupervisedTrainer` owns checkpointing (staging, commit, our own rotation,
+strict loads); :class:`SupervisionCallback` turns stop requests into "save at
+the end of this step", keeps the heartbeat and appends the metrics log. They
+share a :class:`RunContext` with the entry point (worker/train.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from supervisor import protocol
+from supervisor.schema import Config
+from worker import checkpoint as ckpt
+from worker.disk import DiskGuard
+from worker.dist import any_rank, barrier
+from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, attempt, set_memory_headroom_from_env
+from worker.fault import world_size as fault_world_size
+
+log = logging.getLogger("vit_train")
+
+
+@dataclass
+class RunContext:
+    """What the Trainer subclass and the callback share with the entry point."""
+
+    cfg: Config
+    output_dir: Path
+    stop: StopRequest
+    parent: ParentWatch
+    heartbeat: HeartbeatWriter
+    disk: DiskGuard
+    last_checkpoint: Path | None = None
+    last_ckpt_bytes: int | None = None
+    phase: str = "setup"  # setup | forward | optimizer | boundary
+    rng_at_boundary: dict[str, Any] | None = None
+    rng_override: dict[str, Any] | None = None
+    save_seconds: list[float] = field(default_factory=list)
+    tracker_run_id: str | None = None
+
+
+class _IgnoreStopSignals:
+    """worker_init_fn wrapper: DataLoader workers ignore SIGTERM/SIGINT.
+
+    A terminal's Ctrl+C or a service manager's SIGTERM reaches the whole process
+    group. torch's worker handler dies on a SIGTERM that its parent did not send,
+    and the main process then fails with "DataLoader worker ... killed by signal"
+    before it can save. The main process alone decides when to stop; its workers
+    end with it.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def snapshot_rng() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.random.get_rng_state()
+    return states
+
+
+class SupervisedTrainer(Trainer):
+    """Trainer whose checkpoints are committed atomically after a disk check, and whose
+    loads restore every tensor or fail."""
+
+    def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ctx = ctx
+
+    # -- saving -------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self.commit_checkpoint()
+
+    def commit_checkpoint(self) -> Path:
+        """Write every rank's part into the staging folder, then rank 0 seals and renames it.
+
+        Barriers make it all-or-nothing across ranks: the rename happens only after
+        every rank's RNG state is on disk.
+        """
+        ctx = self.ctx
+        step = self.state.global_step
+        out = ctx.output_dir
+        final = out / f"checkpoint-{step}"
+        if ctx.last_checkpoint == final and final.is_dir():
+            return final  # already committed at this step (a stop right after a periodic save)
+        main = self.args.should_save
+        self.store_flos()
+        keep = self.args.save_total_limit
+        if main:
+            needed = ctx.last_ckpt_bytes or ckpt.estimate_bytes(self.model)
+            ctx.disk.ensure(
+                needed,
+                lambda: (
+                    ckpt.rotation_candidates(out, max(1, keep - 1), self.state.best_model_checkpoint) if keep else []
+                ),
+            )
+            ctx.heartbeat.update(state=protocol.HB_SAVING, force=True)
+        t0 = time.monotonic()
+        staging = ckpt.staging_dir(out, step)
+        if main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        barrier()
+        try:
+            self.save_model(str(staging), _internal_call=True)
+            if self.state.best_global_step:
+                best = out / f"checkpoint-{self.state.best_global_step}"
+                if best.exists() or self.state.best_global_step == step:
+                    self.state.best_model_checkpoint = str(best)
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+            barrier()
+            size = 0
+            if main:
+                from transformers.trainer_callback import ExportableState
+
+                stateful: dict[str, Any] = self.state.stateful_callbacks  # type: ignore[assignment]
+                for cb in [
+                    c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
+                ]:
+                    name = cb.__class__.__name__
+                    if isinstance(stateful.get(name), list):
+                        stateful[name].append(cb.state())
+                    else:
+                        stateful[name] = cb.state()
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+                size = ckpt.commit(staging, final, step)
+            barrier()
+        except BaseException:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        ctx.last_checkpoint = final
+        ctx.save_seconds.append(time.monotonic() - t0)
+        if main:
+            ctx.last_ckpt_bytes = size
+            log.info("Committed checkpoint %s (%.1f MiB, %.2fs)", final.name, size / 2**20, ctx.save_seconds[-1])
+            if keep:
+                ckpt.rotate(out, keep, self.state.best_model_checkpoint)
+            ctx.heartbeat.update(state=protocol.HB_TRAINING, last_checkpoint=str(final), force=True)
+        return final
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if self.ctx.rng_override is None:
+            return super()._save_rng_state(output_dir)
+        name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
+        torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
+
+    # -- data loading -------------------------------------------------------------------
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        dl = super()._get_dataloader(*args, **kwargs)
+        if self.args.dataloader_num_workers > 0:
+            base = getattr(dl, "base_dataloader", dl)  # accelerate wraps the torch DataLoader
+            base.worker_init_fn = _IgnoreStopSignals(base.worker_init_fn)
+        return dl
+
+    # -- loading ------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        ckpt.load_weights_strict(model if model is not None else self.model, Path(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        if self.ctx.stop.requested or self.state.global_step < self.state.max_steps:
+            return  # an interrupted run keeps training from where it stopped, not from the best
+        best = self.state.best_model_checkpoint
+        if best is None:
+            return  # transformers only calls this with a best checkpoint; nothing to load otherwise
+        log.info("Loading best model from %s (%s %s)", best, self.args.metric_for_best_model, self.state.best_metric)
+        ckpt.load_weights_strict(self.model, Path(best))
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self.ctx.heartbeat.update(state=protocol.HB_EVALUATING, force=True)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.ctx.heartbeat.update(
+                state=protocol.HB_STOPPING if self.ctx.stop.requested else protocol.HB_TRAINING, force=True
+            )
+
+
+class SupervisionCallback(TrainerCallback):
+    """Turns stop signals into "save at the end of this step", keeps the heartbeat,
+    remembers where in a step we are (for the emergency checkpoint after an OOM)."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._t_step: float | None = None
+        self._rate: float | None = None
+        self._last_loss: float | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        # A resume reloads trainer_state.json, whose logging/eval/save intervals would silently
+        # override the config's: the config in force decides.
+        state.compute_steps(args, state.max_steps)
+        limit = set_memory_headroom_from_env()
+        if limit:
+            log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
+        self.ctx.phase = "boundary"
+        self.ctx.rng_at_boundary = snapshot_rng()
+        self.ctx.heartbeat.update(
+            state=protocol.HB_TRAINING,
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=state.epoch,
+            force=True,
+        )
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self.ctx.phase = "forward"
+        if self._t_step is None:
+            self._t_step = time.monotonic()
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        self.ctx.phase = "optimizer"
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        ctx = self.ctx
+        ctx.phase = "boundary"
+        ctx.rng_at_boundary = snapshot_rng()
+        now = time.monotonic()
+        if self._t_step is not None:
+            dt = max(now - self._t_step, 1e-6)
+            inst = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1) / dt
+            self._rate = inst if self._rate is None else 0.8 * self._rate + 0.2 * inst
+        self._t_step = now
+        if ctx.parent.parent_gone():
+            ctx.stop.request("the supervisor process is gone")
+        if any_rank(ctx.stop.requested, args.device) and not ctx.stop.requested:
+            ctx.stop.request("another rank was asked to stop")
+        if ctx.stop.requested:
+            log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # the last step is always committed
+        gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
+        ctx.heartbeat.update(
+            state=protocol.HB_STOPPING if ctx.stop.requested else protocol.HB_TRAINING,
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            **gpu,
+            epoch=round(state.epoch or 0.0, 4),
+            loss=self._last_loss,
+            samples_per_s=round(self._rate, 2) if self._rate else None,
+            force=ctx.stop.requested,
+        )
+
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.ctx.stop.requested:
+            # A stop breaks out mid-epoch; the Trainer would still run its epoch-end evaluation
+            # (and, under torchrun, its collectives) before exiting. The step is committed: go.
+            control.should_evaluate = False
+            control.should_save = False
+
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not logs:
+            return
+        if "loss" in logs:
+            self._last_loss = float(logs["loss"])
+        if state.is_world_process_zero:
+            # Every attempt appends here, steps that a restart redoes included: the run report
+            # draws one curve across attempts from it. JSON lines survive a kill mid-write.
+            row = {
+                "time": time.time(),
+                "attempt": attempt(),
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+            }
+            try:
+                with open(protocol.metrics_path(self.ctx.output_dir), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError:
+                pass
+
+
+def compute_metrics(pred: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    y = np.argmax(logits, axis=-1)
+    return {
+        "accuracy": float(accuracy_score(pred.label_ids, y)),
+        "f1": float(f1_score(pred.label_ids, y, average="macro")),
+    }
+
+
+def training_arguments(cfg: Config, report_to: list[str]) -> TrainingArguments:
+    t = cfg.training
+    warmup: float = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    return TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_strategy="steps",
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=t.greater_is_better,
+        dataloader_num_workers=t.dataloader_num_workers,
+        seed=t.seed,
+        data_seed=t.seed,
+        fp16=t.fp16,
+        bf16=t.bf16,
+        tf32=t.tf32,
+        full_determinism=t.full_determinism,
+        optim=t.optim,
+        report_to=report_to,
+        run_name=cfg.tracking.run_name or cfg.output_dir.name,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, torchrun ranks train with DDP over gloo (accelerate's MULTI_CPU needs use_cpu).
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and fault_world_size() > 1 else None,
+    )
+
+
+def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
+    """After an OOM, commit the last completed step if the weights are still those of a step
+    boundary (the OOM hit in forward/backward or evaluation, not inside the optimizer step)."""
+    ctx = trainer.ctx
+    step = trainer.state.global_step
+    if trainer.args.world_size > 1:
+        log.warning(
+            "No emergency checkpoint: with several ranks the others may be inside a collective, "
+            "so a coordinated save cannot be made; the newest committed checkpoint stands"
+        )
+        return None
+    if step <= 0 or trainer.optimizer is None:
+        log.warning("No emergency checkpoint: no optimizer step had completed")
+        return None
+    if ctx.phase not in ("forward", "boundary"):
+        log.warning(
+            "No emergency checkpoint: the OOM hit inside the optimizer step, so the weights are "
+            "half-updated; the newest committed checkpoint stands"
+        )
+        return None
+    if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
+        return ctx.last_checkpoint
+    if trainer.model is not None:
+        trainer.model.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    ctx.rng_override = ctx.rng_at_boundary
+    try:
+        path = trainer.commit_checkpoint()
+    except BaseException as exc:  # the save itself may run out of memory
+        log.warning("Emergency checkpoint failed (%s: %s); the previous checkpoint stands", type(exc).__name__, exc)
+        return None
+    finally:
+        ctx.rng_override = None
+    log.warning("Emergency checkpoint %s committed after the out-of-memory: no step is lost", path.name)
+    return path
