@@ -112,7 +112,13 @@ def run(
         return locks.refused(exc)
     try:
         ctx = open_context(cfg, stop)
-        outcome = run_attempt(ctx, resume=resume, checkpoint=checkpoint, prepared=prepared)
+        try:
+            outcome = run_attempt(ctx, resume=resume, checkpoint=checkpoint, prepared=prepared)
+        except Exception as exc:  # anything not classified is a crash, reported like every other outcome
+            log.exception("Crashed")
+            outcome = Outcome(
+                protocol.REASON_CRASH, f"{type(exc).__name__}: {_first_line(exc)}", _exception_fields(exc, 25)
+            )
         report = exit_report(ctx, outcome)
         code = fault.save_exit_report(cfg.output_dir, report)
         ctx.heartbeat.update(state=protocol.HB_EXITED, reason=report.reason, force=True)
