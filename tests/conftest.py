@@ -36,7 +36,7 @@ PYTHON = sys.executable
 HARD_CAP = 10
 
 # Fixtures that start real worker or supervisor processes: a test using one is end-to-end.
-E2E_FIXTURES = frozenset({"new_run", "reference_tiny"})
+E2E_FIXTURES = frozenset({"new_run", "reference_tiny", "good_checkpoint"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,10 +64,16 @@ def note_real_process(what: str) -> None:
 
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Path]:
-    """Write a tiny config into tmp_path (with overrides merged in) and return its path."""
+    """Write a tiny config into tmp_path (with overrides merged in) and return its path.
+
+    The standby is off unless a test turns it on: a standby is a second full worker start-up
+    (torch, transformers, the data, the model) per supervised run, about a quarter of the suite's
+    CPU, and it is the subject of its own tests (test_standby_e2e.py, the chaos run, the
+    parametrised restart test), which run it with the product's default (on).
+    """
 
     def _make(overrides: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
-        cfg = deep_update(TINY, overrides or {})
+        cfg = deep_update(deep_update(TINY, {"supervisor": {"standby": False}}), overrides or {})
         path = tmp_path / name
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path

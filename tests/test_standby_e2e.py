@@ -16,7 +16,8 @@ from tests.test_worker_e2e import _digit_pngs, max_abs_diff, run_to_end, write_c
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"training": {"num_train_epochs": 40, "save_steps": 20}}  # ~760 steps: time for a standby to get ready
+# ~760 steps: time for a standby to get ready
+LONG = {"training": {"num_train_epochs": 40, "save_steps": 20}, "supervisor": {"standby": True}}
 
 
 def ready_standby(run: Any) -> dict[str, Any]:
@@ -105,6 +106,7 @@ def test_standby_refuses_changed_data_and_the_supervisor_starts_cold(
             {
                 "training": {"num_train_epochs": 300, "save_steps": 20},
                 "data": {"source": "image_folder", "path": "images", "limit": None},
+                "supervisor": {"standby": True},
             }
         )
     )
