@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,6 +339,17 @@ def test_root_planted_by_someone_else_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a folder owned"):
         SnapshotStore(tmp_path / "link", IDENTITY).write(1, files_of(1))
     assert not list(real.iterdir())
+
+
+def test_store_emptied_under_a_writer(store: SnapshotStore) -> None:
+    """/dev/shm cleaned (or the supervisor removed the store) while the worker runs: the next write recreates it."""
+    store.write(1, files_of(1))
+    store.write(2, files_of(2))
+    shutil.rmtree(store.root)
+    assert store.read_newest() is None
+    store.write(3, files_of(3))
+    got = store.read_newest()
+    assert got is not None and got.step == 3 and got.generation == 1
 
 
 def test_stale_temporary_headers_are_cleaned(store: SnapshotStore) -> None:

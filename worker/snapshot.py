@@ -163,8 +163,12 @@ class SnapshotStore:
         why = _state_mismatch(files.get("trainer_state.json"), step)
         if why:
             raise ValueError(why)
-        self._prepare_root()
-        generation, slot = self._next or self._after_current()
+        if self._next is None or not os.path.isdir(self.root):
+            # First write, or the folder was emptied under us (someone cleaned /dev/shm): start from
+            # what the header on disk says, if anything.
+            self._prepare_root()
+            self._next = self._after_current()
+        generation, slot = self._next
         index: list[list[Any]] = []
         offset = 0
         for name in names:
@@ -205,8 +209,6 @@ class SnapshotStore:
         self._next = (generation + 1, 1 - slot)
 
     def _prepare_root(self) -> None:
-        if self._next is not None:
-            return
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(self.root)
         # Refuse a root someone else planted (a symlink or another user's folder in /dev/shm).
