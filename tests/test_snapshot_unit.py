@@ -158,6 +158,35 @@ def test_damaged_active_slot_is_ignored_and_the_older_slot_not_used(
     assert "Ignoring the snapshot" in caplog.text
 
 
+def test_a_reader_racing_the_writer_never_gets_a_torn_snapshot(store: SnapshotStore) -> None:
+    """``vit-supervisor status`` may read while the worker writes: a snapshot it returns is whole."""
+    import threading
+
+    store.write(1, files_of(1, 200_000))
+    stop = threading.Event()
+
+    def writer() -> None:
+        step = 1
+        while not stop.is_set():
+            step += 1
+            store.write(step, files_of(step, 200_000))
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reader = SnapshotStore(store.root, IDENTITY)
+    seen = []
+    try:
+        for _ in range(200):
+            got = reader.read_newest()
+            if got is not None:
+                assert got.files == files_of(got.step, 200_000)
+                seen.append(got.step)
+    finally:
+        stop.set()
+        t.join()
+    assert seen and seen == sorted(seen)  # (a read may give up while the header keeps moving; never a torn one)
+
+
 def test_identity_mismatch_is_ignored_with_the_keys_named(
     store: SnapshotStore, caplog: pytest.LogCaptureFixture
 ) -> None:

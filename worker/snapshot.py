@@ -38,8 +38,9 @@ host crash loses the snapshot by design: disk checkpoints cover that).
 Only the newest snapshot is recorded. The other slot is never used as a fallback: it is
 the one the next write overwrites, so nothing trustworthy records what it holds, and a
 corrupt newest slot (which only a bug, a second writer or bad memory can cause) means
-the disk checkpoint is the safer fallback. (Multi-rank resume, which needs the newest
-step *every* rank holds, will need the previous entry too; see the report of issue 12.)
+the disk checkpoint is the safer fallback. (A multi-rank resume needs the newest step
+that *every* rank holds, so a rank that flipped ahead must offer its previous slot: that
+will take the previous entry in the header, cleared before its slot is overwritten.)
 
 Reading (:meth:`SnapshotStore.read_newest`) trusts nothing: the header's types and
 ranges, the identity, the slot's size, the CRC, the index's bounds and names, and that
