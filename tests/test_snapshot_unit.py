@@ -1,0 +1,624 @@
+"""Shared-memory snapshots (worker/snapshot.py): the two-slot commit protocol, hostile stores, materialize.
+
+The store tests use tmp_path as the root and never import torch; the materialize and
+capture tests build real checkpoint files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker import checkpoint as ckpt
+from worker import snapshot as snap
+from worker.snapshot import HEADER, SLOTS, SnapshotStore
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = {"config_sha": "abc", "data_fingerprint": "d1", "world_size": 1, "rank": 0}
+
+
+def state(step: int) -> bytes:
+    return json.dumps({"global_step": step, "log_history": []}).encode()
+
+
+def files_of(step: int, size: int = 1000) -> dict[str, bytes]:
+    body = (f"step {step};".encode() * (size // 8 + 1))[:size]
+    return {"trainer_state.json": state(step), "model.safetensors": body, "optimizer.pt": body[::-1]}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "shm", IDENTITY)
+
+
+def header(store: SnapshotStore) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((store.root / HEADER).read_text())
+    return result
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def test_round_trip(store: SnapshotStore) -> None:
+    assert store.read_newest() is None  # nothing written yet: None, no log noise needed
+    files = files_of(7)
+    files["empty.bin"] = b""
+    store.write(7, files)
+    got = store.read_newest()
+    assert got is not None
+    assert got.step == 7 and got.files == files and got.generation == 1 and got.slot == 0
+    assert abs(got.time - time.time()) < 60
+    assert list(got.files) == list(files)  # order kept
+
+
+def test_slots_alternate_and_the_other_slot_is_untouched(store: SnapshotStore) -> None:
+    seen = []
+    for step in (1, 2, 3, 4):
+        before = {s: (store.root / s).read_bytes() for s in SLOTS if (store.root / s).exists()}
+        store.write(step, files_of(step))
+        h = header(store)
+        seen.append((h["generation"], h["slot"]))
+        for s, content in before.items():
+            if s != SLOTS[h["slot"]]:
+                assert (store.root / s).read_bytes() == content, "a write touched the active slot"
+        assert store.read_newest().step == step  # type: ignore[union-attr]
+    assert seen == [(1, 0), (2, 1), (3, 0), (4, 1)]
+
+
+def test_a_new_writer_continues_after_the_header(store: SnapshotStore) -> None:
+    """A restarted worker must not overwrite the snapshot it may be resuming from."""
+    store.write(1, files_of(1))
+    store.write(2, files_of(2))  # slot 1 is newest
+    again = SnapshotStore(store.root, IDENTITY)
+    slot1 = (store.root / "slot-1").read_bytes()
+    again.write(3, files_of(3, 5000))
+    assert header(again)["slot"] == 0 and header(again)["generation"] == 3
+    assert (store.root / "slot-1").read_bytes() == slot1
+    # A smaller snapshot after a bigger one: the slot is cut to size, and reads back.
+    again.write(4, files_of(4, 10))
+    again.write(5, files_of(5, 10))
+    assert again.read_newest().files == files_of(5, 10)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty", "missing"])
+def test_kill_mid_write_of_the_inactive_slot_keeps_the_previous(store: SnapshotStore, damage: str) -> None:
+    store.write(1, files_of(1))
+    store.write(2, files_of(2))  # slot 1 active; slot 0 (step 1) is what the next write overwrites
+    inactive = store.root / "slot-0"
+    if damage == "garbage":
+        inactive.write_bytes(os.urandom(3000))
+    elif damage == "truncate":
+        inactive.write_bytes(inactive.read_bytes()[:100])
+    elif damage == "empty":
+        inactive.write_bytes(b"")
+    else:
+        inactive.unlink()
+    got = store.read_newest()
+    assert got is not None and got.step == 2 and got.files == files_of(2)
+
+
+def test_write_that_dies_midway_keeps_the_previous(store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.write fails after part of the slot (a kill, ENOSPC): the header still names the old slot."""
+    store.write(1, files_of(1, 100_000))
+    real_write = os.write
+    calls = [0]
+
+    def dying_write(fd: int, data: Any) -> int:
+        calls[0] += 1
+        if calls[0] > 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, bytes(memoryview(data)[:1000]))  # short writes, as a signal can cause
+
+    monkeypatch.setattr(snap.os, "write", dying_write)
+    with pytest.raises(OSError):
+        store.write(2, files_of(2, 100_000))
+    monkeypatch.undo()
+    got = store.read_newest()
+    assert got is not None and got.step == 1 and got.files == files_of(1, 100_000)
+    store.write(2, files_of(2))  # and the store works on afterwards
+    assert store.read_newest().step == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("damage", ["half", "garbage_same_size", "flipped_byte", "flipped_last_byte", "grown"])
+def test_damaged_active_slot_is_ignored_and_the_older_slot_not_used(
+    store: SnapshotStore, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header keeps only the newest: a bad newest slot means no snapshot (the disk checkpoint
+    takes over), never a silent fall back to the other slot, which nothing vouches for."""
+    store.write(1, files_of(1))
+    store.write(2, files_of(2))
+    active = store.root / "slot-1"
+    raw = bytearray(active.read_bytes())
+    if damage == "half":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage_same_size":
+        raw = bytearray(os.urandom(len(raw)))
+    elif damage == "flipped_byte":
+        raw[len(raw) // 2] ^= 0x01
+    elif damage == "flipped_last_byte":
+        raw[-1] ^= 0x80
+    else:
+        raw += b"x"
+    active.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="vit_train"):
+        assert store.read_newest() is None
+    assert "Ignoring the snapshot" in caplog.text
+
+
+def test_a_reader_racing_the_writer_never_gets_a_torn_snapshot(store: SnapshotStore) -> None:
+    """``vit-supervisor status`` may read while the worker writes: a snapshot it returns is whole."""
+    import threading
+
+    store.write(1, files_of(1, 200_000))
+    stop = threading.Event()
+
+    def writer() -> None:
+        step = 1
+        while not stop.is_set():
+            step += 1
+            store.write(step, files_of(step, 200_000))
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reader = SnapshotStore(store.root, IDENTITY)
+    seen = []
+    try:
+        for _ in range(200):
+            got = reader.read_newest()
+            if got is not None:
+                assert got.files == files_of(got.step, 200_000)
+                seen.append(got.step)
+    finally:
+        stop.set()
+        t.join()
+    assert seen and seen == sorted(seen)  # (a read may give up while the header keeps moving; never a torn one)
+
+
+def test_identity_mismatch_is_ignored_with_the_keys_named(
+    store: SnapshotStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.write(3, files_of(3))
+    other = SnapshotStore(store.root, {**IDENTITY, "config_sha": "changed", "extra": 1})
+    with caplog.at_level(logging.WARNING, logger="vit_train"):
+        assert other.read_newest() is None
+    assert "config_sha, extra" in caplog.text
+    # Same identity through a JSON round trip (tuples become lists) still matches.
+    same = SnapshotStore(store.root, {**IDENTITY, "world_size": 1})
+    assert same.read_newest() is not None
+
+
+def _valid_header(store: SnapshotStore) -> dict[str, Any]:
+    store.write(5, files_of(5))
+    return header(store)
+
+
+HOSTILE_HEADERS: list[tuple[str, Any]] = [
+    ("not_json", b"{not json"),
+    ("binary", b"\xff\xfe\x00\x01" * 10),
+    ("empty", b""),
+    ("list", b"[1, 2]"),
+    ("null", b"null"),
+    ("deep_nesting", b"[" * 100_000 + b"]" * 100_000),
+    ("too_large", b'{"a": "' + b"x" * (128 << 10) + b'"}'),
+    ("format_2", {"format": 2}),
+    ("format_str", {"format": "1"}),
+    ("format_true", {"format": True}),
+    ("slot_2", {"slot": 2}),
+    ("slot_neg", {"slot": -1}),
+    ("slot_bool", {"slot": True}),
+    ("slot_str", {"slot": "0"}),
+    ("slot_float", {"slot": 1.0}),
+    ("step_neg", {"step": -5}),
+    ("step_str", {"step": "5"}),
+    ("step_huge", {"step": 10**30}),
+    ("step_other", {"step": 6}),  # the slot's index and trainer_state.json say 5
+    ("size_float", {"size": 10.0}),
+    ("size_small", {"size": 3}),
+    ("size_off_by_one", "size+1"),
+    ("crc_neg", {"crc32": -1}),
+    ("crc_big", {"crc32": 1 << 32}),
+    ("crc_wrong", "crc+1"),
+    ("checksum_md5", {"checksum": "md5"}),
+    ("identity_list", {"identity": [1]}),
+    ("identity_null", {"identity": None}),
+    ("time_str", {"time": "now"}),
+    ("time_nan", b"nan"),
+    ("time_inf", {"time": 1e300}),
+    ("generation_0", {"generation": 0}),
+    ("missing_crc", {"crc32": None}),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_HEADERS, ids=[c[0] for c in HOSTILE_HEADERS])
+def test_hostile_header_is_ignored(store: SnapshotStore, case: tuple[str, Any]) -> None:
+    name, change = case
+    h = _valid_header(store)
+    if isinstance(change, bytes) and name == "time_nan":
+        raw = json.dumps(h).replace(str(h["time"]), "NaN").encode()
+    elif isinstance(change, bytes):
+        raw = change
+    elif change == "size+1":
+        raw = json.dumps({**h, "size": h["size"] + 1}).encode()
+    elif change == "crc+1":
+        raw = json.dumps({**h, "crc32": (h["crc32"] + 1) % (1 << 32)}).encode()
+    else:
+        merged = {**h, **change}
+        raw = json.dumps({k: v for k, v in merged.items() if v is not None or k == "identity"}).encode()
+    (store.root / HEADER).write_bytes(raw)
+    assert store.read_newest() is None
+
+
+@pytest.mark.parametrize(
+    "kind", ["directory", "header_is_fifo", "symlink_to_slot", "slot_is_directory", "slot_is_fifo"]
+)
+def test_hostile_files_are_ignored(store: SnapshotStore, kind: str) -> None:
+    store.write(5, files_of(5))
+    if kind == "directory":
+        (store.root / HEADER).unlink()
+        (store.root / HEADER).mkdir()
+    elif kind == "header_is_fifo":
+        (store.root / HEADER).unlink()
+        os.mkfifo(store.root / HEADER)  # would block a plain open() forever
+    elif kind == "symlink_to_slot":
+        slot = store.root / "slot-0"
+        slot.rename(store.root / "elsewhere")
+        slot.symlink_to(store.root / "elsewhere")  # O_NOFOLLOW: a planted link is not followed
+    elif kind == "slot_is_directory":
+        (store.root / "slot-0").unlink()
+        (store.root / "slot-0").mkdir()
+    else:
+        (store.root / "slot-0").unlink()
+        os.mkfifo(store.root / "slot-0")
+    assert store.read_newest() is None
+
+
+def _forge(store: SnapshotStore, step: int, index: Any, data: bytes, magic: bytes = snap.MAGIC) -> None:
+    """A slot with a hostile index but a correct size and CRC: only the container checks can catch it."""
+    raw_index = index if isinstance(index, bytes) else json.dumps(index).encode()
+    body = snap._PREFIX.pack(magic, len(raw_index)) + raw_index + data
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / "slot-0").write_bytes(body)
+    h = {
+        "format": 1,
+        "generation": 1,
+        "slot": 0,
+        "step": step,
+        "size": len(body),
+        "checksum": "crc32",
+        "crc32": zlib.crc32(body),
+        "identity": IDENTITY,
+        "time": time.time(),
+        "pid": 1,
+    }
+    (store.root / HEADER).write_text(json.dumps(h))
+
+
+def _entries(*spec: tuple[Any, Any, Any]) -> dict[str, Any]:
+    return {"format": 1, "step": 5, "files": [list(e) for e in spec]}
+
+
+ST = state(5)
+HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
+    ("forged_ok", _entries(("trainer_state.json", 0, len(ST))), ST),  # the control: this one is valid
+    ("past_end", _entries(("trainer_state.json", 0, len(ST) + 10)), ST),
+    ("gap", _entries(("trainer_state.json", 4, len(ST))), b"xxxx" + ST),
+    ("overlap", _entries(("trainer_state.json", 0, len(ST)), ("a", 0, len(ST))), ST + ST),
+    ("short_cover", _entries(("trainer_state.json", 0, len(ST))), ST + b"tail"),
+    ("negative", _entries(("trainer_state.json", 0, -1)), ST),
+    ("float_len", _entries(("trainer_state.json", 0, float(len(ST)))), ST),
+    ("dotdot", _entries(("..", 0, len(ST))), ST),
+    ("slash", _entries(("../trainer_state.json", 0, len(ST))), ST),
+    ("hidden", _entries((".trainer_state.json", 0, len(ST))), ST),
+    ("nul", _entries(("trainer_state.json\x00", 0, len(ST))), ST),
+    ("duplicate", _entries(("trainer_state.json", 0, len(ST)), ("trainer_state.json", len(ST), len(ST))), ST + ST),
+    ("not_a_list", {"format": 1, "step": 5, "files": {"trainer_state.json": [0, len(ST)]}}, ST),
+    ("entry_short", _entries(("trainer_state.json", 0, len(ST)))["files"][0][:2], ST),
+    ("index_step", {**_entries(("trainer_state.json", 0, len(ST))), "step": 4}, ST),
+    ("index_garbage", b"\x00garbage", ST),
+    ("no_state", _entries(("model.safetensors", 0, len(ST))), ST),
+    ("state_step", _entries(("trainer_state.json", 0, len(state(4)))), state(4)),
+    ("state_garbage", _entries(("trainer_state.json", 0, 3)), b"{[("),
+    ("state_bool_step", _entries(("trainer_state.json", 0, 20)), b'{"global_step":true}'),
+    ("bad_magic", b"magic", ST),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONTAINERS, ids=[c[0] for c in HOSTILE_CONTAINERS])
+def test_hostile_container_is_ignored(store: SnapshotStore, case: tuple[str, Any, bytes]) -> None:
+    name, index, data = case
+    if name == "bad_magic":
+        _forge(store, 5, _entries(("trainer_state.json", 0, len(ST))), ST, magic=b"NOTSNAP1")
+    else:
+        _forge(store, 5, index, data)
+    got = store.read_newest()
+    if name == "forged_ok":
+        assert got is not None and got.files == {"trainer_state.json": ST}
+    else:
+        assert got is None
+
+
+def test_write_refuses_what_could_not_be_read_back(store: SnapshotStore) -> None:
+    with pytest.raises(ValueError, match="trainer_state"):
+        store.write(3, {"model.safetensors": b"x"})
+    with pytest.raises(ValueError, match="global_step"):
+        store.write(3, {"trainer_state.json": state(4)})
+    with pytest.raises(ValueError, match="plain file names"):
+        store.write(3, {"trainer_state.json": state(3), "../x": b""})
+    with pytest.raises(ValueError):
+        store.write(-1, {"trainer_state.json": state(-1)})
+
+
+def test_root_planted_by_someone_else_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OSError, match="not a folder owned"):
+        SnapshotStore(tmp_path / "link", IDENTITY).write(1, files_of(1))
+    assert not list(real.iterdir())
+
+
+def test_store_emptied_under_a_writer(store: SnapshotStore) -> None:
+    """/dev/shm cleaned (or the supervisor removed the store) while the worker runs: the next write recreates it."""
+    store.write(1, files_of(1))
+    store.write(2, files_of(2))
+    shutil.rmtree(store.root)
+    assert store.read_newest() is None
+    store.write(3, files_of(3))
+    got = store.read_newest()
+    assert got is not None and got.step == 3 and got.generation == 1
+
+
+def test_stale_temporary_headers_are_cleaned(store: SnapshotStore) -> None:
+    store.write(1, files_of(1))
+    (store.root / f".{HEADER}.abc.tmp").write_text("half")
+    SnapshotStore(store.root, IDENTITY).write(2, files_of(2))
+    assert sorted(p.name for p in store.root.iterdir()) == [HEADER, *SLOTS]
+
+
+def test_default_root_is_per_run_rank_and_user(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (tmp_path / "alias").symlink_to(a)
+    r = snap.default_root(a, 0)
+    assert r.parent == Path("/dev/shm") / f"vit-supervisor-{os.getuid()}"
+    assert r.name.startswith("a-") and r.name.endswith("-rank0")
+    assert snap.default_root(tmp_path / "alias", 0) == r
+    assert snap.default_root(a, 1) != r
+    assert snap.default_root(b, 0) != r
+    assert snap.default_root(a, 0, base=tmp_path).parent.parent == tmp_path
+
+
+def test_space_accounting_and_remove(store: SnapshotStore) -> None:
+    assert store.used_bytes() == 0
+    free = store.free_bytes()  # the root does not exist yet: its nearest existing parent's file system
+    assert free > 0
+    assert SnapshotStore.needed_bytes(100 << 20) >= 2 * (100 << 20)
+    assert SnapshotStore.needed_bytes(100 << 20) < 2 * (100 << 20) + (1 << 20)
+    store.write(1, files_of(1, 50_000))
+    store.write(2, files_of(2, 50_000))
+    used = store.used_bytes()
+    assert 100_000 < used < SnapshotStore.needed_bytes(50_000 + 1000)
+    store.remove()
+    assert not store.root.exists() and store.read_newest() is None
+    store.write(3, files_of(3))  # usable again after a remove
+    assert store.read_newest().step == 3  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------- a real SIGKILL
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from worker.snapshot import SnapshotStore
+    store = SnapshotStore(sys.argv[1], {"run": "kill-test"})
+    found = store.read_newest()
+    step = found.step if found else 0
+    body = bytearray(3 << 20)
+    while True:
+        step += 1
+        body[:16] = step.to_bytes(16, "little")
+        body[-16:] = step.to_bytes(16, "little")
+        store.write(step, {"trainer_state.json": json.dumps({"global_step": step}).encode(), "model.safetensors": bytes(body)})
+        sys.stdout.write(f"{step}\\n")
+        sys.stdout.flush()
+    """
+)
+
+
+def test_sigkill_at_random_instants_leaves_the_last_or_the_one_before(tmp_path: Path) -> None:
+    root = tmp_path / "shm"
+    store = SnapshotStore(root, {"run": "kill-test"})
+    rnd = random.Random(12)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    previous = 0
+    for _ in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # at least one write of this child completed
+        assert first.strip(), "the child wrote nothing"
+        time.sleep(rnd.uniform(0, 0.03))
+        proc.send_signal(signal.SIGKILL)
+        rest = proc.stdout.read()
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        done = int((first + rest).split()[-1])  # the last write the child saw complete
+        got = store.read_newest()
+        assert got is not None, "a kill lost the snapshot"
+        assert got.step in (done, done + 1), (got.step, done)  # the last started or the one before
+        body = got.files["model.safetensors"]
+        assert int.from_bytes(body[:16], "little") == got.step == int.from_bytes(body[-16:], "little")
+        assert got.step > previous  # each child resumed from the newest and moved on
+        previous = got.step
+
+
+# ----------------------------------------------------------------------------- to disk
+
+
+def fake_checkpoint_files(step: int) -> dict[str, bytes]:
+    """The file set of a real checkpoint, small: what ckpt.validate(deep=True) loads."""
+    import io
+
+    import safetensors.torch
+    import torch
+
+    def tb(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    return {
+        "config.json": b"{}",
+        "model.safetensors": safetensors.torch.save({"w": w}, metadata={"format": "pt"}),
+        "optimizer.pt": tb({"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}),
+        "scheduler.pt": tb({"last_epoch": step}),
+        "trainer_state.json": state(step),
+        "rng_state.pth": tb({"cpu": torch.random.get_rng_state()}),
+        "training_args.bin": tb({"not": "args"}),
+    }
+
+
+def test_materialize_commits_a_normal_checkpoint(store: SnapshotStore, tmp_path: Path) -> None:
+    files = fake_checkpoint_files(9)
+    store.write(9, files)
+    got = store.read_newest()
+    assert got is not None
+    out = tmp_path / "out"
+    path = snap.materialize(got, out)
+    assert path == out / "checkpoint-9"
+    assert ckpt.validate(path)["global_step"] == 9
+    assert ckpt.is_ours(path)
+    assert {p.name for p in path.iterdir()} == {*files, ckpt.MANIFEST}
+    assert all((path / n).read_bytes() == b for n, b in files.items())
+    assert not ckpt.staging_dir(out, 9).exists()
+    # The same step again: the good checkpoint stays as it is.
+    mtime = (path / ckpt.MANIFEST).stat().st_mtime_ns
+    assert snap.materialize(got, out) == path
+    assert (path / ckpt.MANIFEST).stat().st_mtime_ns == mtime
+    # A broken checkpoint of that step is set aside and replaced.
+    (path / "optimizer.pt").write_bytes(b"broken")
+    assert snap.materialize(got, out) == path
+    assert ckpt.validate(path)["global_step"] == 9
+    assert len(list((out / ckpt.SET_ASIDE).iterdir())) == 1
+
+
+def test_materialize_of_an_incomplete_set_raises_and_leaves_nothing(store: SnapshotStore, tmp_path: Path) -> None:
+    files = fake_checkpoint_files(4)
+    del files["optimizer.pt"]
+    store.write(4, files)
+    got = store.read_newest()
+    assert got is not None
+    out = tmp_path / "out"
+    with pytest.raises(ckpt.CheckpointInvalid, match=r"optimizer\.pt"):
+        snap.materialize(got, out)
+    assert ckpt.list_checkpoints(out) == []
+    assert not ckpt.staging_dir(out, 4).exists()
+
+
+# ----------------------------------------------------------------------------- capture from a real Trainer
+
+
+def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path: Path) -> None:
+    """Two steps of the tiny ViT in this process, built as worker/train.py builds it; the captured
+    files equal what ``commit_checkpoint`` then writes, and materialized they are a valid
+    checkpoint holding the trainer's exact weights."""
+    import torch
+
+    from supervisor.schema import load_config
+    from worker.fault import StopRequest
+    from worker.train import compute_metrics, open_context, prepare, training_arguments
+    from worker.trainer import SupervisedTrainer, SupervisionCallback
+
+    overrides = {"max_steps": 2, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1}
+    cfg = load_config(make_config({"training": overrides}))
+    ctx = open_context(cfg, StopRequest())
+    prepared = prepare(cfg)
+    trainer = SupervisedTrainer(
+        model=prepared.model,
+        args=training_arguments(cfg, []),
+        train_dataset=prepared.splits.train,
+        eval_dataset=prepared.splits.eval,
+        compute_metrics=compute_metrics,
+        callbacks=[SupervisionCallback(ctx)],
+        ctx=ctx,
+    )
+    # Capture at the instant the worker commits its own checkpoint of the last step, so both see the same state.
+    captured: dict[str, bytes] = {}
+    commit = trainer.commit_checkpoint
+
+    def capture_then_commit() -> Path:
+        captured.update(snap.capture_files(trainer))
+        return commit()
+
+    trainer.commit_checkpoint = capture_then_commit  # type: ignore[method-assign]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    files = captured
+    assert set(files) == {
+        "config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.pth",
+        "training_args.bin",
+    }
+    own = cfg.output_dir / "checkpoint-2"
+    assert set(files) | {ckpt.MANIFEST} == {p.name for p in own.iterdir()}
+    for name in ("config.json", "model.safetensors", "trainer_state.json"):
+        assert files[name] == (own / name).read_bytes(), name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        ours = torch.load(_bytes_io(files[name]), weights_only=False)
+        theirs = torch.load(own / name, weights_only=False)
+        assert _same(ours, theirs), name
+    args = torch.load(_bytes_io(files["training_args.bin"]), weights_only=False)
+    assert args.to_dict() == torch.load(own / "training_args.bin", weights_only=False).to_dict()
+
+    store = SnapshotStore(tmp_path / "shm", IDENTITY)
+    store.write(2, files)
+    got = store.read_newest()
+    assert got is not None and got.files == files
+    path = snap.materialize(got, tmp_path / "elsewhere")
+    assert ckpt.validate(path)["global_step"] == 2
+    fresh = prepare(cfg).model
+    ckpt.load_weights_strict(fresh, path)
+    trained = trainer.model.state_dict()
+    diff = max((v - trained[k]).abs().max().item() for k, v in fresh.state_dict().items())
+    assert diff == 0.0
+
+
+def _bytes_io(b: bytes) -> Any:
+    import io
+
+    return io.BytesIO(b)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality through tensors, arrays, dicts, lists and tuples."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
