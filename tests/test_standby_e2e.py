@@ -43,6 +43,7 @@ def test_standby_takes_over_after_sigkill_and_training_stays_exact(
     st = run.state()
     second = st["attempts"][1]
     assert second["standby"] is True and second["pid"] == sb["pid"] and second["reason"] == "completed"
+    assert second["standby_fallback"] is None and st["attempts"][0]["exit"] == "killed by SIGKILL"
     assert Path(second["log"]).name.startswith("standby-")
     print(f"\nSIGKILL -> standby's first new step: {took_over:.2f}s")
     assert max_abs_diff(run.out / "checkpoint-760", ref.parent / "out" / "checkpoint-760") == 0.0
