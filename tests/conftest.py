@@ -10,6 +10,7 @@ fails a livelock (say a crash loop whose attempt number keeps changing).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from filelock import FileLock
 
 # One home each, shared with the benchmarks; the tests keep importing them from here.
 from bench.common import TINY, deep_update, run_progress
@@ -188,9 +190,25 @@ def tail(path: Path, n: int = 3000) -> str:
 
 
 @pytest.fixture(scope="session")
-def reference_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The final checkpoint of an uninterrupted TINY run: what every exact resume must reproduce."""
-    d = tmp_path_factory.mktemp("reference")
+def reference_tiny(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The final checkpoint of an uninterrupted TINY run: what every exact resume must reproduce.
+
+    Built once per test session, not once per xdist process: the processes share the base
+    temporary folder's parent, and a file lock makes the others wait for the first one's run.
+    """
+    if worker_id == "master":  # not under xdist
+        return _build_reference(tmp_path_factory.mktemp("reference"))
+    shared = tmp_path_factory.getbasetemp().parent / "reference-tiny"
+    with FileLock(str(shared) + ".lock"):
+        final = shared / "out" / "checkpoint-38"
+        if not final.is_dir():
+            shutil.rmtree(shared, ignore_errors=True)  # a half-built one from a process that failed
+            shared.mkdir()
+            _build_reference(shared)
+        return final
+
+
+def _build_reference(d: Path) -> Path:
     cfg = d / "c.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     log = d / "worker.log"
