@@ -622,3 +622,56 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+# ----------------------------------------------------------------------------- the worker's writer
+
+
+def _boundary(step: int, epoch: float, stopping: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    control = SimpleNamespace(should_epoch_stop=False, should_training_stop=stopping)
+    return SimpleNamespace(state=SimpleNamespace(global_step=step, epoch=epoch), control=control)
+
+
+def test_writer_waits_for_the_epoch_end_boundary_work_of_an_epochs_last_step(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from worker.trainer import Snapshots
+
+    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    store = SnapshotStore(tmp_path / "shm", IDENTITY)
+    w = Snapshots(store, every_steps=2)
+    w.step_end(1)
+    w.after_boundary_work(_boundary(1, 0.5))  # type: ignore[arg-type]
+    assert store.read_newest() is None  # not due
+    w.step_end(2)
+    w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    assert store.read_newest() is None  # the epoch's evaluation and save are still to come
+    w.epoch_ending = True
+    w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    got = store.read_newest()
+    assert got is not None and got.step == 2 and len(w.seconds) == 1
+    w.step_end(4)
+    w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    assert store.read_newest().step == 2  # type: ignore[union-attr]
+    w.epoch_ending = True
+    w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    assert store.read_newest().step == 4  # type: ignore[union-attr]
+
+
+def test_writer_failure_warns_once_and_turns_snapshots_off_without_raising(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.trainer import Snapshots
+
+    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    (tmp_path / "file").write_text("x")  # a store under a file: every write fails with an OSError
+    w = Snapshots(SnapshotStore(tmp_path / "file" / "shm", IDENTITY), every_steps=1)
+    with caplog.at_level("WARNING", logger="vit_train"):
+        for step in (1, 2, 3):
+            w.step_end(step)
+            w.after_boundary_work(_boundary(step, step / 10))  # type: ignore[arg-type]
+    assert not w.enabled and w.due is None
+    warnings = [r for r in caplog.records if "Snapshots off" in r.getMessage()]
+    assert len(warnings) == 1 and "step 1" in warnings[0].getMessage()
