@@ -675,3 +675,62 @@ def test_writer_failure_warns_once_and_turns_snapshots_off_without_raising(
     assert not w.enabled and w.due is None
     warnings = [r for r in caplog.records if "Snapshots off" in r.getMessage()]
     assert len(warnings) == 1 and "step 1" in warnings[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- choosing what to resume
+
+
+def _choose_setup(make_config: Any, tmp_path: Path) -> tuple[Any, SnapshotStore]:
+    from supervisor.schema import load_config
+    from worker.train import snapshot_store
+
+    cfg = load_config(make_config({"snapshot": {"every_steps": 1, "root": str(tmp_path / "shm")}}))
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "run").mkdir()
+    store = snapshot_store(cfg, "fp")
+    assert store is not None
+    return cfg, store
+
+
+def test_choose_checkpoint_resumes_a_newer_snapshot_as_a_committed_checkpoint(
+    make_config: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker import guard
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    guard.record(cfg.output_dir, cfg, "fp")
+    snap.materialize(snap.Snapshot(3, fake_checkpoint_files(3), 0.0, 1, 0), cfg.output_dir)
+    store.write(7, fake_checkpoint_files(7))
+    with caplog.at_level("INFO", logger="vit_train"):
+        target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert reason is None and target == cfg.output_dir / "checkpoint-7"
+    assert ckpt.validate(target)["global_step"] == 7
+    assert "Training will resume from snapshot step 7 (newer than checkpoint-3)" in caplog.text
+    # An explicit --checkpoint means exactly that checkpoint.
+    target, _, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=cfg.output_dir / "checkpoint-3", store=store)
+    assert target == cfg.output_dir / "checkpoint-3"
+
+
+def test_choose_checkpoint_ignores_a_snapshot_no_newer_than_the_disk(make_config: Any, tmp_path: Path) -> None:
+    from worker import guard
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    guard.record(cfg.output_dir, cfg, "fp")
+    snap.materialize(snap.Snapshot(7, fake_checkpoint_files(7), 0.0, 1, 0), cfg.output_dir)
+    store.write(5, fake_checkpoint_files(5))
+    target, _, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert target == cfg.output_dir / "checkpoint-7"
+    assert not (cfg.output_dir / "checkpoint-5").exists()
+
+
+def test_a_start_from_scratch_removes_a_leftover_store(make_config: Any, tmp_path: Path) -> None:
+    """Same path and settings, run folder emptied (no guard): the old run's snapshot is not ours."""
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    store.write(7, fake_checkpoint_files(7))
+    target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert target is None and reason is None
+    assert not store.root.exists() and ckpt.list_checkpoints(cfg.output_dir) == []
