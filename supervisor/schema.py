@@ -346,7 +346,8 @@ class SnapshotConfig:
     every_steps: int = 0
     """Snapshot every N optimizer steps (0 = off). ``auto`` (pick N from measured cost) comes in a later version."""
     root: str | None = None
-    """Folder of the snapshot store (default: ``/dev/shm/vit-supervisor-<uid>/<run>-<hash>-rank<r>``); a tmpfs."""
+    """Folder on a tmpfs that holds the stores (default ``/dev/shm``); each run's store is
+    ``<root>/vit-supervisor-<uid>/<run>-<hash>-rank<r>``, so runs sharing a root never collide."""
 
     def __post_init__(self) -> None:
         _check_min("snapshot.every_steps", self.every_steps, 0, "0 turns snapshots off")
