@@ -339,6 +339,23 @@ class SupervisorConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """Training-state snapshots in host shared memory: a crash the host survives loses at most
+    ``every_steps`` optimizer steps instead of everything since the last disk checkpoint."""
+
+    every_steps: int = 0
+    """Snapshot every N optimizer steps (0 = off). ``auto`` (pick N from measured cost) comes in a later version."""
+    root: str | None = None
+    """Folder on a tmpfs that holds the stores (default ``/dev/shm``); each run's store is
+    ``<root>/vit-supervisor-<uid>/<run>-<hash>-rank<r>``, so runs sharing a root never collide."""
+
+    def __post_init__(self) -> None:
+        _check_min("snapshot.every_steps", self.every_steps, 0, "0 turns snapshots off")
+        if self.root is not None and not self.root.strip():
+            raise ConfigError("snapshot.root is empty: give a folder on a tmpfs, or leave it out for /dev/shm")
+
+
+@dataclass
 class DistributedConfig:
     """Multi-GPU and multi-node training through torchrun (with ``launcher: torchrun``)."""
 
@@ -388,6 +405,8 @@ class Config:
     """Disk-space checks."""
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     """Restart policy."""
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    """Shared-memory training-state snapshots."""
     launcher: Literal["python", "torchrun"] = "python"
     """``python``: one worker process; ``torchrun``: one process per GPU (and node), see ``distributed``."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -484,6 +503,8 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         cfg.data.path = str(_resolve(base, cfg.data.path))
     if cfg.data.image_root:
         cfg.data.image_root = str(_resolve(base, cfg.data.image_root))
+    if cfg.snapshot.root:
+        cfg.snapshot.root = str(_resolve(base, cfg.snapshot.root))
     if cfg.model.model_name != SCRATCH and (
         cfg.model.model_name.startswith((".", "/", "~")) or (base / cfg.model.model_name).is_dir()
     ):

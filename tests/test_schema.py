@@ -113,3 +113,17 @@ def test_worker_cli_reports_bad_config_in_one_line_exit_2_and_writes_nothing(tmp
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'training.learning_rate'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_snapshots_are_off_by_default_and_every_steps_is_checked(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, TINY))
+    assert cfg.snapshot.every_steps == 0 and cfg.snapshot.root is None
+    assert "snapshot.every_steps is -1" in error_for(tmp_path, {"snapshot": {"every_steps": -1}})
+    # "auto" is a later step; until then it is refused like any other non-integer.
+    assert "whole number" in error_for(tmp_path, {"snapshot": {"every_steps": "auto"}})
+    assert "whole number" in error_for(tmp_path, {"snapshot": {"every_steps": 1.5}})
+
+
+def test_snapshot_root_resolves_against_the_config_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, deep_update(TINY, {"snapshot": {"every_steps": 5, "root": "shm"}})))
+    assert cfg.snapshot.root == str(tmp_path / "shm")

@@ -622,3 +622,115 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+# ----------------------------------------------------------------------------- the worker's writer
+
+
+def _boundary(step: int, epoch: float, stopping: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    control = SimpleNamespace(should_epoch_stop=False, should_training_stop=stopping)
+    return SimpleNamespace(state=SimpleNamespace(global_step=step, epoch=epoch), control=control)
+
+
+def test_writer_waits_for_the_epoch_end_boundary_work_of_an_epochs_last_step(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from worker.trainer import Snapshots
+
+    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    store = SnapshotStore(tmp_path / "shm", IDENTITY)
+    w = Snapshots(store, every_steps=2)
+    w.step_end(1)
+    w.after_boundary_work(_boundary(1, 0.5))  # type: ignore[arg-type]
+    assert store.read_newest() is None  # not due
+    w.step_end(2)
+    w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    assert store.read_newest() is None  # the epoch's evaluation and save are still to come
+    w.epoch_ending = True
+    w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    got = store.read_newest()
+    assert got is not None and got.step == 2 and len(w.seconds) == 1
+    w.step_end(4)
+    w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    assert store.read_newest().step == 2  # type: ignore[union-attr]
+    w.epoch_ending = True
+    w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    assert store.read_newest().step == 4  # type: ignore[union-attr]
+
+
+def test_writer_failure_warns_once_and_turns_snapshots_off_without_raising(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.trainer import Snapshots
+
+    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    (tmp_path / "file").write_text("x")  # a store under a file: every write fails with an OSError
+    w = Snapshots(SnapshotStore(tmp_path / "file" / "shm", IDENTITY), every_steps=1)
+    with caplog.at_level("WARNING", logger="vit_train"):
+        for step in (1, 2, 3):
+            w.step_end(step)
+            w.after_boundary_work(_boundary(step, step / 10))  # type: ignore[arg-type]
+    assert not w.enabled and w.due is None
+    warnings = [r for r in caplog.records if "Snapshots off" in r.getMessage()]
+    assert len(warnings) == 1 and "step 1" in warnings[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- choosing what to resume
+
+
+def _choose_setup(make_config: Any, tmp_path: Path) -> tuple[Any, SnapshotStore]:
+    from supervisor.schema import load_config
+    from worker.train import snapshot_store
+
+    cfg = load_config(make_config({"snapshot": {"every_steps": 1, "root": str(tmp_path / "shm")}}))
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "run").mkdir()
+    store = snapshot_store(cfg, "fp")
+    assert store is not None
+    return cfg, store
+
+
+def test_choose_checkpoint_resumes_a_newer_snapshot_as_a_committed_checkpoint(
+    make_config: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker import guard
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    guard.record(cfg.output_dir, cfg, "fp")
+    snap.materialize(snap.Snapshot(3, fake_checkpoint_files(3), 0.0, 1, 0), cfg.output_dir)
+    store.write(7, fake_checkpoint_files(7))
+    with caplog.at_level("INFO", logger="vit_train"):
+        target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert reason is None and target == cfg.output_dir / "checkpoint-7"
+    assert ckpt.validate(target)["global_step"] == 7
+    assert "Training will resume from snapshot step 7 (newer than checkpoint-3)" in caplog.text
+    # An explicit --checkpoint means exactly that checkpoint.
+    target, _, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=cfg.output_dir / "checkpoint-3", store=store)
+    assert target == cfg.output_dir / "checkpoint-3"
+
+
+def test_choose_checkpoint_ignores_a_snapshot_no_newer_than_the_disk(make_config: Any, tmp_path: Path) -> None:
+    from worker import guard
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    guard.record(cfg.output_dir, cfg, "fp")
+    snap.materialize(snap.Snapshot(7, fake_checkpoint_files(7), 0.0, 1, 0), cfg.output_dir)
+    store.write(5, fake_checkpoint_files(5))
+    target, _, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert target == cfg.output_dir / "checkpoint-7"
+    assert not (cfg.output_dir / "checkpoint-5").exists()
+
+
+def test_a_start_from_scratch_removes_a_leftover_store(make_config: Any, tmp_path: Path) -> None:
+    """Same path and settings, run folder emptied (no guard): the old run's snapshot is not ours."""
+    from worker.train import choose_checkpoint
+
+    cfg, store = _choose_setup(make_config, tmp_path)
+    store.write(7, fake_checkpoint_files(7))
+    target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
+    assert target is None and reason is None
+    assert not store.root.exists() and ckpt.list_checkpoints(cfg.output_dir) == []

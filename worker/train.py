@@ -26,13 +26,14 @@ from supervisor import protocol, runlock
 from supervisor.schema import Config
 from worker import checkpoint as ckpt
 from worker import data as data_mod
-from worker import fault, guard, locks, tracking
+from worker import fault, guard, locks, snapshot, tracking
 from worker import model as model_mod
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
 from worker.dist import barrier, broadcast_from_main
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_oom
 from worker.trainer import (
     RunContext,
+    Snapshots,
     SupervisedTrainer,
     SupervisionCallback,
     compute_metrics,
@@ -70,15 +71,48 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(splits=splits, model=model_mod.build(cfg, splits.class_names))
 
 
+def snapshot_store(cfg: Config, fingerprint: str) -> snapshot.SnapshotStore | None:
+    """This run's snapshot store (rank 0, single process), or None when snapshots are off.
+
+    The identity is what must match for a snapshot to be resumed: the resume guard's
+    settings and data fingerprint, and the world size, per-device batch and accumulation in
+    force (the data position of a step depends on them; after an OOM the supervisor
+    changes the batch, and the snapshot of the old batch is then rightly ignored).
+    """
+    if cfg.snapshot.every_steps <= 0:
+        return None
+    if fault.world_size() > 1:
+        log.warning("Snapshots are off: not supported under torchrun yet (snapshot.every_steps ignored)")
+        return None
+    t = cfg.training
+    identity = {
+        **guard.current(cfg, fingerprint),
+        "world_size": fault.world_size(),
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+    }
+    return snapshot.SnapshotStore(snapshot.default_root(cfg.output_dir, 0, cfg.snapshot.root), identity)
+
+
 def choose_checkpoint(
-    cfg: Config, fingerprint: str, *, resume: bool, checkpoint: Path | None
+    cfg: Config,
+    fingerprint: str,
+    *,
+    resume: bool,
+    checkpoint: Path | None,
+    store: snapshot.SnapshotStore | None = None,
 ) -> tuple[Path | None, str | None, str]:
     """Which checkpoint to resume, after validation and the resume guard (rank 0 only).
+
+    Without ``--checkpoint``, the newest valid snapshot in ``store`` wins over the newest
+    good disk checkpoint when its step is newer; it is then committed as a normal
+    ``checkpoint-N`` and resumed like one.
 
     Returns (checkpoint or None, error reason or None, message).
     """
     out = cfg.output_dir
     target: Path | None
+    snap: snapshot.Snapshot | None = None
     if checkpoint is not None:
         try:
             ckpt.validate(checkpoint)
@@ -88,17 +122,48 @@ def choose_checkpoint(
         log.info("Training will resume from checkpoint: %s", target)
     else:
         target = ckpt.newest_good(out)
-        if target is not None:
-            log.info("%s: %s", "Training will resume from checkpoint" if resume else "Auto-detected checkpoint", target)
-        else:
-            log.info("No checkpoint found, starting from scratch")
+        # A run folder without a guard was never started (or was emptied): a snapshot of the same
+        # path and settings would be a previous run's, not this one's.
+        if store is not None and guard.path(out).exists():
+            snap = store.read_newest()
+            disk_step = (ckpt.step_of(target) or 0) if target is not None else 0
+            if snap is not None and snap.step <= disk_step:
+                log.info("Snapshot of step %d ignored: %s is as new", snap.step, target.name if target else "-")
+                snap = None
+        if snap is None:  # else the resume line is logged once the snapshot is committed, below
+            if target is not None:
+                what = "Training will resume from checkpoint" if resume else "Auto-detected checkpoint"
+                log.info("%s: %s", what, target)
+            else:
+                log.info("No checkpoint found, starting from scratch")
     try:
-        if target is not None:
+        if target is not None or snap is not None:
             guard.check(out, cfg, fingerprint)
         else:
             guard.record(out, cfg, fingerprint)
+            if store is not None:
+                # A start from scratch owns no earlier state: a leftover store (same path and
+                # settings, run folder emptied) must not be resumed after a kill before our first snapshot.
+                store.remove()
     except guard.IncompatibleCheckpoint as exc:
         return None, protocol.REASON_INCOMPATIBLE, str(exc)
+    if snap is not None:
+        try:
+            committed = snapshot.materialize(snap, out)
+        except (ckpt.CheckpointInvalid, OSError) as exc:
+            # The disk checkpoint stands; a snapshot is never worth failing the attempt for.
+            log.warning("Snapshot of step %d could not be committed (%s); using the disk checkpoint", snap.step, exc)
+            if target is not None:
+                log.info("Training will resume from checkpoint: %s", target)
+            else:
+                log.info("No checkpoint found, starting from scratch")
+        else:
+            log.info(
+                "Training will resume from snapshot step %d (newer than %s)",
+                snap.step,
+                target.name if target is not None else "any disk checkpoint",
+            )
+            target = committed
     return target, None, ""
 
 
@@ -193,9 +258,10 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
     # Under torchrun this also joins the process group.
     args = training_arguments(cfg, ["wandb"] if tracking.enabled(cfg) and main else [])
     decision: tuple[str | None, str | None, str] = (None, None, "")
+    store = snapshot_store(cfg, prepared.splits.fingerprint) if main else None
     if main:
         target, reason, message = choose_checkpoint(
-            cfg, prepared.splits.fingerprint, resume=resume, checkpoint=checkpoint
+            cfg, prepared.splits.fingerprint, resume=resume, checkpoint=checkpoint, store=store
         )
         decision = (str(target) if target else None, reason, message)
     target_s, reason, message = broadcast_from_main(decision)
@@ -203,6 +269,8 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
         log.error("%s", message)
         return Outcome(reason, message)
     target = Path(target_s) if target_s else None
+    if store is not None:
+        ctx.snapshots = Snapshots(store, cfg.snapshot.every_steps)
     ctx.last_checkpoint = target
     if target is not None:
         ctx.last_ckpt_bytes = ckpt.dir_bytes(target)

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from supervisor import protocol
 from supervisor.schema import Config
 from worker import checkpoint as ckpt
+from worker import snapshot
 from worker.disk import DiskGuard
 from worker.dist import any_rank, barrier
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, attempt, set_memory_headroom_from_env
@@ -51,6 +52,56 @@ class RunContext:
     rng_override: dict[str, Any] | None = None
     save_seconds: list[float] = field(default_factory=list)
     tracker_run_id: str | None = None
+    snapshots: Snapshots | None = None
+
+
+class Snapshots:
+    """Synchronous shared-memory snapshots of rank 0's training state every ``every_steps`` steps.
+
+    A snapshot must hold the state training continues from, which is the state *after* the
+    step's boundary work: ``on_step_end`` runs before the Trainer logs, evaluates and saves
+    (``_maybe_log_save_evaluate``), and evaluation draws from the global torch RNG (every
+    DataLoader iterator takes a base seed from it). So ``on_step_end`` only marks the step
+    as due, and the capture happens after the last ``_maybe_log_save_evaluate`` of that step:
+    the one in the step loop, or, when the loop leaves the epoch after this step, the one
+    after ``on_epoch_end`` (epoch evaluation and epoch saves happen there).
+    """
+
+    def __init__(self, store: snapshot.SnapshotStore, every_steps: int) -> None:
+        self.store = store
+        self.every_steps = every_steps
+        self.enabled = True
+        self.due: int | None = None
+        self.epoch_ending = False
+        self.seconds: list[float] = []  # capture + write time of each snapshot, for cost reports
+
+    def step_end(self, step: int) -> None:
+        if self.enabled and step % self.every_steps == 0:
+            self.due = step
+
+    def after_boundary_work(self, trainer: SupervisedTrainer) -> None:
+        """Called after every ``_maybe_log_save_evaluate``; writes the due snapshot after the last one."""
+        epoch_end_call, self.epoch_ending = self.epoch_ending, False
+        state, control = trainer.state, trainer.control
+        if self.due is None or self.due != state.global_step:
+            return
+        leaves_epoch = float(state.epoch or 0.0).is_integer() or control.should_epoch_stop
+        if not epoch_end_call and (leaves_epoch or control.should_training_stop):
+            return  # on_epoch_end and its _maybe_log_save_evaluate still belong to this step
+        self.due = None
+        t0 = time.monotonic()
+        try:
+            self.store.write(state.global_step, snapshot.capture_files(trainer))
+        except Exception as exc:  # a snapshot is an optimisation: it must never end training
+            self.enabled = False
+            log.warning(
+                "Snapshots off for this attempt: the snapshot of step %d failed (%s: %s); disk checkpoints still apply",
+                state.global_step,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.seconds.append(time.monotonic() - t0)
 
 
 class _IgnoreStopSignals:
@@ -176,6 +227,11 @@ class SupervisedTrainer(Trainer):
         name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
         torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
 
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if self.ctx.snapshots is not None:
+            self.ctx.snapshots.after_boundary_work(self)
+
     # -- data loading -------------------------------------------------------------------
 
     def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
@@ -250,6 +306,8 @@ class SupervisionCallback(TrainerCallback):
         ctx = self.ctx
         ctx.phase = "boundary"
         ctx.rng_at_boundary = snapshot_rng()
+        if ctx.snapshots is not None:
+            ctx.snapshots.step_end(state.global_step)
         now = time.monotonic()
         if self._t_step is not None:
             dt = max(now - self._t_step, 1e-6)
@@ -279,6 +337,8 @@ class SupervisionCallback(TrainerCallback):
         )
 
     def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.ctx.snapshots is not None:
+            self.ctx.snapshots.epoch_ending = True
         if self.ctx.stop.requested:
             # A stop breaks out mid-epoch; the Trainer would still run its epoch-end evaluation
             # (and, under torchrun, its collectives) before exiting. The step is committed: go.

@@ -1,0 +1,157 @@
+"""Snapshots wired into the worker (issue 12 step 2): kill + resume from a snapshot loses at most
+one step and ends bit-identical; a corrupt snapshot falls back to the disk checkpoint; off means off."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import heartbeat, vit_train, wait_for
+from tests.test_worker_e2e import TIMEOUT, max_abs_diff, run_to_end, write_cfg
+
+pytestmark = pytest.mark.e2e
+
+
+def snapshot_header(base: Path) -> dict[str, Any]:
+    """The header of the one store under ``base`` ({} while there is none)."""
+    for h in base.glob("vit-supervisor-*/*/header.json"):
+        try:
+            return dict(json.loads(h.read_bytes()))
+        except ValueError:
+            return {}  # never torn (atomic rename), but stay safe
+    return {}
+
+
+def kill_with_snapshot_at(cfg: Path, out: Path, shm: Path, step: int) -> int:
+    """SIGKILL the worker once both its heartbeat and its newest snapshot reached ``step``;
+    return the killed worker's last heartbeat step."""
+    p = vit_train(cfg)
+    try:
+        wait_for(
+            lambda: (
+                ((heartbeat(out).get("global_step") or 0) >= step and snapshot_header(shm).get("step", 0) >= step)
+                or p.poll() is not None
+            ),
+            TIMEOUT,
+            f"step {step} with its snapshot",
+            interval=0.005,
+        )
+    finally:
+        p.kill()
+        p.communicate()
+    assert p.returncode == -9, "the worker ended before it was killed"
+    return int(heartbeat(out)["global_step"])
+
+
+def test_sigkill_then_resume_from_snapshot_loses_at_most_one_step_and_is_bit_identical(
+    tmp_path: Path, reference_tiny: Path
+) -> None:
+    shm = tmp_path / "shm"
+    # save_steps 100: the disk alone would restart from scratch, so reaching the step proves the snapshot.
+    over = {"training": {"save_steps": 100}, "snapshot": {"every_steps": 1, "root": str(shm)}}
+    cfg = write_cfg(tmp_path / "c.yaml", over)
+    out = tmp_path / "out"
+    killed_at = kill_with_snapshot_at(cfg, out, shm, 15)
+    assert not list(out.glob("checkpoint-*"))
+    log = run_to_end(cfg, "--resume")
+    m = re.search(r"Training will resume from snapshot step (\d+) \(newer than any disk checkpoint\)", log)
+    assert m, log[-3000:]
+    assert int(m.group(1)) >= killed_at - 1
+    assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
+
+
+def test_snapshot_with_a_flipped_byte_is_ignored_and_the_disk_checkpoint_used(
+    tmp_path: Path, reference_tiny: Path
+) -> None:
+    shm = tmp_path / "shm"
+    cfg = write_cfg(tmp_path / "c.yaml", {"snapshot": {"every_steps": 1, "root": str(shm)}})
+    out = tmp_path / "out"
+    kill_with_snapshot_at(cfg, out, shm, 12)
+    header = snapshot_header(shm)
+    slot = next(shm.glob(f"vit-supervisor-*/*/slot-{header['slot']}"))
+    data = bytearray(slot.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    slot.write_bytes(bytes(data))
+    log = run_to_end(cfg, "--resume")
+    assert "Ignoring the snapshot" in log and "checksum mismatch" in log
+    assert "resume from snapshot" not in log
+    assert "Training will resume from checkpoint" in log
+    assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
+
+
+def test_snapshots_off_create_no_store(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {"training": {"max_steps": 2}, "snapshot": {"every_steps": 0, "root": str(shm)}}
+    )
+    run_to_end(cfg)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert not shm.exists()
+
+
+def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make_config: Any, tmp_path: Path) -> None:
+    """In process: step 19 ends epoch 1, where the Trainer evaluates and then saves (save_strategy
+    epoch). The snapshot of step 19 must hold the same state as checkpoint-19, RNG included, which
+    is not the RNG at ``on_step_end`` (the evaluation's DataLoader draws from it)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from supervisor.schema import load_config
+    from tests.test_snapshot_unit import _bytes_io, _same
+    from worker import checkpoint as ckpt
+    from worker.fault import StopRequest
+    from worker.train import compute_metrics, open_context, prepare, snapshot_store, training_arguments
+    from worker.trainer import Snapshots, SupervisedTrainer, SupervisionCallback, snapshot_rng
+
+    overrides = {
+        "training": {"max_steps": 20, "save_strategy": "epoch", "eval_strategy": "epoch"},
+        "snapshot": {"every_steps": 19, "root": str(tmp_path / "shm")},
+    }
+    cfg = load_config(make_config(overrides))
+    ctx = open_context(cfg, StopRequest())
+    prepared = prepare(cfg)
+    store = snapshot_store(cfg, prepared.splits.fingerprint)
+    assert store is not None
+    ctx.snapshots = Snapshots(store, cfg.snapshot.every_steps)
+    at_step_end: dict[int, Any] = {}
+
+    class RecordRng(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            at_step_end[state.global_step] = snapshot_rng()
+
+    trainer = SupervisedTrainer(
+        model=prepared.model,
+        args=training_arguments(cfg, []),
+        train_dataset=prepared.splits.train,
+        eval_dataset=prepared.splits.eval,
+        compute_metrics=compute_metrics,
+        callbacks=[SupervisionCallback(ctx), RecordRng()],
+        ctx=ctx,
+    )
+    trainer.train()
+    got = store.read_newest()
+    assert got is not None and got.step == 19
+    own = cfg.output_dir / "checkpoint-19"
+    assert set(got.files) | {ckpt.MANIFEST} == {p.name for p in own.iterdir()}
+    for name in ("config.json", "model.safetensors"):
+        assert got.files[name] == (own / name).read_bytes(), name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert _same(
+            torch.load(_bytes_io(got.files[name]), weights_only=False), torch.load(own / name, weights_only=False)
+        ), name
+    # TrainerControl's flags are those in flight when each was written (the checkpoint's is written
+    # with should_save still set); the Trainer restores them only with
+    # restore_callback_states_from_checkpoint, which the worker does not set.
+    state, theirs = (
+        json.loads(b) for b in (got.files["trainer_state.json"], (own / "trainer_state.json").read_bytes())
+    )
+    for s in (state, theirs):
+        s["stateful_callbacks"].pop("TrainerControl")
+    assert state == theirs
+    rng = torch.load(_bytes_io(got.files["rng_state.pth"]), weights_only=False)
+    assert not _same(rng, at_step_end[19]), "evaluation no longer draws from the RNG: this test proves nothing"
+    assert len(ctx.snapshots.seconds) == 1
