@@ -35,7 +35,7 @@ def fuse(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown concat_mode {mode!r}")
 
 
-class ViTPairForImageClassification(ViTPreTrainedModel):  # type: ignore[no-untyped-call]
+class ViTPairForImageClassification(ViTPreTrainedModel):
     """Classifies an image pair: ``pixel_values`` is (B, 2, C, H, W)."""
 
     def __init__(self, config: ViTConfig) -> None:
@@ -45,7 +45,7 @@ class ViTPairForImageClassification(ViTPreTrainedModel):  # type: ignore[no-unty
         self.vit = ViTModel(config, add_pooling_layer=False)
         width = config.hidden_size * (2 if self.concat_mode == "concat" else 1)
         self.classifier = nn.Linear(width, config.num_labels or 2)
-        self.post_init()  # type: ignore[no-untyped-call]
+        self.post_init()
 
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: object
@@ -75,7 +75,7 @@ def build(cfg: Config, class_names: list[str]) -> ViTPreTrainedModel:
     label2id = {n: i for i, n in id2label.items()}
     if cfg.model.model_name == SCRATCH:
         s = cfg.model.scratch
-        vc = ViTConfig(  # type: ignore[call-arg]  # num_labels, id2label, label2id: PretrainedConfig kwargs
+        vc = ViTConfig(  # num_labels, id2label, label2id: PretrainedConfig kwargs
             image_size=s.image_size,
             patch_size=s.patch_size,
             num_channels=s.num_channels,

@@ -195,7 +195,7 @@ class SupervisedTrainer(Trainer):
             if main:
                 from transformers.trainer_callback import ExportableState
 
-                stateful: dict[str, Any] = self.state.stateful_callbacks  # type: ignore[assignment]
+                stateful: dict[str, Any] = self.state.stateful_callbacks
                 for cb in [
                     c for c in [*self.callback_handler.callbacks, self.control] if isinstance(c, ExportableState)
                 ]:
