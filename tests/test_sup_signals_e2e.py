@@ -58,8 +58,15 @@ def test_second_start_after_the_output_dir_was_deleted_is_refused(make_config: A
         shutil.rmtree(run.out, ignore_errors=True)
         return not run.out.exists() or os.stat(run.out).st_ino != original
 
-    wait_for(deleted, 30, "output directory deleted")
-    second = run.cli("start", str(run.config))
+    # Frozen while the second start runs: a live first supervisor notices the deletion within a
+    # loop turn and ends, which frees its lock; on a loaded machine that can come before the
+    # second start has even imported. Frozen, it holds the lock the way a busy one would.
+    os.kill(sup.pid, signal.SIGSTOP)
+    try:
+        wait_for(deleted, 30, "output directory deleted")
+        second = run.cli("start", str(run.config))
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
     assert second.returncode == 4, second.stdout + second.stderr
     # (The pid cannot be named: it was recorded in the deleted lock file.)
     assert "is already running" in second.stderr
