@@ -151,8 +151,12 @@ def test_a_standby_never_outlives_its_supervisor_even_while_preparing(tmp_path: 
     child = int(parent.stdout.readline())
     try:
         wait_for(lambda: catches(child, signal.SIGUSR1), 60, "the standby to arm its parent-death signal")
+        # Frozen from here until its parent is dead, so the death signal lands in the middle of the
+        # preparation (a few seconds of imports) however slowly this test process is scheduled.
+        os.kill(child, signal.SIGSTOP)
         parent.kill()
         parent.wait()
+        os.kill(child, signal.SIGCONT)
         t0 = time.monotonic()
         wait_for(lambda: not _alive(child), 30, "the orphaned standby to exit")
         assert time.monotonic() - t0 < 30
@@ -160,6 +164,7 @@ def test_a_standby_never_outlives_its_supervisor_even_while_preparing(tmp_path: 
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+            os.kill(child, signal.SIGCONT)
 
 
 def _alive(pid: int) -> bool:
