@@ -409,10 +409,14 @@ class LaunchOrder:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     resume: bool = True
+    snapshots: bool = True
+    """False: no shared-memory snapshots in this attempt (the supervisor found too little room for them)."""
 
     def argv(self) -> list[str]:
         """The worker's command-line flags (after the config path)."""
         flags = ["--resume"] if self.resume else []
+        if not self.snapshots:
+            flags.append("--no-snapshots")
         return [
             *flags,
             "--per-device-train-batch-size",

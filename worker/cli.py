@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--gradient-accumulation-steps", type=int, metavar="N", help="override training.gradient_accumulation_steps"
     )
+    p.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="no shared-memory snapshots in this run (the supervisor's answer to a too small /dev/shm)",
+    )
     return p.parse_args(argv)
 
 
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 if value < 1:
                     raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
                 setattr(cfg.training, name, value)
+        if args.no_snapshots:
+            cfg.snapshot.every_steps = 0
         if not args.standby:  # a standby gets its order on stdin
             order = launch.from_cli(cfg, resume=args.resume)
             if order is not None:
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vit-train: error: {exc}", file=sys.stderr)
         return protocol.EXIT_USER_ERROR
     setup_logging()
+    if args.no_snapshots:
+        logging.getLogger("vit_train").warning("Snapshots off for this run (--no-snapshots): disk checkpoints only")
     try:
         if args.standby:
             from worker.standby import serve

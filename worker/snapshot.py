@@ -63,7 +63,6 @@ few times while the header moves on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -80,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import protocol
+from supervisor.shm import default_root  # noqa: F401  (where the stores are: shared with the supervisor)
 from worker import checkpoint as ckpt
 
 log = logging.getLogger("vit_train")
@@ -111,20 +111,6 @@ class Snapshot:
     @property
     def size(self) -> int:
         return sum(len(b) for b in self.files.values())
-
-
-def default_root(output_dir: str | os.PathLike[str], rank: int = 0, base: str | os.PathLike[str] | None = None) -> Path:
-    """``/dev/shm/vit-supervisor-<uid>/<name>-<hash>-rank<rank>`` for the run in ``output_dir``.
-
-    The hash is of the output directory's real path, so two runs never share a store and a
-    run reached through a symlink finds its own. The uid keeps users apart on a shared host
-    (``/dev/shm`` is world-writable; another user's folder of the same name would otherwise
-    block or, worse, feed us). The readable tail of the name is for people looking at ``ls``.
-    """
-    real = os.path.realpath(os.fspath(output_dir))
-    digest = hashlib.sha256(real.encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(real))[:40] or "run"
-    return Path(base or DEFAULT_BASE) / f"vit-supervisor-{os.getuid()}" / f"{name}-{digest}-rank{int(rank)}"
 
 
 def _normalize(identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -157,6 +157,9 @@ def _become_worker(cfg: Config, line: str) -> protocol.LaunchOrder | None:
         return None
     set_process_name("vit-train")
     launch.apply(cfg, order)
+    if not order.snapshots:
+        cfg.snapshot.every_steps = 0  # as a cold worker's --no-snapshots
+        log.warning("Snapshots off for this run (the go says so): disk checkpoints only")
     return order
 
 
