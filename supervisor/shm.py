@@ -50,7 +50,13 @@ _TMP_HEADER = re.compile(r"^\.header\.json\.[A-Za-z0-9_]+\.tmp$")  # a writer ki
 _RANK = re.compile(r"-rank(\d{1,6})$")
 _MAX_CONFIG_JSON = 1 << 20
 # A ViT-Base/16 at 224 px, for when nothing better is known (a hub id not in the local cache).
-_VIT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072, "image_size": 224, "patch_size": 16}
+_VIT_BASE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "intermediate_size": 3072,
+    "image_size": 224,
+    "patch_size": 16,
+}
 
 
 # ----------------------------------------------------------------------------- where
@@ -481,5 +487,3 @@ def _remove_one(parent_fd: int, root: Path, result: Removal) -> None:
         result.removed.append(str(root))
     except OSError as exc:  # a writer re-created a file meanwhile: leave it, say so
         result.kept.append(f"{root}: {exc.strerror or exc}")
-
-
