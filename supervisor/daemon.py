@@ -15,6 +15,15 @@ the persisted run record. A worker's exit is handled as observe
 (:meth:`Supervisor._observe_exit`) -> classify and decide (:mod:`supervisor.policy`)
 -> apply (:meth:`Supervisor._apply`).
 
+Snapshot stores (:mod:`supervisor.shm`) are the supervisor's to clean up: removed when the run
+completes, when it can no longer resume (the worker found the config changed:
+``incompatible_checkpoint``), and when it is stopped and the newest disk checkpoint is at least
+as new as every snapshot (a graceful stop commits one at the stopped step; after a forced stop a
+newer snapshot is kept for the next ``start``). Kept when the supervisor gives up or dies: a
+later ``start`` resumes from them. Before every launch the shared-memory file system's free
+space is checked against what the stores need; when it is too small the worker runs disk-only
+(``LaunchOrder.snapshots``) after one warning line.
+
 Robustness rules: a failed state write (full disk) is logged and retried on
 the next loop turn, never fatal; every run file is read defensively; a pid
 from a state file is signalled only once proven to be our worker; an output
@@ -32,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from supervisor import launch, logs, policy, protocol, record, runlock
+from supervisor import launch, logs, policy, protocol, record, runlock, shm
 from supervisor.host import Host, RealHost, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.notify import Notifier
 from supervisor.record import AttemptRecord, RunRecord
@@ -132,6 +141,8 @@ class Supervisor:
         self.exit_code = SUPERVISOR_OK
         self.batch = self.cfg.training.per_device_train_batch_size
         self.accum = self.cfg.training.gradient_accumulation_steps
+        self.shm_base = Path(self.cfg.snapshot.root or shm.DEFAULT_BASE)
+        self.shm_short = False  # the last launch found too little shared memory for snapshots
         self.pool = StandbyPool(
             self.cfg,
             self.host,
@@ -211,10 +222,12 @@ class Supervisor:
         """A stop (or an abort) in a state without a worker ends the run at once."""
         if self.abort_reason is not None:
             self.exit_code = SUPERVISOR_FAILED
+            self._end_snapshots(State.FAILED)
             # STARTING -> FAILED, WAITING -> FAILED, BACKOFF -> FAILED
             self._transition(State.FAILED, self.abort_reason, last_error=self.abort_reason)
             return True
         if self.stop_requested:
+            self._end_snapshots(State.STOPPED)
             # STARTING -> STOPPED, WAITING -> STOPPED, BACKOFF -> STOPPED
             self._transition(State.STOPPED, f"stop requested {where}")
             return True
@@ -422,6 +435,7 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             per_device_train_batch_size=self.batch,
             gradient_accumulation_steps=self.accum,
+            snapshots=self._snapshots_fit(),
         )
         resume_step = protocol.newest_checkpoint_step(self.out)
         # Progress means a step no earlier attempt reached, not just past the checkpoint: a worker
@@ -520,7 +534,7 @@ class Supervisor:
             disk_needed_bytes=_positive_int(seen.report.disk_needed_bytes if seen.report is not None else None),
         )
         self._record_exit(w, seen, outcome, decision)
-        self._apply(outcome, decision)
+        self._apply(outcome, decision, seen.report.reason if seen.report is not None else None)
 
     def _record_exit(self, w: _Worker, seen: _Observed, outcome: policy.Outcome, decision: policy.Decision) -> None:
         if seen.reached is not None:
@@ -553,21 +567,26 @@ class Supervisor:
         if outcome.kind not in ("completed", "stopped", "standby_stale"):
             self.rec.last_error = outcome.message
 
-    def _apply(self, outcome: policy.Outcome, decision: policy.Decision) -> None:
+    def _apply(self, outcome: policy.Outcome, decision: policy.Decision, reason: str | None = None) -> None:
+        """Act on a decision; ``reason`` is the exit report's (it tells an incompatible config from other user errors)."""
         if self.abort_reason is not None and decision.action != "complete":
             self.exit_code = SUPERVISOR_FAILED
+            self._end_snapshots(State.FAILED)
             # RUNNING -> FAILED, STOPPING -> FAILED (the output directory is gone: nothing to restart into)
             self._transition(State.FAILED, self.abort_reason, last_error=self.abort_reason)
         elif decision.action == "complete":
             self.exit_code = SUPERVISOR_OK
+            self._end_snapshots(State.COMPLETED)
             # RUNNING -> COMPLETED (or STOPPING -> COMPLETED: it finished before it saw the stop)
             self._transition(State.COMPLETED, decision.message)
         elif decision.action == "stop":
             self.exit_code = SUPERVISOR_OK
+            self._end_snapshots(State.STOPPED)
             # RUNNING -> STOPPED, STOPPING -> STOPPED
             self._transition(State.STOPPED, decision.message)
         elif decision.action == "fail":
             self.exit_code = SUPERVISOR_FAILED
+            self._end_snapshots(State.FAILED, reason)
             # RUNNING -> FAILED, STOPPING -> FAILED
             self._transition(State.FAILED, decision.message, last_error=decision.message)
         elif self.state != State.RUNNING:  # pragma: no cover - policy.decide lets a stop win over any relaunch
@@ -676,6 +695,73 @@ class Supervisor:
             self.host.kill(o.pid, signal.SIGKILL, group=True)
             o.killed = True
         return False
+
+    # ------------------------------------------------------------------ snapshot stores
+
+    def _snapshots_fit(self) -> bool:
+        """Whether the next attempt may take snapshots: the shared-memory file system must hold
+        the run's stores (what this run's stores already hold counts as free: it is reused).
+        One warning when they do not fit, one line when they fit again; never fatal."""
+        if not shm.snapshots_on(self.cfg):
+            return True  # the worker takes none anyway: nothing to check or say
+        root = self.cfg.snapshot.root
+        try:
+            estimate = shm.estimate_state(self.cfg)
+            needed = shm.run_needed_bytes(self.cfg, estimate)
+            free = self.host.free_disk(self.shm_base) + sum(shm.store_bytes(r) for r in shm.run_stores(self.out, root))
+            short = shm.shortfall(free, needed, self.shm_base, estimate)
+        except OSError as exc:
+            short = (
+                f"the free space of {self.shm_base} cannot be read ({exc}); fix: point snapshot.root at a "
+                "writable tmpfs, or set snapshot.every_steps: 0"
+            )
+        if short and not self.shm_short:
+            self.log.warning("snapshots", action="off: disk checkpoints only", why=short)
+        elif not short and self.shm_short:
+            self.log.info("snapshots", action="on again", why=f"{self.shm_base} has room for them now")
+        self.shm_short = bool(short)
+        return not short
+
+    def _end_snapshots(self, end: State, reason: str | None = None) -> None:
+        """Remove or keep the run's snapshot stores as the run ends (see the module docstring)."""
+        root = self.cfg.snapshot.root
+        try:
+            infos = [shm.read_store(r) for r in shm.run_stores(self.out, root)]
+            if not infos:
+                return
+            steps = sorted({i.step for i in infos if i.step is not None})
+            if end == State.COMPLETED:
+                why = "the run completed"
+            elif end == State.FAILED and reason == protocol.REASON_INCOMPATIBLE:
+                why = "the run cannot resume from them (its config changed)"
+            elif end == State.STOPPED:
+                disk = protocol.newest_checkpoint_step(self.out)
+                newer = [s for s in steps if s > disk]
+                if newer:
+                    self.log.info(
+                        "snapshots",
+                        action="kept",
+                        why=f"the snapshot of step {newer[-1]} is newer than "
+                        f"{f'checkpoint-{disk}' if disk >= 0 else 'any disk checkpoint'}; the next start resumes from it",
+                        where=str(infos[0].root.parent),
+                    )
+                    return
+                why = f"stopped, and checkpoint-{disk} holds the newest state" if disk >= 0 else "stopped"
+            else:
+                self.log.info("snapshots", action="kept", why="a later start resumes from them", steps=steps)
+                return
+            done = shm.remove_stores(self.out, root)
+        except OSError as exc:  # never fatal: the stores only cost memory
+            self.log.warning("snapshots", action="not removed", error=str(exc))
+            return
+        self.log.info(
+            "snapshots",
+            action="removed",
+            why=why,
+            stores=len(done.removed),
+            freed=shm.human(done.freed_bytes),
+            kept=done.kept or None,
+        )
 
     def _write_state(self) -> None:
         """The one save path. A failed write (full disk, read-only remount) never stops supervision:

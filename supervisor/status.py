@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import protocol, record
+from supervisor import protocol, record, shm
 from supervisor.host import process_alive
+from supervisor.schema import load_config
 from supervisor.states import ACTIVE_STATES, State
 
 # LSB / supervisorctl status codes, so scripts and systemd can branch on them.
@@ -135,9 +136,52 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
         attempts=attempts,
         standby=protocol.record_dict(rec.standby) if running and rec.standby else None,
         heartbeat={k: getattr(hb, k) for k in _HB_FIELDS} if hb is not None and hb_current else None,
+        snapshot=snapshot_view(output_dir, rec.config),
     )
     v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
     return v
+
+
+def snapshot_view(output_dir: Path, config_path: str | None, now: float | None = None) -> dict[str, Any] | None:
+    """The run's newest shared-memory snapshot as its stores' headers tell it (the slots are
+    not read); None when the run has no store. ``step``/``age_s`` are the step every rank holds;
+    ``problem`` says why a store is unreadable. Never raises on what the stores contain."""
+    base = _snapshot_root(config_path)
+    infos = [shm.read_store(r) for r in shm.run_stores(output_dir, base)]
+    if not infos:
+        return None
+    now = time.time() if now is None else now
+    v: dict[str, Any] = {
+        "where": str(infos[0].root.parent),
+        "used_bytes": sum(i.used_bytes for i in infos),
+        "stores": [
+            {"rank": i.rank, "step": i.step, "time": i.time, "size": i.size, "problem": i.problem} for i in infos
+        ],
+        "step": None,
+        "time": None,
+        "age_s": None,
+        "size": None,
+        "problem": next((f"rank {i.rank}: {i.problem}" for i in infos if i.problem), None),
+    }
+    if v["problem"] is None:
+        held = min(infos, key=lambda i: (i.step or 0, i.time or 0.0))  # a multi-rank resume takes the oldest
+        v.update(
+            step=held.step,
+            time=held.time,
+            age_s=max(0.0, now - (held.time or now)),
+            size=sum(i.size or 0 for i in infos),
+        )
+    return v
+
+
+def _snapshot_root(config_path: str | None) -> str | None:
+    """``snapshot.root`` of the run's config; None (``/dev/shm``) when the config cannot be read."""
+    if not config_path:
+        return None
+    try:
+        return load_config(config_path, check_paths=False).snapshot.root
+    except Exception:  # a config edited into anything at all must not break status
+        return None
 
 
 def _tracker(output_dir: Path, rec: record.RunRecord, hb: protocol.Heartbeat | None) -> str | None:
@@ -234,6 +278,15 @@ def render(v: dict[str, Any]) -> str:
     )
     lines.append(f"  checkpoint:  {hb.get('last_checkpoint') or _newest_checkpoint(v['output_dir']) or 'none yet'}")
     lines.append(f"  free disk:   {_bytes(v.get('free_disk_bytes'))}")
+    snap = v.get("snapshot")
+    if snap:
+        if snap.get("problem"):
+            lines.append(f"  snapshot:    unreadable ({snap['problem']})")
+        else:
+            lines.append(
+                f"  snapshot:    step {snap['step']}, {_duration(snap['age_s'])} ago, {_bytes(snap['size'])} "
+                f"({_bytes(snap['used_bytes'])} in {snap['where']})"
+            )
     if v.get("waiting_reason"):
         lines.append(f"  waiting:     {v['waiting_reason']}")
     if v.get("tracker_run_id"):

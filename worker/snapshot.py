@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import protocol
-from supervisor.shm import default_root  # noqa: F401  (where the stores are: shared with the supervisor)
+from supervisor.shm import default_root as default_root  # where the stores are: shared with the supervisor
 from worker import checkpoint as ckpt
 
 log = logging.getLogger("vit_train")
