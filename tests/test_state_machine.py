@@ -7,6 +7,7 @@ No process is started and no time passes; a scripted world decides what each
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -917,3 +918,190 @@ def test_output_dir_deleted_under_the_run_stops_the_worker_and_ends_failed(tmp_p
     assert code == SUPERVISOR_FAILED and sup.state == State.FAILED and len(fake.children) == 1
     assert fake.children[0].signals[0][0] == signal.SIGTERM
     assert "deleted or replaced" in (state_file(sup)["last_error"] or "")
+
+
+# ----------------------------------------------------------------------------- snapshot stores (supervisor/shm.py)
+
+
+def snap_cfg(tmp_path: Path, **sup: Any) -> Config:
+    cfg = make_cfg(tmp_path, **sup)
+    cfg.snapshot.every_steps, cfg.snapshot.root = 1, str(tmp_path / "shm")
+    return cfg
+
+
+def with_store(step: int, ranks: tuple[int, ...] = (0,)) -> Callable[[FakeOS], None]:
+    """A setup that leaves the run's stores (as a worker would) with their newest snapshot at ``step``."""
+    from tests.test_shm import header, make_store
+
+    def setup(fake: FakeOS) -> None:
+        for r in ranks:
+            make_store(fake.out, fake.out.parent / "shm", r, header(step=step))
+
+    return setup
+
+
+def stores(tmp_path: Path) -> list[Path]:
+    from supervisor import shm
+
+    return shm.run_stores(tmp_path / "out", tmp_path / "shm")
+
+
+def snapshot_events(log: RecordingLog) -> list[dict[str, Any]]:
+    return [kw for e, kw in log.events if e == "snapshots"]
+
+
+def test_snapshot_stores_are_removed_when_the_run_completes(tmp_path: Path) -> None:
+    _sup, _fake, log, code = run(tmp_path, script_of(completes), setup=with_store(99, (0, 1)), cfg=snap_cfg(tmp_path))
+    assert code == SUPERVISOR_OK and stores(tmp_path) == []
+    [event] = snapshot_events(log)
+    assert event["action"] == "removed" and event["why"] == "the run completed" and event["stores"] == 2
+    assert (tmp_path / "shm" / f"vit-supervisor-{os.getuid()}").is_dir()  # shared by every run of the user: kept
+
+
+def test_snapshot_stores_are_removed_when_the_config_changed_under_the_run(tmp_path: Path) -> None:
+    def incompatible(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.exit(child, 2, "incompatible_checkpoint", message="model_name: 'a' -> 'b'"))
+
+    _sup, _fake, log, code = run(tmp_path, script_of(incompatible), setup=with_store(40), cfg=snap_cfg(tmp_path))
+    assert code == SUPERVISOR_FAILED and stores(tmp_path) == []
+    assert [e["action"] for e in snapshot_events(log)] == ["removed"]
+    assert "config changed" in snapshot_events(log)[0]["why"]
+
+
+def config_error(fake: FakeOS, child: FakeChild) -> None:
+    fake.at(1, lambda: fake.exit(child, 2, "config_error", message="model.model_name 'x' cannot be loaded"))
+
+
+@pytest.mark.parametrize("ending", ["crash_loop", "config_error"])
+def test_snapshot_stores_are_kept_when_the_supervisor_gives_up(tmp_path: Path, ending: str) -> None:
+    # A crash loop or a fixable config error: a later `start` resumes from the snapshot.
+    script = script_of(crashes_after(None)) if ending == "crash_loop" else script_of(config_error)
+    cfg = snap_cfg(tmp_path, max_failures_without_progress=2)
+    _sup, _fake, log, code = run(tmp_path, script, setup=with_store(40), cfg=cfg)
+    assert code == SUPERVISOR_FAILED and len(stores(tmp_path)) == 1
+    assert (stores(tmp_path)[0] / "slot-0").exists()
+    assert [e["action"] for e in snapshot_events(log)] == ["kept"]
+
+
+@pytest.mark.parametrize(("disk_step", "removed"), [(40, True), (55, True), (30, False), (None, False)])
+def test_a_stop_removes_the_stores_only_when_a_disk_checkpoint_holds_their_step(
+    tmp_path: Path, disk_step: int | None, removed: bool
+) -> None:
+    holder: dict[str, Supervisor] = {}
+
+    def trains(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(2, lambda: fake.heartbeat(child, 40))
+        fake.at(3, lambda: holder["sup"].on_signal(signal.SIGTERM))
+
+    cfg = snap_cfg(tmp_path)
+    fake = FakeOS(Path(cfg.training.output_dir), script_of(trains))
+    with_store(40)(fake)
+    if disk_step is not None:  # what the worker's stop checkpoint left (or an older one: a forced stop)
+        (fake.out / f"checkpoint-{disk_step}").mkdir(parents=True)
+    log = RecordingLog()
+    sup = holder["sup"] = Supervisor(cfg, fake, log=log)
+    assert sup.run() == SUPERVISOR_OK and sup.state == State.STOPPED
+    assert (stores(tmp_path) == []) is removed
+    [event] = snapshot_events(log)
+    assert event["action"] == ("removed" if removed else "kept")
+    if not removed:
+        assert "snapshot of step 40 is newer than" in event["why"]
+
+
+def test_a_stop_during_backoff_applies_the_same_rule(tmp_path: Path) -> None:
+    holder: dict[str, Supervisor] = {}
+
+    def crash_then_stop(fake: FakeOS, child: FakeChild) -> None:
+        crashes_after(None)(fake, child)
+        fake.at(3.5, lambda: holder["sup"].on_signal(signal.SIGTERM))  # during the 1 s back-off
+
+    cfg = snap_cfg(tmp_path)
+    fake = FakeOS(Path(cfg.training.output_dir), script_of(crash_then_stop))
+    with_store(40)(fake)
+    log = RecordingLog()
+    sup = holder["sup"] = Supervisor(cfg, fake, log=log)
+    assert sup.run() == SUPERVISOR_OK and ("backoff", "stopped") in log.transitions()
+    assert len(stores(tmp_path)) == 1 and [e["action"] for e in snapshot_events(log)] == ["kept"]
+
+
+class SmallShmOS(FakeOS):
+    """Plenty of disk, ``shm_free`` bytes in the snapshot root's file system."""
+
+    shm_free = 32 << 20
+    shm_path: Path | None = None
+
+    def free_disk(self, path: Path) -> int:
+        return self.shm_free if path == self.shm_path else self.free
+
+
+def test_too_little_shared_memory_warns_once_and_every_launch_runs_disk_only(tmp_path: Path) -> None:
+    cfg = snap_cfg(tmp_path)
+    fake = SmallShmOS(Path(cfg.training.output_dir), script_of(crashes_after(10), crashes_after(20), completes))
+    fake.shm_path = tmp_path / "shm"
+    log = RecordingLog()
+    sup = Supervisor(cfg, fake, log=log)
+    assert sup.run() == SUPERVISOR_OK and len(fake.children) == 3
+    assert all("--no-snapshots" in c.argv for c in fake.children)
+    [warning] = snapshot_events(log)  # one line, not one per launch
+    assert warning["action"] == "off: disk checkpoints only"
+    # ViT-B/16 from scratch (make_cfg's model): ~1 GiB of weights and AdamW moments, twice.
+    for part in (f"{tmp_path / 'shm'} has 32.0 MiB free", "need 1.9 GiB", "model.scratch", "--shm-size=3g"):
+        assert part in warning["why"], warning["why"]
+    assert not any(t[1] == "waiting" for t in log.transitions())  # the disk was never short
+
+
+def test_shared_memory_freed_later_turns_snapshots_back_on_with_one_line(tmp_path: Path) -> None:
+    cfg = snap_cfg(tmp_path)
+
+    def crash_and_free(fake: FakeOS, child: FakeChild) -> None:
+        crashes_after(10)(fake, child)
+        fake.at(2, lambda: setattr(fake, "shm_free", 10 << 30))
+
+    fake = SmallShmOS(Path(cfg.training.output_dir), script_of(crash_and_free, completes))
+    fake.shm_path = tmp_path / "shm"
+    log = RecordingLog()
+    assert Supervisor(cfg, fake, log=log).run() == SUPERVISOR_OK
+    assert ["--no-snapshots" in c.argv for c in fake.children] == [True, False]
+    assert [e["action"] for e in snapshot_events(log)] == ["off: disk checkpoints only", "on again"]
+
+
+def test_enough_shared_memory_or_snapshots_off_means_no_flag_and_no_warning(tmp_path: Path) -> None:
+    for every, free in ((1, 10 << 30), (0, 0)):
+        d = tmp_path / f"{every}"
+        cfg = snap_cfg(d)
+        cfg.snapshot.every_steps = every
+        fake = SmallShmOS(Path(cfg.training.output_dir), script_of(completes))
+        fake.shm_free, fake.shm_path = free, d / "shm"
+        log = RecordingLog()
+        assert Supervisor(cfg, fake, log=log).run() == SUPERVISOR_OK
+        assert "--no-snapshots" not in fake.children[0].argv and snapshot_events(log) == []
+
+
+def test_the_run_stores_own_space_counts_as_free_for_the_next_attempt(tmp_path: Path) -> None:
+    """A store of the run already in the file system is overwritten in place, so it is not a shortfall."""
+    from supervisor import shm
+
+    cfg = snap_cfg(tmp_path)
+    cfg.model.scratch.hidden_size, cfg.model.scratch.intermediate_size = 96, 96  # a ~1 MiB model
+    cfg.model.scratch.num_attention_heads = 2
+    needed = shm.run_needed_bytes(cfg, shm.estimate_state(cfg))
+    fake = SmallShmOS(Path(cfg.training.output_dir), script_of(completes))
+    fake.shm_path, fake.shm_free = tmp_path / "shm", needed - 9000  # the store below holds 9000 + header
+    with_store(5)(fake)
+    log = RecordingLog()
+    assert Supervisor(cfg, fake, log=log).run() == SUPERVISOR_OK
+    assert "--no-snapshots" not in fake.children[0].argv
+
+
+def test_the_go_line_tells_a_standby_to_run_disk_only(tmp_path: Path) -> None:
+    def setup(fake: FakeOS, s: Supervisor) -> None:
+        s.cfg.snapshot.every_steps = 1
+        big = fake.free
+        fake.free_disk = lambda path: (1 << 20) if path == s.shm_base else big  # type: ignore[method-assign]
+
+    _sup, fake, _log, code = run_with_standby(tmp_path, script_of(trains_then_crashes), setup=setup)
+    assert code == SUPERVISOR_OK
+    sb = standbys(fake)[0]
+    order = protocol.LaunchOrder.from_line(str(sb.lines[0]))
+    assert order is not None and order.snapshots is False
+    assert "--no-snapshots" in order.argv() and "--no-snapshots" in fake.children[0].argv
