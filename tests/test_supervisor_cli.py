@@ -223,6 +223,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "ReadWritePaths=",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
+        "RemoveIPC=no",  # snapshots in /dev/shm must survive a restart of the unit
         "ExecStart=/opt/vit-supervisor/.venv/bin/vit-supervisor start /etc/vit-supervisor/%i.yaml",
     ):
         assert line in unit
