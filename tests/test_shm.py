@@ -441,3 +441,18 @@ def test_the_parameter_arithmetic_matches_the_workers_model_and_a_real_checkpoin
     est = shm.estimate_state(cfg)
     assert measured <= est.state_bytes <= measured + shm.SMALL_FILES + measured // 5
     assert SnapshotStore.needed_bytes(measured) == shm.needed_bytes(measured)
+
+
+def test_a_standby_honours_a_go_line_that_says_disk_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import protocol
+    from worker import standby
+
+    monkeypatch.setattr(standby, "set_process_name", lambda name: None)  # keep pytest's own name
+    for key in (protocol.ENV_SUPERVISOR_PID, protocol.ENV_ATTEMPT, protocol.ENV_EXIT_REPORT):
+        monkeypatch.setenv(key, "")  # restored after the test; the go sets them
+    for snapshots, every in ((True, 5), (False, 0)):
+        cfg = from_dict({"model": {"num_labels": 10}, "snapshot": {"every_steps": 5}})
+        order = protocol.LaunchOrder(3, str(tmp_path / "exit-3.json"), 1, 16, 1, snapshots=snapshots)
+        assert standby._become_worker(cfg, order.to_line()) == order
+        assert cfg.snapshot.every_steps == every
+        assert ("--no-snapshots" in order.argv()) is not snapshots
