@@ -530,3 +530,27 @@ def _io(b: bytes) -> Any:
     import io
 
     return io.BytesIO(b)
+
+
+def test_choose_checkpoint_commits_the_common_snapshot_with_every_ranks_part(
+    make_config: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from supervisor.schema import load_config
+    from tests.test_snapshot_unit import fake_checkpoint_files
+    from worker import checkpoint as ckpt
+    from worker import guard
+    from worker.train import choose_checkpoint
+
+    cfg = load_config(make_config({"snapshot": {"every_steps": 1, "root": str(tmp_path / "shm")}}))
+    (cfg.output_dir / "run").mkdir(parents=True)
+    guard.record(cfg.output_dir, cfg, "fp")
+    files = fake_checkpoint_files(6)
+    files["rng_state_0.pth"] = files.pop("rng_state.pth")
+    files["rng_state_1.pth"] = b"rank 1"
+    common = snap.Snapshot(6, files, time.time(), 3, 1)
+    with caplog.at_level("INFO", logger="vit_train"):
+        target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, newest=lambda: common)
+    assert reason is None and target == cfg.output_dir / "checkpoint-6"
+    assert ckpt.validate(target)["global_step"] == 6
+    assert (target / "rng_state_1.pth").read_bytes() == b"rank 1"
+    assert "Training will resume from snapshot step 6 (newer than any disk checkpoint)" in caplog.text

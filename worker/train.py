@@ -304,13 +304,18 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
     args = training_arguments(cfg, ["wandb"] if tracking.enabled(cfg) and main else [])
     decision: tuple[str | None, str | None, str] = (None, None, "")
     store = snapshot_store(cfg, prepared.splits.fingerprint)
-    newest: Callable[[], snapshot.Snapshot | None] | None = None
-    if store is not None and fault.world_size() > 1 and checkpoint is None:
-        common = common_snapshot(store)  # every rank takes part; rank 0 gets the result
-        newest = lambda: common  # noqa: E731
+    # Every rank takes part in the agreement, with a store or without one (the condition must be
+    # the same on every rank, or the collectives would not pair up); rank 0 gets the result.
+    agree = fault.world_size() > 1 and checkpoint is None
+    common = common_snapshot(store) if agree else None
     if main:
         target, reason, message = choose_checkpoint(
-            cfg, prepared.splits.fingerprint, resume=resume, checkpoint=checkpoint, store=store, newest=newest
+            cfg,
+            prepared.splits.fingerprint,
+            resume=resume,
+            checkpoint=checkpoint,
+            store=store,
+            newest=(lambda: common) if agree else None,
         )
         decision = (str(target) if target else None, reason, message)
     target_s, reason, message = broadcast_from_main(decision)
