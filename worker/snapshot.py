@@ -12,7 +12,7 @@ Layout of a store (one per run and rank, see :func:`default_root`)::
 
     <root>/slot-0        a container (below)
     <root>/slot-1        a container
-    <root>/header.json   which slot is the newest, and how to verify it
+    <root>/header.json   which slot holds the newest snapshot and which the previous one, and how to verify them
 
 Container (one file per slot)::
 
