@@ -42,3 +42,27 @@ def any_rank(flag: bool, device: Any) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (small picklable values only)."""
+    import torch.distributed as dist
+
+    size = world()[0]
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0; None on the other ranks."""
+    import torch.distributed as dist
+
+    size, rank = world()
+    if size == 1:
+        return [obj]
+    out: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -12,7 +12,7 @@ Layout of a store (one per run and rank, see :func:`default_root`)::
 
     <root>/slot-0        a container (below)
     <root>/slot-1        a container
-    <root>/header.json   which slot is the newest, and how to verify it
+    <root>/header.json   which slot holds the newest snapshot and which the previous one, and how to verify them
 
 Container (one file per slot)::
 
@@ -21,31 +21,59 @@ Container (one file per slot)::
     n bytes   index: JSON {"format": 1, "step": S, "files": [[name, offset, length], ...]}
     ...       the files' bytes, concatenated in index order; offsets count from the end of the index
 
-Header (JSON, replaced atomically): ``format``, ``generation`` (1, 2, ...), ``slot`` (0 or 1),
-``step``, ``size`` (bytes of the slot file), ``checksum`` (``"crc32"``), ``crc32`` (of the
-whole slot file), ``identity`` (the run's config/data fingerprint, world size, rank, ...),
-``time`` (epoch seconds of the write), ``pid``.
+Header (JSON, replaced atomically): ``format``, ``checksum`` (``"crc32"``), ``identity``
+(the run's config/data fingerprint, world size, rank, ...), ``pid``, and the *entry* of the
+newest snapshot: ``generation`` (1, 2, ...), ``slot`` (0 or 1), ``step``, ``size`` (bytes of
+the slot file), ``crc32`` (of the whole slot file), ``time`` (epoch seconds of the write).
+Optionally ``previous``: the entry of the snapshot before it, in the other slot (an object
+with the same entry keys, an older generation and a lower step).
 
-Commit protocol (:meth:`SnapshotStore.write`): write the slot the header does *not* name,
-in place, with plain ``write()`` calls; then replace the header (temporary file + rename,
-:func:`supervisor.protocol.atomic_write_bytes`). The rename is the commit. A kill at any
-instant leaves either the old header, which names the old slot whose bytes were not
-touched, or the new header, whose slot was completely written before the rename. Both
-are in the same kernel's page cache, so a later reader sees every ``write()`` that
-returned before the rename; fsync would add nothing (tmpfs has no stable storage, and a
-host crash loses the snapshot by design: disk checkpoints cover that).
+Commit protocol (:meth:`SnapshotStore.write`), for a store whose header names slot A as
+newest and slot B as previous:
 
-Only the newest snapshot is recorded. The other slot is never used as a fallback: it is
-the one the next write overwrites, so nothing trustworthy records what it holds, and a
-corrupt newest slot (which only a bug, a second writer or bad memory can cause) means
-the disk checkpoint is the safer fallback. (A multi-rank resume needs the newest step
-that *every* rank holds, so a rank that flipped ahead must offer its previous slot: that
-will take the previous entry in the header, cleared before its slot is overwritten.)
+1. If the header has a ``previous`` entry, replace the header with one without it (the
+   entry names B, the slot about to be overwritten: no header ever names a slot while it
+   is being written).
+2. Write slot B in place, with plain ``write()`` calls.
+3. Replace the header: B is the newest, A the previous (A only when its step is lower than
+   B's: a writer that restarted from an older checkpoint does not offer a step from the
+   abandoned future).
 
-Reading (:meth:`SnapshotStore.read_newest`) trusts nothing: the header's types and
-ranges, the identity, the slot's size, the CRC, the index's bounds and names, and that
-``trainer_state.json`` says ``global_step == step``. Whatever does not validate is
-logged and ignored, never raised.
+Each header replacement is a temporary file + rename
+(:meth:`SnapshotStore._write_header`); the renames are the commits. A kill at
+any instant leaves one of three headers: the old one (A and B both untouched since they
+were named), the one of step 1 (A untouched), or the new one (B completely written before
+the rename, A untouched since its own write). So the newest entry is always valid, and the
+previous one is there except while its slot is being rewritten. Both slots and headers are
+in the same kernel's page cache, so a later reader sees every ``write()`` that returned
+before a rename; fsync would add nothing (tmpfs has no stable storage, and a host crash
+loses the snapshot by design: disk checkpoints cover that).
+
+A single-process resume uses the newest entry only (:meth:`SnapshotStore.read_newest`): a
+newest slot that does not validate (which only a bug, a second writer or bad memory can
+cause) means the disk checkpoint is the safer fallback. A multi-rank resume needs the newest
+step that *every* rank holds (:meth:`SnapshotStore.available_steps`,
+:meth:`SnapshotStore.read_step`, the agreement in ``worker/train.py``), and a rank that
+committed one snapshot more than another offers its previous entry for that.
+
+Why two entries are enough under torchrun: every rank snapshots at the same steps, and
+between one rank's commit of the snapshot of step s and any rank's capture of the next
+one (s + N) there is a collective every rank takes part in: the gradient all-reduce of step
+s + 1 when the snapshot is written at the boundary, and the stop vote at the boundary of
+s + N (``worker.dist.any_rank`` in ``SupervisionCallback.on_step_end``) when the commit is
+deferred into the next step's forward/backward. No rank can leave a collective before
+every rank has entered it, so when a rank commits s + N every other rank has committed s:
+ranks are at most one snapshot apart. A rank ahead holds s + N as newest and s as
+previous (its previous is dropped only while it writes s + 2N, which it cannot start
+before every rank has committed s + N); a rank behind holds s as newest. The newest step
+every rank holds is therefore the lowest newest step among the ranks, and it is at most
+one snapshot older than the newest any rank reached.
+
+Reading trusts nothing: the header's types and ranges, the identity, the slot's size, the
+CRC, the index's bounds and names, and that ``trainer_state.json`` says ``global_step ==
+step``; the previous entry is checked on its own (same checks, the other slot, an older
+generation, a lower step), so a bad previous entry never hides a good newest one. Whatever
+does not validate is logged and ignored, never raised.
 
 Why CRC-32 (``zlib.crc32``, stdlib, about 4 GB/s here and it releases the GIL): the
 checksum guards against accidents (a torn or truncated slot, a second writer, a flipped
@@ -73,12 +101,11 @@ import stat
 import struct
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import protocol
 from supervisor.shm import default_root as default_root  # where the stores are: shared with the supervisor
 from worker import checkpoint as ckpt
 
@@ -96,6 +123,8 @@ _MAX_INDEX = 16 << 20  # thousands of names fit in far less
 _SLACK = 64 << 10  # container prefix + index, and the header, per :meth:`SnapshotStore.needed_bytes`
 _READ_TRIES = 3  # a reader racing the writer sees a moving header; a corrupt slot fails every try
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # a plain file name: no path, no "..", no hidden file
+# Header keys that describe the store, not one snapshot: every other key belongs to the newest entry.
+_STORE_KEYS = frozenset({"format", "checksum", "identity", "pid", "previous"})
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,7 @@ class SnapshotStore:
         self.root = Path(root)
         self.identity = _normalize(identity)
         self._next: tuple[int, int] | None = None  # (generation, slot) of the next write, once known
+        self._current: dict[str, Any] | None = None  # the header on disk, as this writer last wrote or read it
 
     # -- writing -----------------------------------------------------------------------
 
@@ -154,8 +184,15 @@ class SnapshotStore:
             # First write, or the folder was emptied under us (someone cleaned /dev/shm): start from
             # what the header on disk says, if anything.
             self._prepare_root()
-            self._next = self._after_current()
+            self._current = self._header(quiet=True)
+            self._next = self._after(self._current)
         generation, slot = self._next
+        current = self._current
+        if current is not None and "previous" in current:
+            # The previous entry names the slot about to be overwritten: un-name it first.
+            current = {k: v for k, v in current.items() if k != "previous"}
+            self._write_header(current)
+            self._current = current
         index: list[list[Any]] = []
         offset = 0
         for name in names:
@@ -180,7 +217,7 @@ class SnapshotStore:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        header = {
+        header: dict[str, Any] = {
             "format": FORMAT,
             "generation": generation,
             "slot": slot,
@@ -192,8 +229,28 @@ class SnapshotStore:
             "time": time.time(),
             "pid": os.getpid(),
         }
-        protocol.atomic_write_bytes(self.root / HEADER, json.dumps(header, sort_keys=True).encode(), durable=False)
+        if current is not None and current["step"] < step:
+            header["previous"] = _entry(current)
+        self._write_header(header)
+        self._current = header
         self._next = (generation + 1, 1 - slot)
+
+    def _write_header(self, header: dict[str, Any]) -> None:
+        """Replace the header atomically (a temporary file and a rename), twice per snapshot.
+
+        Plain system calls on a fixed temporary name (one writer per store; :meth:`_prepare_root`
+        removes a dead writer's): about a third of :func:`supervisor.protocol.atomic_write_bytes`'s time,
+        which creates folders and draws a random name first.
+        """
+        tmp = self.root / f".{HEADER}.{os.getpid()}.tmp"
+        data = memoryview(json.dumps(header, sort_keys=True).encode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.root / HEADER)
 
     def _prepare_root(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -208,10 +265,10 @@ class SnapshotStore:
             except OSError:
                 pass
 
-    def _after_current(self) -> tuple[int, int]:
-        """The generation and slot that follow the header on disk (a new writer after a restart
-        must not overwrite the snapshot it may be resuming from)."""
-        header = self._header(quiet=True)
+    @staticmethod
+    def _after(header: dict[str, Any] | None) -> tuple[int, int]:
+        """The generation and slot that follow ``header``, the one on disk (a new writer after a
+        restart must not overwrite the newest snapshot, which it may be resuming from)."""
         if header is None:
             return 1, 0
         return header["generation"] + 1, 1 - header["slot"]
@@ -219,22 +276,86 @@ class SnapshotStore:
     # -- reading -----------------------------------------------------------------------
 
     def read_newest(self) -> Snapshot | None:
-        """The newest snapshot if every check passes, else None (with a log line saying why)."""
+        """The newest snapshot if every check passes, else None (with a log line saying why).
+
+        Never the previous entry: see the module docstring for why a single process does not fall back to it.
+        """
+        return self._read(lambda header: [header])
+
+    def read_step(self, step: int) -> Snapshot | None:
+        """The snapshot of ``step`` (the newest or the previous entry) if every check passes, else None."""
+        return self._read(lambda header: [e for e in self._entries(header)[0] if e["step"] == step], step)
+
+    def listed_steps(self) -> list[int]:
+        """The steps the header lists, newest first, without reading the slots (cheap): the
+        newest entry's and the previous entry's when that checks out (else it is logged and
+        left out). :meth:`read_step` verifies a slot; :meth:`available_steps` verifies them all."""
+        header = self._header()
+        if header is None:
+            return []
+        entries, why_not_previous = self._entries(header)
+        if why_not_previous:
+            log.warning("Ignoring the previous snapshot in %s: %s", self.root, why_not_previous)
+        return [e["step"] for e in entries]
+
+    def available_steps(self) -> list[int]:
+        """The steps this store can give back now, newest first: its newest and its previous
+        entry, each read and verified on its own (a bad one is logged and left out)."""
+        problems: list[str] = []
+        steps: list[int] = []
+        for _ in range(_READ_TRIES):
+            header = self._header()
+            if header is None:
+                return []
+            entries, why_not_previous = self._entries(header)
+            problems = [f"previous entry: {why_not_previous}"] if why_not_previous else []
+            steps = []
+            for entry in entries:
+                snap, why = self._try_read(entry)
+                if snap is None:
+                    problems.append(f"step {entry['step']}: {why}")
+                else:
+                    steps.append(snap.step)
+                del snap  # one slot's bytes in memory at a time
+            if not problems or self._header(quiet=True) == header:
+                break  # all good, or nobody is writing: what is wrong stays wrong
+        for why in problems:
+            log.warning("Ignoring a snapshot in %s: %s", self.root, why)
+        return steps
+
+    def _read(self, pick: Callable[[dict[str, Any]], list[dict[str, Any]]], step: int | None = None) -> Snapshot | None:
+        """The first entry that ``pick(header)`` returns, read and verified, retried while a writer moves the header."""
         why = "no header"
         for _ in range(_READ_TRIES):
             header = self._header()
             if header is None:
                 return None
-            try:
-                snap, why = self._read_slot(header)
-            except (OSError, MemoryError) as exc:
-                snap, why = None, f"{type(exc).__name__}: {exc}"
+            entries = pick(header)
+            if not entries:
+                log.warning("No snapshot of step %s in %s (the header names %s)", step, self.root, header["step"])
+                return None
+            snap, why = self._try_read(entries[0])
             if snap is not None:
                 return snap
             if self._header(quiet=True) == header:
                 break  # nobody is writing: the slot itself is bad
-        log.warning("Ignoring the snapshot in %s: %s", self.root, why)
+        log.warning("Ignoring the snapshot%s in %s: %s", "" if step is None else f" of step {step}", self.root, why)
         return None
+
+    def _try_read(self, entry: dict[str, Any]) -> tuple[Snapshot | None, str]:
+        try:
+            return self._read_slot(entry)
+        except (OSError, MemoryError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _entries(header: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        """The newest entry (``header`` itself) and, when it checks out, the previous one as a
+        header of the same shape; with why a previous entry that does not check out is left out."""
+        if "previous" not in header:
+            return [header], ""
+        previous, why = _previous_entry(header)
+        return ([header], why) if previous is None else ([header, previous], "")
 
     def _header(self, quiet: bool = False) -> dict[str, Any] | None:
         """The parsed header if its shape and identity are right."""
@@ -365,6 +486,30 @@ def _open_regular(path: Path) -> int:
 def _read_regular(path: Path, limit: int) -> bytes:
     with os.fdopen(_open_regular(path), "rb") as f:
         return f.read(limit)
+
+
+def _entry(header: dict[str, Any]) -> dict[str, Any]:
+    """The newest entry of ``header``: what its ``previous`` becomes when the next snapshot is committed."""
+    return {k: v for k, v in header.items() if k not in _STORE_KEYS}
+
+
+def _previous_entry(header: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """``header``'s previous entry as a header of its own (the store's keys from ``header``),
+    if it passes every check a header does and fits beside the newest entry."""
+    prev = header["previous"]
+    if not isinstance(prev, dict):
+        return None, "the previous entry is not an object"
+    if _STORE_KEYS & set(prev):
+        return None, f"the previous entry carries store keys ({', '.join(sorted(_STORE_KEYS & set(prev)))})"
+    merged = {**{k: header[k] for k in _STORE_KEYS if k in header and k != "previous"}, **prev}
+    why = _header_problem(merged)
+    if why is not None:
+        return None, why.replace("header", "previous entry", 1)
+    if merged["slot"] == header["slot"]:
+        return None, "the previous entry names the newest slot"
+    if merged["generation"] >= header["generation"] or merged["step"] >= header["step"]:
+        return None, "the previous entry is not older than the newest (generation or step)"
+    return merged, ""
 
 
 def _header_problem(h: Any) -> str | None:
@@ -509,6 +654,25 @@ def capture_files(trainer: Any) -> dict[str, bytes]:
     name = "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
     files[name] = _torch_bytes(rng)
     return files
+
+
+def capture_rank_files(trainer: Any) -> dict[str, bytes]:
+    """What a rank other than 0 holds in its own store under torchrun: its part of a checkpoint.
+
+    That part is its ``rng_state_<rank>.pth`` (rank 0 holds everything else: under DDP the
+    weights, optimizer and scheduler are the same on every rank) and a minimal
+    ``trainer_state.json`` that names the step, so that the store can prove which step the
+    part belongs to. Only rank 0's ``trainer_state.json`` goes into a committed checkpoint.
+    """
+    args = trainer.args
+    if args.process_index == 0:
+        raise ValueError("rank 0 holds the whole state: capture it with capture_files")
+    rng = getattr(getattr(trainer, "ctx", None), "rng_override", None) or _rng_states(args)
+    step = trainer.state.global_step
+    return {
+        "trainer_state.json": json.dumps({"global_step": step, "rank": args.process_index}).encode(),
+        f"rng_state_{args.process_index}.pth": _torch_bytes(rng),
+    }
 
 
 def _torch_bytes(obj: Any) -> bytes:

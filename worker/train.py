@@ -10,11 +10,13 @@ the tracker (worker/tracking.py), collectives (worker/dist.py), checkpoints
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from worker import data as data_mod
 from worker import fault, guard, locks, snapshot, tracking
 from worker import model as model_mod
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
-from worker.dist import barrier, broadcast_from_main
+from worker.dist import all_gather, barrier, broadcast_from_main, gather_to_main
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_oom
 from worker.trainer import (
     RunContext,
@@ -72,26 +74,65 @@ def prepare(cfg: Config) -> Prepared:
 
 
 def snapshot_store(cfg: Config, fingerprint: str) -> snapshot.SnapshotStore | None:
-    """This run's snapshot store (rank 0, single process), or None when snapshots are off.
+    """This rank's snapshot store, or None when snapshots are off.
 
-    The identity is what must match for a snapshot to be resumed: the resume guard's
-    settings and data fingerprint, and the world size, per-device batch and accumulation in
-    force (the data position of a step depends on them; after an OOM the supervisor
-    changes the batch, and the snapshot of the old batch is then rightly ignored).
+    Under torchrun every rank has its own store (rank 0 holds the whole state, every other
+    rank its own part; see :func:`common_snapshot`). The identity is what must match for a
+    snapshot to be resumed: the resume guard's settings and data fingerprint, the world size
+    and rank, and the per-device batch and accumulation in force (the data position of a
+    step depends on them; after an OOM the supervisor changes the batch, and the snapshot of
+    the old batch is then rightly ignored).
     """
     if cfg.snapshot.every_steps <= 0:
-        return None
-    if fault.world_size() > 1:
-        log.warning("Snapshots are off: not supported under torchrun yet (snapshot.every_steps ignored)")
         return None
     t = cfg.training
     identity = {
         **guard.current(cfg, fingerprint),
         "world_size": fault.world_size(),
+        "rank": fault.rank(),
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
     }
-    return snapshot.SnapshotStore(snapshot.default_root(cfg.output_dir, 0, cfg.snapshot.root), identity)
+    return snapshot.SnapshotStore(snapshot.default_root(cfg.output_dir, fault.rank(), cfg.snapshot.root), identity)
+
+
+def common_snapshot(store: snapshot.SnapshotStore | None) -> snapshot.Snapshot | None:
+    """Under torchrun (a collective: every rank calls it): the newest snapshot step that every
+    rank's store holds valid, as one snapshot holding every rank's part, on rank 0; None on the
+    other ranks, and on rank 0 when there is no such step (with a line saying why).
+
+    Each rank offers the steps its header lists (newest and previous) and reads only the one
+    agreed on; a rank whose read fails withdraws that step and the ranks agree again. The
+    parts of the other ranks (their RNG files, a few KiB) travel to rank 0, which writes and
+    commits the checkpoint alone (:func:`snapshot.materialize`, in :func:`choose_checkpoint`):
+    one writer makes the commit all-or-nothing without barriers around a shared staging
+    folder, and reuses the single-process path, validation included.
+    """
+    rank = fault.rank()
+    offered = store.listed_steps() if store is not None else []
+    snap = None
+    while snap is None:
+        offers = all_gather(offered)
+        common = set(offers[0]).intersection(*offers[1:])
+        if not common:
+            if rank == 0 and any(offers):
+                held = "; ".join(f"rank {r}: {', '.join(map(str, steps)) or 'none'}" for r, steps in enumerate(offers))
+                log.info("No snapshot step is held by every rank (%s); the disk checkpoint stands", held)
+            return None
+        step = max(common)
+        mine = store.read_step(step) if store is not None else None
+        if all(all_gather(mine is not None)):
+            snap = mine  # every rank read its part of this step
+        elif mine is None:
+            offered = [s for s in offered if s != step]  # the others keep theirs: one step fewer each round
+    part = {n: b for n, b in snap.files.items() if n != "trainer_state.json"} if rank else {}
+    parts = gather_to_main(part)
+    if parts is None:
+        return None
+    files = dict(snap.files)
+    for p in parts[1:]:
+        files.update(p)
+    return dataclasses.replace(snap, files=files)
 
 
 def choose_checkpoint(
@@ -101,12 +142,14 @@ def choose_checkpoint(
     resume: bool,
     checkpoint: Path | None,
     store: snapshot.SnapshotStore | None = None,
+    newest: Callable[[], snapshot.Snapshot | None] | None = None,
 ) -> tuple[Path | None, str | None, str]:
     """Which checkpoint to resume, after validation and the resume guard (rank 0 only).
 
-    Without ``--checkpoint``, the newest valid snapshot in ``store`` wins over the newest
-    good disk checkpoint when its step is newer; it is then committed as a normal
-    ``checkpoint-N`` and resumed like one.
+    Without ``--checkpoint``, the newest valid snapshot in ``store`` (or the one ``newest()``
+    returns: under torchrun, :func:`common_snapshot`) wins over the newest good disk
+    checkpoint when its step is newer; it is then committed as a normal ``checkpoint-N`` and
+    resumed like one. A start from scratch removes ``store``.
 
     Returns (checkpoint or None, error reason or None, message).
     """
@@ -124,8 +167,10 @@ def choose_checkpoint(
         target = ckpt.newest_good(out)
         # A run folder without a guard was never started (or was emptied): a snapshot of the same
         # path and settings would be a previous run's, not this one's.
-        if store is not None and guard.path(out).exists():
-            snap = store.read_newest()
+        if newest is None and store is not None:
+            newest = store.read_newest
+        if newest is not None and guard.path(out).exists():
+            snap = newest()
             disk_step = (ckpt.step_of(target) or 0) if target is not None else 0
             if snap is not None and snap.step <= disk_step:
                 log.info("Snapshot of step %d ignored: %s is as new", snap.step, target.name if target else "-")
@@ -258,10 +303,19 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
     # Under torchrun this also joins the process group.
     args = training_arguments(cfg, ["wandb"] if tracking.enabled(cfg) and main else [])
     decision: tuple[str | None, str | None, str] = (None, None, "")
-    store = snapshot_store(cfg, prepared.splits.fingerprint) if main else None
+    store = snapshot_store(cfg, prepared.splits.fingerprint)
+    # Every rank takes part in the agreement, with a store or without one (the condition must be
+    # the same on every rank, or the collectives would not pair up); rank 0 gets the result.
+    agree = fault.world_size() > 1 and checkpoint is None
+    common = common_snapshot(store) if agree else None
     if main:
         target, reason, message = choose_checkpoint(
-            cfg, prepared.splits.fingerprint, resume=resume, checkpoint=checkpoint, store=store
+            cfg,
+            prepared.splits.fingerprint,
+            resume=resume,
+            checkpoint=checkpoint,
+            store=store,
+            newest=(lambda: common) if agree else None,
         )
         decision = (str(target) if target else None, reason, message)
     target_s, reason, message = broadcast_from_main(decision)
@@ -269,6 +323,8 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
         log.error("%s", message)
         return Outcome(reason, message)
     target = Path(target_s) if target_s else None
+    if target is None and store is not None and not main:
+        store.remove()  # a start from scratch owns no earlier state (rank 0's went in choose_checkpoint)
     if store is not None:
         ctx.snapshots = Snapshots(store, cfg.snapshot.every_steps)
     ctx.last_checkpoint = target

@@ -30,6 +30,7 @@ from worker import snapshot
 from worker.disk import DiskGuard
 from worker.dist import any_rank, barrier
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, attempt, set_memory_headroom_from_env
+from worker.fault import rank as fault_rank
 from worker.fault import world_size as fault_world_size
 
 log = logging.getLogger("vit_train")
@@ -56,7 +57,7 @@ class RunContext:
 
 
 class Snapshots:
-    """Synchronous shared-memory snapshots of rank 0's training state every ``every_steps`` steps.
+    """Synchronous shared-memory snapshots of the training state every ``every_steps`` steps (each rank its part).
 
     A snapshot must hold the state training continues from, which is the state *after* the
     step's boundary work: ``on_step_end`` runs before the Trainer logs, evaluates and saves
@@ -91,7 +92,9 @@ class Snapshots:
         self.due = None
         t0 = time.monotonic()
         try:
-            self.store.write(state.global_step, snapshot.capture_files(trainer))
+            # Under torchrun rank 0 holds the whole state and every other rank its own part.
+            files = snapshot.capture_files(trainer) if fault_rank() == 0 else snapshot.capture_rank_files(trainer)
+            self.store.write(state.global_step, files)
         except Exception as exc:  # a snapshot is an optimisation: it must never end training
             self.enabled = False
             log.warning(
