@@ -31,9 +31,9 @@ rounds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -178,7 +178,7 @@ def one_run(method: str, work: Path, rnd: int, epochs: int, environ: dict[str, s
         raise SystemExit(f"{method} round {rnd}: only {len(rows)} log rows in {out}")
     ready = watch.ready_at
     steady, first = [], []
-    for (s1, t1), (s2, t2) in zip(rows, rows[1:], strict=False):
+    for (s1, t1), (s2, t2) in itertools.pairwise(rows):
         per_step = (t2 - t1) / max(s2 - s1, 1)
         if ready is None or t1 >= ready:
             steady.append(per_step)
