@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             c.say(f"round {rnd + 1}/{a.rounds}: {m} (load {uptime()})")
             results[m].append(one_run(m, work, rnd, a.epochs, environ))
             r = results[m][-1]
-            c.say(f"  steady {1000 * (r['steady'] or 0):.2f} ms/step, wall {r['wall']:.1f}s")
+            c.say(
+                f"  steady {1000 * (r['steady'] or 0):.2f} ms/step, wall {r['wall']:.1f}s, "
+                f"standby ready after {c.fmt(r['ready_after'])}s of training"
+            )
     ok = report(results, load)
     print(f"\nwork dir {work}")
     return 0 if ok or a.quick else 1
