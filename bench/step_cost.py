@@ -176,7 +176,13 @@ def one_run(method: str, work: Path, rnd: int, epochs: int, environ: dict[str, s
     rows = log_rows(method, out)
     if len(rows) < 3:
         raise SystemExit(f"{method} round {rnd}: only {len(rows)} log rows in {out}")
-    ready = watch.ready_at
+    return {**step_times(rows, watch.ready_at), "wall": wall}
+
+
+def step_times(rows: list[tuple[int, float]], ready: float | None) -> dict[str, Any]:
+    """Seconds per step from (step, wall time) log rows: the median over the intervals that start
+    after ``ready`` (steady) and over those that end before it (standby preparing); without a
+    standby (``ready`` None) every interval counts for both. ``train``: first to last row."""
     steady, first = [], []
     for (s1, t1), (s2, t2) in itertools.pairwise(rows):
         per_step = (t2 - t1) / max(s2 - s1, 1)
@@ -188,11 +194,9 @@ def one_run(method: str, work: Path, rnd: int, epochs: int, environ: dict[str, s
     return {
         "steady": c.median(steady),
         "first": c.median(first),
-        "first_n": len(first),
         "train": (t_last - t_first) / max(s_last - s_first, 1),
-        "wall": wall,
         "steps": s_last,
-        "ready_after": (ready - rows[0][1]) if ready is not None else None,
+        "ready_after": (ready - t_first) if ready is not None else None,
     }
 
 
