@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in order:
             c.say(f"round {rnd + 1}/{a.rounds}: {m} (load {uptime()})")
             results[m].append(one_run(m, work, rnd, a.epochs, environ))
+            c.dump_json(work / "results.json", {"results": results, "load": load})  # figures so far
             r = results[m][-1]
             c.say(
                 f"  steady {1000 * (r['steady'] or 0):.2f} ms/step, wall {r['wall']:.1f}s, "
