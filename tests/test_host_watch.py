@@ -41,7 +41,6 @@ def test_a_heartbeat_rewrite_wakes_once_and_reading_it_never(tmp_path: Path) -> 
     protocol.run_dir(tmp_path).mkdir()
     hb = protocol.heartbeat_path(tmp_path)
     marker = tmp_path / "run" / "marker"
-    marker.write_text("0")  # rewriting it in place is one event: closed
     woken = Wakes()
     watch = RunDirWatch(tmp_path, woken)
     assert watch.start()
@@ -50,12 +49,12 @@ def test_a_heartbeat_rewrite_wakes_once_and_reading_it_never(tmp_path: Path) -> 
         assert poll_until(lambda: woken.count >= 1, 30, interval=0.01)
         # Events arrive in order: once the marker's has, every event of the heartbeat write has too,
         # and the rename was its only news (not the temporary file's creation and close).
-        marker.write_text("x")
+        protocol.atomic_write_json(marker, {"x": 1}, durable=False)
         assert poll_until(lambda: woken.count >= 2, 30, interval=0.01)
         assert woken.count == 2
         for _ in range(20):
             protocol.read_json(hb)
-        marker.write_text("y")
+        protocol.atomic_write_json(marker, {"y": 2}, durable=False)
         assert poll_until(lambda: woken.count >= 3, 30, interval=0.01)
         assert woken.count == 3
     finally:
