@@ -456,8 +456,9 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
     rng = ctx.rng.at_boundary()
     if rng is None:
         log.warning(
-            "No emergency checkpoint: Python's or NumPy's random state moved since it was last read, so "
-            "its state at the step boundary is unknown; the newest committed checkpoint stands"
+            "No emergency checkpoint: the random states at the last step boundary are not known exactly "
+            "(no step ended in this attempt, or Python's or NumPy's generator moved since it was last read); "
+            "the newest committed checkpoint stands"
         )
         return None
     if trainer.model is not None:
