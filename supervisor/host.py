@@ -327,7 +327,25 @@ def _counter(path: Path, key: str) -> int:
     return 0
 
 
-_WRITE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
+_WRITE_EVENTS = frozenset({"created", "moved", "deleted", "closed"})
+
+
+def _is_temporary(path: object) -> bool:
+    """A file that an atomic write renames into place (``protocol.atomic_write_bytes``'s
+    ``.NAME.XXXX.tmp``): its creation and close are not news, its rename is."""
+    name = os.path.basename(os.fsdecode(path)) if isinstance(path, (str, bytes)) else ""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def wakes(event: object) -> bool:
+    """Whether a watchdog event is news for the loop: a rename into place, a deletion (or a
+    finished write, a creation), of anything but a temporary file."""
+    kind = getattr(event, "event_type", None)
+    if kind not in _WRITE_EVENTS:
+        return False
+    if kind == "moved":
+        return not _is_temporary(getattr(event, "dest_path", ""))
+    return not _is_temporary(getattr(event, "src_path", ""))
 
 
 class RunDirWatch:
@@ -335,6 +353,13 @@ class RunDirWatch:
 
     Best effort: without inotify (or if its limits are reached) the loop still
     re-reads the heartbeat on its own timeout, only with more latency.
+
+    Everything the loop reads from the run folder is written atomically (a temporary file
+    renamed into place; a checkpoint folder renamed from its staging name), so the kernel
+    is asked for renames and deletions only: no creations, opens, reads or writes (the
+    loop's own reads of the heartbeat among them; waking on those would spin it), and a
+    heartbeat rewritten at every step costs one wake-up, not seven. A file written in place
+    is seen on the loop's timeout (at most ``_timeout``'s cap, 0.5 s while a worker runs).
     """
 
     def __init__(self, output_dir: Path, wake: Callable[[], None]) -> None:
@@ -344,24 +369,30 @@ class RunDirWatch:
 
     def start(self) -> bool:
         try:
-            from watchdog.events import FileSystemEventHandler
+            from watchdog import events as ev
             from watchdog.observers import Observer
         except ImportError:  # pragma: no cover - a declared dependency
             return False
         wake = self.wake
 
-        class _Handler(FileSystemEventHandler):
+        class _Handler(ev.FileSystemEventHandler):
             def on_any_event(self, event: object) -> None:
-                # Only writes matter. Opens and reads are events too (our own reads of the
-                # heartbeat among them): waking on those would spin the loop.
-                if getattr(event, "event_type", None) in _WRITE_EVENTS:
+                if wakes(event):
                     wake()
 
+        # Asks inotify for IN_MOVE and IN_DELETE only (and IN_DELETE_SELF, always).
+        kinds: list[type[ev.FileSystemEvent]] = [
+            ev.FileMovedEvent,
+            ev.DirMovedEvent,
+            ev.FileDeletedEvent,
+            ev.DirDeletedEvent,
+        ]
         try:
             observer = Observer()
             handler = _Handler()
-            observer.schedule(handler, str(self.output_dir), recursive=False)  # checkpoint-N/ appearing
-            observer.schedule(handler, str(self.output_dir / "run"), recursive=False)  # heartbeat, reports
+            # checkpoint-N/ appearing; heartbeat, reports
+            for folder in (self.output_dir, self.output_dir / "run"):
+                observer.schedule(handler, str(folder), recursive=False, event_filter=kinds)
             observer.daemon = True
             observer.start()
         except (OSError, RuntimeError):

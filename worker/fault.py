@@ -124,23 +124,29 @@ class ParentWatch:
 
 class HeartbeatWriter:
     """Writes the :class:`protocol.Heartbeat` record atomically, at most every ``interval``
-    seconds unless the state changes (or ``force``)."""
+    seconds unless the state changes (or ``force``).
+
+    Called at every step: an update that does not write only stores its fields (the record
+    is built, checked and serialised when it is written)."""
 
     def __init__(self, output_dir: Path, interval: float, **static: Any) -> None:
         self.path = protocol.heartbeat_path(output_dir)
         self.interval = interval
         self.record = protocol.Heartbeat(pid=os.getpid(), **static)
+        self._fields: dict[str, Any] = {}
+        self._main = rank() == 0  # one heartbeat per job: rank 0 speaks for all
         self._last_write = 0.0
         self._last_state: str | None = None
 
     def update(self, force: bool = False, **fields: Any) -> None:
-        self.record = dataclasses.replace(self.record, **fields)
-        if rank() != 0:
-            return  # one heartbeat per job: rank 0 speaks for all
+        self._fields.update(fields)
+        if not self._main:
+            return
         now = time.monotonic()
-        state = self.record.state
+        state = self._fields.get("state", self.record.state)
         if force or state != self._last_state or now - self._last_write >= self.interval:
-            self.record = dataclasses.replace(self.record, time=time.time())
+            self.record = dataclasses.replace(self.record, **self._fields, time=time.time())
+            self._fields.clear()
             try:
                 protocol.atomic_write_json(self.path, protocol.record_dict(self.record), durable=False)
             except OSError:

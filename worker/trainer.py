@@ -32,6 +32,7 @@ from worker.dist import any_rank, barrier
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, attempt, set_memory_headroom_from_env
 from worker.fault import rank as fault_rank
 from worker.fault import world_size as fault_world_size
+from worker.rng import BoundaryRng
 
 log = logging.getLogger("vit_train")
 
@@ -49,7 +50,8 @@ class RunContext:
     last_checkpoint: Path | None = None
     last_ckpt_bytes: int | None = None
     phase: str = "setup"  # setup | forward | optimizer | boundary
-    rng_at_boundary: dict[str, Any] | None = None
+    rng: BoundaryRng = field(default_factory=BoundaryRng)
+    """The RNG states at the last step boundary (for the emergency checkpoint)."""
     rng_override: dict[str, Any] | None = None
     save_seconds: list[float] = field(default_factory=list)
     tracker_run_id: str | None = None
@@ -279,6 +281,7 @@ class SupervisionCallback(TrainerCallback):
         self._t_step: float | None = None
         self._rate: float | None = None
         self._last_loss: float | None = None
+        self._cuda = torch.cuda.is_available()  # asked once: it is not free at every step
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         # A resume reloads trainer_state.json, whose logging/eval/save intervals would silently
@@ -288,7 +291,8 @@ class SupervisionCallback(TrainerCallback):
         if limit:
             log.warning("Address space limited to %.0f MiB (VIT_MEMORY_HEADROOM_MB)", limit / 2**20)
         self.ctx.phase = "boundary"
-        self.ctx.rng_at_boundary = snapshot_rng()
+        # The Trainer restores a checkpoint's RNG states after this call: the first step end reads them.
+        self.ctx.rng.reset()
         self.ctx.heartbeat.update(
             state=protocol.HB_TRAINING,
             global_step=state.global_step,
@@ -308,7 +312,7 @@ class SupervisionCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         ctx = self.ctx
         ctx.phase = "boundary"
-        ctx.rng_at_boundary = snapshot_rng()
+        ctx.rng.capture()
         if ctx.snapshots is not None:
             ctx.snapshots.step_end(state.global_step)
         now = time.monotonic()
@@ -327,7 +331,7 @@ class SupervisionCallback(TrainerCallback):
             control.should_training_stop = True
         if state.global_step >= state.max_steps:
             control.should_save = True  # the last step is always committed
-        gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
+        gpu = {"gpu_mem_peak_bytes": torch.cuda.max_memory_allocated()} if self._cuda else {}
         ctx.heartbeat.update(
             state=protocol.HB_STOPPING if ctx.stop.requested else protocol.HB_TRAINING,
             global_step=state.global_step,
@@ -452,12 +456,20 @@ def emergency_checkpoint(trainer: SupervisedTrainer) -> Path | None:
         return None
     if ctx.last_checkpoint is not None and ckpt.step_of(ctx.last_checkpoint) == step:
         return ctx.last_checkpoint
+    rng = ctx.rng.at_boundary()
+    if rng is None:
+        log.warning(
+            "No emergency checkpoint: the random states at the last step boundary are not known exactly "
+            "(no step ended in this attempt, or Python's or NumPy's generator moved since it was last read); "
+            "the newest committed checkpoint stands"
+        )
+        return None
     if trainer.model is not None:
         trainer.model.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    ctx.rng_override = ctx.rng_at_boundary
+    ctx.rng_override = rng
     try:
         path = trainer.commit_checkpoint()
     except BaseException as exc:  # the save itself may run out of memory
