@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import PYTHON, REPO, TINY, deep_update, heartbeat, read_json, wait_exit, wait_for, worker_env
+from tests.test_augment_unit import save_small_vit
 from tests.test_worker_e2e import max_abs_diff
 
 pytestmark = pytest.mark.e2e
@@ -153,3 +154,24 @@ def test_restart_at_half_the_batch_trains_on_the_same_augmented_samples_in_order
     assert len(after) == len(seen) - done
     assert after == seen[done:]
     assert (out / f"checkpoint-{FINAL}").is_dir()
+
+
+def test_pretrained_model_trains_on_its_processors_normalisation(tmp_path: Path) -> None:
+    """A local pretrained ViT (16 px, ImageNet mean/std in its preprocessor_config.json) with trivial_augment."""
+    from transformers import ViTForImageClassification
+
+    model = save_small_vit(tmp_path / "vit")
+    over = {
+        "model": {"model_name": str(model)},
+        "data": {"augment": "trivial_augment"},
+        "training": {"max_steps": 4, "save_steps": 2},
+    }
+    cfg = write_cfg(tmp_path / "c.yaml", over)
+    record = tmp_path / "samples.txt"
+    run_to_end(record, cfg)
+    log = log_of(record)
+    assert "Preprocessing: 16x16 px, 3 channel(s), mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in log
+    assert f"(the image processor of {model})" in log
+    assert len(samples(record)) == 4 * 16
+    m = ViTForImageClassification.from_pretrained(str(tmp_path / "out" / "checkpoint-4"))
+    assert m.config.image_size == 16 and m.config.num_labels == 10
