@@ -300,3 +300,12 @@ def test_scratch_keeps_vits_default_normalisation() -> None:
     prep = model_mod.preprocessing(from_dict(deep_update(TINY, {})))
     assert (prep.image_size, prep.channels, prep.mean, prep.std) == (8, 1, (0.5,), (0.5,))
     assert augment.VIT_MEAN == 0.5
+
+
+@pytest.mark.parametrize("name", ["augment.yaml", "augment-pretrained.yaml"])
+def test_shipped_augmentation_configs_are_valid(name: str) -> None:
+    from supervisor.schema import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / name, check_paths=False)  # the pretrained example's data is not here
+    assert cfg.data.augment != "none" and cfg.training.dataloader_num_workers >= 2
