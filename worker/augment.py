@@ -91,7 +91,9 @@ class Transform:
         self.seed = seed
         self.pairs_same = pairs_same
         self.epoch = 0
-        self._ops: list[torch.nn.Module] | None = None
+        # Built now when there are any, so that forked DataLoader workers (new ones every epoch)
+        # inherit kornia already imported instead of importing it each.
+        self._ops: list[torch.nn.Module] | None = self._build() if augment != "none" else None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_ops": None}

@@ -51,16 +51,20 @@ class Splits:
     class_names: list[str]
 
 
-class _Epoch:
-    """The training set's epoch, which its augmentation depends on (see worker/augment.py)."""
+class TransformedDataset(Dataset[Any]):
+    """A data set whose ``__getitem__(i)`` passes each [0, 1] image through ``self.transform(image, i, slot)``
+    (slot 0, and 1 for the second image of a pair): the model's size and normalisation, and an
+    augmentation whose draws depend on (seed, epoch, ``i``, slot) only. Every source's data sets are one.
+    """
 
     transform: Transform
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch starting (the Trainer's callback calls it before the epoch's DataLoader workers start)."""
         self.transform.set_epoch(epoch)
 
 
-class ImageDataset(_Epoch, Dataset[Any]):
+class ImageDataset(TransformedDataset):
     """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``.
 
     ``pixels`` (or what ``loader`` reads from ``items``) are [0, 1] images; ``transform`` augments,
@@ -90,7 +94,7 @@ class ImageDataset(_Epoch, Dataset[Any]):
         return {"pixel_values": self.transform(px, i), "labels": int(self.labels[i])}
 
 
-class PairDataset(_Epoch, Dataset[Any]):
+class PairDataset(TransformedDataset):
     """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``; the two images are slots 0
     and 1 of sample ``i`` (their own draws, or one shared draw with ``data.pair_augment: same``)."""
 
