@@ -125,6 +125,22 @@ class DataConfig:
     limit: int | None = None
     """Use only the first N examples (after a seeded shuffle); for quick experiments."""
 
+    # -- augmentation and preprocessing (worker/augment.py)
+    augment: Literal["none", "standard", "trivial_augment"] = "none"
+    """Random augmentation of training images: ``none``; ``standard`` (random resized crop to the image
+    size, horizontal flip); ``trivial_augment`` (standard, then one TrivialAugment op). With either,
+    evaluation images are resized and center-cropped. Each draw depends only on (``training.seed``,
+    epoch, sample index), so a resume, a restart at another batch size or another
+    ``dataloader_num_workers`` sees the same augmented samples."""
+    pair_augment: Literal["independent", "same"] = "independent"
+    """Image pairs: each image gets its own random draw (``independent``), or both get the same one
+    (``same``: same crop, same flip)."""
+    image_mean: list[float] | None = None
+    """Per-channel mean subtracted after scaling pixels to [0, 1] (default: the pretrained model's image
+    processor; 0.5 per channel for ``scratch``)."""
+    image_std: list[float] | None = None
+    """Per-channel standard deviation the pixels are divided by (default as ``image_mean``)."""
+
     def __post_init__(self) -> None:
         _check_range("data.train_test_split", self.train_test_split, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.source != "digits" and not self.path:
@@ -133,6 +149,32 @@ class DataConfig:
             _check_min("data.image_size", self.image_size, 1)
         if self.limit is not None:
             _check_min("data.limit", self.limit, 4)
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        if self.pair_augment != "independent" and self.augment == "none":
+            raise ConfigError(
+                f"data.pair_augment is {self.pair_augment} but data.augment is none: "
+                "choose an augmentation, or drop pair_augment"
+            )
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and not values:
+                raise ConfigError(f"data.{name} is an empty list: give one value per image channel, or leave it out")
+        if (self.image_mean is None) != (self.image_std is None):
+            given, missing = ("image_mean", "image_std") if self.image_std is None else ("image_std", "image_mean")
+            raise ConfigError(
+                f"data.{given} is set but data.{missing} is not: give both (one value per channel), or neither"
+            )
+        if self.image_mean is not None and self.image_std is not None:
+            if len(self.image_mean) != len(self.image_std):
+                raise ConfigError(
+                    f"data.image_mean has {len(self.image_mean)} values but data.image_std has "
+                    f"{len(self.image_std)}: give one value per image channel in each"
+                )
+            for i, v in enumerate(self.image_std):
+                if v <= 0:
+                    raise ConfigError(f"data.image_std[{i}] is {v}; every standard deviation must be above 0")
 
 
 @dataclass
@@ -437,6 +479,30 @@ class Config:
             )
         if self.data.source == "digits" and self.model.num_labels != 10:
             raise ConfigError(f"model.num_labels is {self.model.num_labels} but the digits data set has 10 classes")
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        """Preprocessing settings that depend on the model (a pretrained model's channels are checked by the worker)."""
+        if self.data.pair_augment != "independent" and self.model.concat_mode == "none":
+            raise ConfigError(
+                f"data.pair_augment is {self.data.pair_augment} but model.concat_mode is none: "
+                "pair_augment applies to image pairs only; drop it"
+            )
+        mean = self.data.image_mean
+        if mean is None:
+            return
+        if self.model.model_name == SCRATCH:
+            channels = self.model.scratch.num_channels
+            if len(mean) != channels:
+                raise ConfigError(
+                    f"data.image_mean and data.image_std have {len(mean)} values but model.scratch.num_channels "
+                    f"is {channels}: give one value per channel"
+                )
+        elif len(mean) not in (1, 3):
+            raise ConfigError(
+                f"data.image_mean and data.image_std have {len(mean)} values: give one per image channel "
+                "(3 for RGB, 1 for grey)"
+            )
 
     @property
     def output_dir(self) -> Path:
@@ -646,6 +712,10 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(f"{dotted} is {_show(value)}; valid values are {', '.join(map(str, args))}{hint}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted} must be a list, e.g. [0.5, 0.5, 0.5], not {_show(value)}")
+        return [_coerce(f"{dotted}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, dotted + ".")
     if tp is bool:

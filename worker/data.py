@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from supervisor.schema import Config
+from worker.augment import Transform, split_transforms
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -50,14 +51,37 @@ class Splits:
     class_names: list[str]
 
 
-class ImageDataset(Dataset[Any]):
-    """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``."""
+class TransformedDataset(Dataset[Any]):
+    """A data set whose ``__getitem__(i)`` passes each [0, 1] image through ``self.transform(image, i, slot)``
+    (slot 0, and 1 for the second image of a pair): the model's size and normalisation, and an
+    augmentation whose draws depend on (seed, epoch, ``i``, slot) only. Every source's data sets are one.
+    """
+
+    transform: Transform
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch starting (the Trainer's callback calls it before the epoch's DataLoader workers start)."""
+        self.transform.set_epoch(epoch)
+
+
+class ImageDataset(TransformedDataset):
+    """Single images as ``{"pixel_values": (C,H,W) float, "labels": int}``.
+
+    ``pixels`` (or what ``loader`` reads from ``items``) are [0, 1] images; ``transform`` augments,
+    sizes and normalises them, sample ``i``'s randomness depending only on (seed, epoch, ``i``).
+    """
 
     def __init__(
-        self, pixels: torch.Tensor | None, labels: np.ndarray, loader: Any = None, items: list[Any] | None = None
+        self,
+        pixels: torch.Tensor | None,
+        labels: np.ndarray,
+        transform: Transform,
+        loader: Any = None,
+        items: list[Any] | None = None,
     ) -> None:
         self.pixels = pixels
         self.labels = labels
+        self.transform = transform
         self.loader = loader
         self.items = items
 
@@ -65,36 +89,44 @@ class ImageDataset(Dataset[Any]):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if self.pixels is not None:
-            return {"pixel_values": self.pixels[i], "labels": int(self.labels[i])}
-        px = self.loader(self.items[i])  # type: ignore[index]  # items are given whenever pixels are not
-        return {"pixel_values": px, "labels": int(self.labels[i])}
+        # items are given whenever pixels are not
+        px = self.pixels[i] if self.pixels is not None else self.loader(self.items[i])  # type: ignore[index]
+        return {"pixel_values": self.transform(px, i), "labels": int(self.labels[i])}
 
 
-class PairDataset(Dataset[Any]):
-    """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``."""
+class PairDataset(TransformedDataset):
+    """Image pairs as ``{"pixel_values": (2,C,H,W) float, "labels": int}``; the two images are slots 0
+    and 1 of sample ``i`` (their own draws, or one shared draw with ``data.pair_augment: same``)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], labels: np.ndarray, loader: Any) -> None:
+    def __init__(self, pairs: list[tuple[Path, Path]], labels: np.ndarray, loader: Any, transform: Transform) -> None:
         self.pairs = pairs
         self.labels = labels
         self.loader = loader
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         a, b = self.pairs[i]
-        return {"pixel_values": torch.stack([self.loader(a), self.loader(b)]), "labels": int(self.labels[i])}
+        images = [self.transform(self.loader(p), i, slot) for slot, p in enumerate((a, b))]
+        return {"pixel_values": torch.stack(images), "labels": int(self.labels[i])}
 
 
 def build(cfg: Config) -> Splits:
-    """Read the configured data set and split it."""
-    src = cfg.data.source
+    """Read the configured data set and split it (raises DataError, or ModelUnavailable when the
+    preprocessing of ``model.model_name`` cannot be read)."""
+    from worker import model as model_mod
+
+    prep = model_mod.preprocessing(cfg)
+    d = cfg.data
+    tf = split_transforms(prep, d.augment, cfg.training.seed, d.pair_augment == "same")
+    src = d.source
     if src == "digits":
-        return _digits(cfg)
+        return _digits(cfg, tf)
     if src == "image_folder":
-        return _image_folder(cfg)
-    return _pairs(cfg)
+        return _image_folder(cfg, tf)
+    return _pairs(cfg, tf)
 
 
 def split_indices(
@@ -123,23 +155,16 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    """[0,1] → [-1,1], the normalisation ViT image processors use by default."""
-    return (x - 0.5) / 0.5
-
-
-def _digits(cfg: Config) -> Splits:
+def _digits(cfg: Config, tf: tuple[Transform, Transform]) -> Splits:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = d.images.astype(np.float32) / 16.0  # (n, 8, 8) in [0, 1]
     labels = d.target.astype(np.int64)
-    size = cfg.image_size
-    chans = cfg.model.scratch.num_channels if cfg.model.model_name == "scratch" else 3
+    size = tf[0].prep.image_size
     x = torch.from_numpy(images).unsqueeze(1)
-    if size != 8:
+    if size != 8 and not tf[0].resizes_itself:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = _normalise(x).repeat(1, chans, 1, 1).contiguous()
     fp = _fingerprint(
         {
             "source": "digits",
@@ -150,13 +175,20 @@ def _digits(cfg: Config) -> Splits:
         }
     )
     tr, te = split_indices(len(labels), labels, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
-    return Splits(ImageDataset(x[tr], labels[tr]), ImageDataset(x[te], labels[te]), fp, 10, [str(i) for i in range(10)])
+    return Splits(
+        ImageDataset(x[tr], labels[tr], tf[0]),
+        ImageDataset(x[te], labels[te], tf[1]),
+        fp,
+        10,
+        [str(i) for i in range(10)],
+    )
 
 
 class ImageLoader:
-    """Opens an image file as a normalised (C,H,W) tensor; picklable for DataLoader workers."""
+    """Opens an image file as a (C,H,W) tensor in [0, 1], resized to ``size`` × ``size`` (``None``: its
+    own size, for an augmentation that crops); picklable for DataLoader workers."""
 
-    def __init__(self, size: int, channels: int) -> None:
+    def __init__(self, size: int | None, channels: int) -> None:
         self.size = size
         self.channels = channels
 
@@ -165,9 +197,9 @@ class ImageLoader:
 
         try:
             with Image.open(path) as f:
-                im = f.convert("L" if self.channels == 1 else "RGB").resize(
-                    (self.size, self.size), Image.Resampling.BILINEAR
-                )
+                im = f.convert("L" if self.channels == 1 else "RGB")
+                if self.size is not None:
+                    im = im.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
             # PIL reports a corrupt file with any of these, depending on the format and the damage.
@@ -175,14 +207,15 @@ class ImageLoader:
             raise DataError(f"cannot read image {path}: {first}") from None
         t = torch.from_numpy(arr)
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-        return _normalise(t).contiguous()
+        return t.contiguous()
 
 
-def _channels(cfg: Config) -> int:
-    return cfg.model.scratch.num_channels if cfg.model.model_name == "scratch" else 3
+def _loader(tf: tuple[Transform, Transform]) -> ImageLoader:
+    prep = tf[0].prep
+    return ImageLoader(None if tf[0].resizes_itself else prep.image_size, prep.channels)
 
 
-def _image_folder(cfg: Config) -> Splits:
+def _image_folder(cfg: Config, tf: tuple[Transform, Transform]) -> Splits:
     root = Path(cfg.data.path or "")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -210,10 +243,10 @@ def _image_folder(cfg: Config) -> Splits:
         }
     )
     tr, te = split_indices(len(files), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
-    loader = ImageLoader(cfg.image_size, _channels(cfg))
+    loader = _loader(tf)
     return Splits(
-        ImageDataset(None, lab[tr], loader, [files[i] for i in tr]),
-        ImageDataset(None, lab[te], loader, [files[i] for i in te]),
+        ImageDataset(None, lab[tr], tf[0], loader, [files[i] for i in tr]),
+        ImageDataset(None, lab[te], tf[1], loader, [files[i] for i in te]),
         fp,
         len(classes),
         classes,
@@ -235,7 +268,7 @@ def _pair_row(csv_path: Path, line: int, row: dict[str | Any, Any], base: Path) 
     return a, b, cells["label"]
 
 
-def _pairs(cfg: Config) -> Splits:
+def _pairs(cfg: Config, tf: tuple[Transform, Transform]) -> Splits:
     csv_path = Path(cfg.data.path or "")
     base = Path(cfg.data.image_root) if cfg.data.image_root else csv_path.parent
     pairs: list[tuple[Path, Path]] = []
@@ -275,10 +308,10 @@ def _pairs(cfg: Config) -> Splits:
         }
     )
     tr, te = split_indices(len(pairs), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
-    loader = ImageLoader(cfg.image_size, _channels(cfg))
+    loader = _loader(tf)
     return Splits(
-        PairDataset([pairs[i] for i in tr], lab[tr], loader),
-        PairDataset([pairs[i] for i in te], lab[te], loader),
+        PairDataset([pairs[i] for i in tr], lab[tr], loader, tf[0]),
+        PairDataset([pairs[i] for i in te], lab[te], loader, tf[1]),
         fp,
         len(classes),
         classes,

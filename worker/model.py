@@ -8,6 +8,7 @@ transformers) read their checkpoints.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -20,6 +21,9 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel, ViTPreT
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from supervisor.schema import SCRATCH, Config
+from worker.augment import VIT_MEAN, VIT_STD, Preprocessing
+
+log = logging.getLogger("vit_train")
 
 
 def fuse(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
@@ -143,6 +147,109 @@ def _pretrained_config(name: str) -> tuple[Any, bool]:
         return ViTConfig.from_pretrained(name), False
     except OSError as exc:
         raise ModelUnavailable(f"model.model_name {name!r} cannot be loaded: {_first_line(exc)}") from None
+
+
+class PreprocessingMismatch(ModelUnavailable):
+    """The configured or stored preprocessing does not fit the model (a config error, like ModelUnavailable)."""
+
+
+def preprocessing(cfg: Config) -> Preprocessing:
+    """Image size, channels, mean and std the model is fed with.
+
+    ``scratch``: the config's architecture and ViT's default normalisation (0.5, i.e. [-1, 1]). A
+    pretrained model: its config's size and channels, the mean and std of its image processor
+    (``preprocessor_config.json``: a local folder, or the local Hugging Face cache as for the
+    weights). ``data.image_size``, ``data.image_mean`` and ``data.image_std`` override both.
+    """
+    d = cfg.data
+    name = cfg.model.model_name
+    if name == SCRATCH:
+        s = cfg.model.scratch
+        size, channels = s.image_size, s.num_channels
+        mean, std, origin = (VIT_MEAN,) * channels, (VIT_STD,) * channels, "scratch: ViT's default normalisation"
+    else:
+        vc, local_only = _pretrained_config(name)
+        size, channels = int(vc.image_size), int(vc.num_channels)
+        mean, std, origin = _processor_values(name, local_only, size, channels)
+    if d.image_size is not None:
+        size = d.image_size
+    if d.image_mean is not None and d.image_std is not None:
+        mean, std = tuple(d.image_mean), tuple(d.image_std)
+        origin = "data.image_mean and data.image_std"
+        if len(mean) != channels:
+            raise PreprocessingMismatch(
+                f"data.image_mean and data.image_std have {len(mean)} values but model.model_name {name} takes "
+                f"{channels}-channel images: give {channels} values each"
+            )
+    prep = Preprocessing(image_size=size, channels=channels, mean=mean, std=std, origin=origin)
+    log.info("Preprocessing: %s", prep.describe())
+    return prep
+
+
+def _processor_values(
+    name: str, local_only: bool, size: int, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where they came from) of a pretrained model's image processor; ViT's defaults when
+    it has none (a checkpoint saved without its processor)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        # The PIL backend: only the values are read, and torchvision (the default) may not load.
+        proc = AutoImageProcessor.from_pretrained(name, local_files_only=local_only, backend="pil")
+    except (OSError, ValueError) as exc:
+        why = "no preprocessor_config.json" if isinstance(exc, OSError) else _first_line(exc)
+        log.warning(
+            "model.model_name %s has no usable image processor (%s): normalising with ViT's default mean and "
+            "std 0.5; set data.image_mean and data.image_std if the model was trained otherwise",
+            name,
+            why,
+        )
+        return (VIT_MEAN,) * channels, (VIT_STD,) * channels, "ViT's default: the model has no image processor"
+    origin = f"the image processor of {name}"
+    proc_size = _processor_size(proc)
+    if proc_size is not None and proc_size != size:
+        log.warning(
+            "The image processor of %s resizes to %d px but the model takes %d px: using %d",
+            name,
+            proc_size,
+            size,
+            size,
+        )
+    if not getattr(proc, "do_normalize", True):
+        return (0.0,) * channels, (1.0,) * channels, f"{origin} (no normalisation)"
+    mean = _per_channel(getattr(proc, "image_mean", None), VIT_MEAN, channels)
+    std = _per_channel(getattr(proc, "image_std", None), VIT_STD, channels)
+    if len(mean) != channels or len(std) != channels:
+        raise PreprocessingMismatch(
+            f"the image processor of model.model_name {name} has {len(mean)} mean and {len(std)} std values "
+            f"but the model takes {channels}-channel images: set data.image_mean and data.image_std"
+        )
+    return mean, std, origin
+
+
+def _processor_size(proc: Any) -> int | None:
+    """The square size an image processor produces, when it says (crop size first, then size)."""
+    for attr in ("crop_size", "size"):
+        sz = getattr(proc, attr, None)
+        if attr == "crop_size" and not getattr(proc, "do_center_crop", False):
+            continue
+        if sz is None:
+            continue
+        get = sz.get if isinstance(sz, dict) else (lambda k, o=sz: getattr(o, k, None))
+        h, w, short = get("height"), get("width"), get("shortest_edge")
+        if h and w and h == w:
+            return int(h)
+        if short:
+            return int(short)
+    return None
+
+
+def _per_channel(values: Any, default: float, channels: int) -> tuple[float, ...]:
+    if values is None:
+        return (default,) * channels
+    if isinstance(values, (int, float)):
+        return (float(values),) * channels
+    return tuple(float(v) for v in values)
 
 
 def hub_offline() -> bool:

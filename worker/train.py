@@ -30,6 +30,7 @@ from worker import checkpoint as ckpt
 from worker import data as data_mod
 from worker import fault, guard, locks, snapshot, tracking
 from worker import model as model_mod
+from worker.augment import EpochCallback
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
 from worker.dist import all_gather, barrier, broadcast_from_main, gather_to_main
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_oom
@@ -343,7 +344,7 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
         train_dataset=prepared.splits.train,
         eval_dataset=prepared.splits.eval,
         compute_metrics=compute_metrics,
-        callbacks=[SupervisionCallback(ctx)],
+        callbacks=[SupervisionCallback(ctx), EpochCallback(prepared.splits.train)],
         ctx=ctx,
     )
     return train(trainer, target)
