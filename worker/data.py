@@ -197,7 +197,7 @@ class SkipCorrupt(Dataset[Any]):
                 msg = error_message(exc)
                 first = first or msg
                 log.warning(
-                    "Skipping an unreadable %s sample %d (%s); using sample %d", self.split, j, msg, (j + 1) % n
+                    "Skipping an unreadable %s sample %d (%s); trying sample %d", self.split, j, msg, (j + 1) % n
                 )
                 self.skips.note(self.split, j, msg)
         raise DataError(
