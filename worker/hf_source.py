@@ -306,6 +306,9 @@ class NamedBytes(io.BytesIO):
     def __format__(self, spec: str) -> str:
         return self.name
 
+    def __repr__(self) -> str:  # PIL's "cannot identify image file %r"
+        return repr(self.name)
+
 
 class Column(Sequence[Any]):
     """One image column of some rows, read on access (never all at once, never the skipped ones).
