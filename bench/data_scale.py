@@ -13,6 +13,10 @@ listing and stat cost what they cost for distinct files; decoding is the same wo
 ``save_to_disk`` dataset of the same N images (bytes inline, ClassLabel). The model is the
 tests' TINY ViT (8 px grey), so data handling, not compute, dominates a step.
 
+Part 0, preparation: ``worker.data.build`` timed inside one fresh process per source and size,
+cold (empty run folder) then warm (the cache it just wrote): what grows with the data set,
+without the 5+ s of imports that every start pays and that the machine's load makes noisy.
+
 Part 1, start -> first step (spawn of ``python -m worker`` to the heartbeat of the first step
 of that process), per source and size, the four cases taking turns round by round:
   fresh, cold    a new run folder: the listing is made (image_folder: walk + stat;
@@ -233,6 +237,60 @@ def part1(work: Path, sizes: list[int], sources: list[str], rounds: int) -> tupl
     return rows, misses
 
 
+# ----------------------------------------------------------------------------- prepare only
+
+PREPARE = """
+import json, sys, time
+from supervisor.schema import load_config
+from worker import data
+cfg = load_config(sys.argv[1])
+out = []
+for _ in range(2):
+    t = time.perf_counter()
+    s = data.build(cfg)
+    out.append(time.perf_counter() - t)
+print(json.dumps({"cold": out[0], "warm": out[1], "n": len(s.train) + len(s.eval), "fp": s.fingerprint}))
+"""
+
+
+def prepare_times(work: Path, source: str, n: int, rnd: int) -> dict[str, float]:
+    """data.build in a fresh process: cold (empty run folder), then warm (the cache just written)."""
+    import json
+    import subprocess
+
+    path, data = data_for(work, source, n)
+    name = f"prep-{source}-{label(n)}-r{rnd}"
+    cfg = config(work, name, {**data, "path": str(path)}, {"max_steps": 1})
+    shutil.rmtree(c.output_dir(cfg), ignore_errors=True)
+    r = subprocess.run(
+        [c.PY, "-c", PREPARE, str(cfg)], capture_output=True, text=True, cwd=c.REPO, env=c.env(), timeout=1800
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"prepare {source} {label(n)} failed: {r.stderr[-2000:]}")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    if got["n"] != n - n % 10:
+        raise SystemExit(f"prepare {source} {label(n)}: {got['n']} images, expected {n}")
+    shutil.rmtree(c.output_dir(cfg), ignore_errors=True)
+    return {"cold": got["cold"], "warm": got["warm"]}
+
+
+def part0(work: Path, sizes: list[int], sources: list[str], rounds: int) -> list[list[Any]]:
+    got: dict[tuple[str, int, str], list[float]] = {}
+    for rnd in range(rounds):
+        for n in sizes if rnd % 2 == 0 else sizes[::-1]:
+            for source in sources:
+                c.say(f"round {rnd + 1}/{rounds}: prepare {source} {label(n)}")
+                for k, v in prepare_times(work, source, n, rnd).items():
+                    got.setdefault((source, n, k), []).append(v)
+    rows = []
+    for source in sources:
+        for n in sizes:
+            cold, warm = c.median(got[(source, n, "cold")]), c.median(got[(source, n, "warm")])
+            per = 1e6 * cold / n if cold else None
+            rows.append([source, label(n), cold, per, warm, 1e6 * warm / n if warm else None])
+    return rows
+
+
 # ----------------------------------------------------------------------------- resume position
 
 
@@ -327,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", default=",".join(SOURCES), help=f"any of {', '.join(SOURCES)}")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of every measurement, taking turns")
     ap.add_argument("--quick", action="store_true", help="smoke run: 200 and 1k images, one round")
-    ap.add_argument("--skip", default="", help="parts to skip: start,position,throughput")
+    ap.add_argument("--skip", default="", help="parts to skip: prepare,start,position,throughput")
     ap.add_argument("--workdir", type=Path, help="scratch folder (generated data is reused from it)")
     args = ap.parse_args(argv)
     sizes = sorted(parse_size(s) for s in ("200,1k" if args.quick else args.sizes).split(","))
@@ -341,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     c.banner("Data at scale: start -> first step, resume position, throughput")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     misses: list[str] = []
+    if "prepare" not in skip:
+        print("## Data preparation in a fresh process (data.build: list, fingerprint, split), s\n")
+        rows = part0(work, sizes, sources, rounds)
+        print(c.table(["source", "images", "cold", "µs/image", "warm", "µs/image warm"], rows) + "\n")
     if "start" not in skip:
         rows, misses = part1(work, sizes, sources, rounds)
         print("## Start -> first step (s, median of rounds)\n")

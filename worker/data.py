@@ -112,7 +112,7 @@ def build(cfg: Config) -> Splits:
         splits = _pairs(cfg)
     if cfg.data.on_corrupt_image == "skip":
         global _skip_log
-        _skip_log = SkipLog(protocol.run_dir(cfg.output_dir) / SKIPPED_IMAGES, uuid.uuid4().hex)
+        _skip_log = SkipLog(protocol.run_dir(cfg.output_dir) / SKIPPED_IMAGES, _PROCESS_TOKEN)
         splits.train = SkipCorrupt(splits.train, _skip_log, "train")
         splits.eval = SkipCorrupt(splits.eval, _skip_log, "eval")
     return splits
@@ -129,7 +129,7 @@ disk): fail as a data error instead of skipping through the whole epoch."""
 
 @dataclass(frozen=True)
 class SkipLog:
-    """Where skips are recorded, and the token of this process tree's build (counts only ours)."""
+    """Where skips are recorded, and the token of this process (counts only ours)."""
 
     path: Path
     token: str
@@ -158,6 +158,9 @@ class SkipLog:
 
 
 _skip_log: SkipLog | None = None
+_PROCESS_TOKEN = uuid.uuid4().hex
+"""Marks this process's skips (and its DataLoader workers'): a standby that builds the data again
+before taking over, or an earlier attempt's lines in the same file, must not change the count."""
 
 
 def skipped_images() -> int | None:
