@@ -282,6 +282,7 @@ def part0(work: Path, sizes: list[int], sources: list[str], rounds: int) -> list
                 c.say(f"round {rnd + 1}/{rounds}: prepare {source} {label(n)}")
                 for k, v in prepare_times(work, source, n, rnd).items():
                     got.setdefault((source, n, k), []).append(v)
+                    c.say(f"  {source} {label(n)} {k}: {v:.3f} s (load {os.getloadavg()[0]:.1f})")
     rows = []
     for source in sources:
         for n in sizes:
