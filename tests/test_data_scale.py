@@ -50,9 +50,9 @@ class Listings:
         self.calls = 0
         real = data_mod.list_image_folder
 
-        def counting(root: Path) -> object:
+        def counting(root: Path, *args: object) -> object:
             self.calls += 1
-            return real(root)
+            return real(root, *args)
 
         monkeypatch.setattr(data_mod, "list_image_folder", counting)
 
@@ -123,42 +123,62 @@ def test_a_folder_changed_just_now_is_not_cached(tmp_path: Path, monkeypatch: py
     assert not cache_path(cfg).exists()
 
 
-def _rewrite(path: Path, edit: object) -> None:
-    raw = json.loads(path.read_text())
-    edit(raw)  # type: ignore[operator]
-    # Re-sign it as an attacker could: the digest only guards against damage, the checks do the rest.
-    raw["digest"] = listing._digest(raw["kind"], raw["root"], raw["dirs"], raw["payload"])
-    path.write_text(json.dumps(raw))
+def _read(path: Path) -> tuple[dict, dict]:
+    head, _, body = path.read_bytes().partition(b"\n")
+    return json.loads(head), json.loads(body)
 
 
-def _escape(raw: dict) -> None:
-    files = raw["payload"]["files"].split("\n")
+def _write(path: Path, header: dict, payload: dict, *, sign: bool = True) -> None:
+    body = json.dumps(payload).encode()
+    if sign:  # as an attacker could: the digest only guards against damage, the checks do the rest
+        header["digest"] = listing._digest(header, body)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
+def _escape(header: dict, payload: dict) -> None:
+    files = payload["files"].split("\n")
     files[0] = "class_0/../../../../etc/passwd"
-    raw["payload"]["files"] = "\n".join(files)
+    payload["files"] = "\n".join(files)
 
 
-def _wrong_class(raw: dict) -> None:
-    files = raw["payload"]["files"].split("\n")
+def _wrong_class(header: dict, payload: dict) -> None:
+    files = payload["files"].split("\n")
     files[0] = "class_9/" + files[0].split("/", 1)[1]
-    raw["payload"]["files"] = "\n".join(files)
+    payload["files"] = "\n".join(files)
 
 
-def _counts(raw: dict) -> None:
-    raw["payload"]["counts"][0] += 5
+def _counts(header: dict, payload: dict) -> None:
+    payload["counts"][0] += 5
 
 
-def _sizes(raw: dict) -> None:
-    raw["payload"]["sizes"][0] = "big"
+def _sizes(header: dict, payload: dict) -> None:
+    payload["sizes"][0] = "big"
 
 
-def _stamp(raw: dict) -> None:
-    raw["dirs"][0][2] -= 1
+def _stamp(header: dict, payload: dict) -> None:
+    header["dirs"][0][2] -= 1
 
 
-@pytest.mark.parametrize(
-    "damage",
-    ["garbage", "empty", "json_list", "digest", "escape", "wrong_class", "counts", "sizes", "stamp", "other_root"],
-)
+def _other_root(header: dict, payload: dict) -> None:
+    header["root"] = "/somewhere/else"
+
+
+def _fingerprints(header: dict, payload: dict) -> None:
+    payload["fingerprints"] = {"null": 42}
+
+
+EDITS = {
+    "escape": _escape,
+    "wrong_class": _wrong_class,
+    "counts": _counts,
+    "sizes": _sizes,
+    "stamp": _stamp,
+    "other_root": _other_root,
+    "fingerprints": _fingerprints,
+}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "json_list", "digest", "truncated", *EDITS])
 def test_a_damaged_or_hostile_cache_is_ignored_and_replaced(
     tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
@@ -170,18 +190,17 @@ def test_a_damaged_or_hostile_cache_is_ignored_and_replaced(
     elif damage == "empty":
         path.write_text("")
     elif damage == "json_list":
-        path.write_text("[1, 2, 3]")
+        path.write_text("[1, 2, 3]\n[]")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-20])
     elif damage == "digest":
-        raw = json.loads(path.read_text())
-        raw["payload"]["files"] = raw["payload"]["files"].replace("1.png", "9.png")
-        path.write_text(json.dumps(raw))
-    elif damage == "other_root":
-        _rewrite(path, lambda raw: raw.update(root="/somewhere/else"))
+        header, payload = _read(path)
+        payload["files"] = payload["files"].replace("1.png", "9.png")
+        _write(path, header, payload, sign=False)
     else:
-        _rewrite(
-            path,
-            {"escape": _escape, "wrong_class": _wrong_class, "counts": _counts, "sizes": _sizes}.get(damage, _stamp),
-        )
+        header, payload = _read(path)
+        EDITS[damage](header, payload)
+        _write(path, header, payload)
     again = build(cfg)
     assert seen.calls == 2, f"the {damage} cache was trusted"
     assert again.fingerprint == honest.fingerprint
