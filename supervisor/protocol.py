@@ -388,6 +388,8 @@ class ExitReport:
     disk_needed_bytes: int | None = None
     disk_free_bytes: int | None = None
     stop_to_exit_s: float | None = None
+    skipped_images: int | None = None
+    """Unreadable samples replaced in this attempt (``data.on_corrupt_image: skip``; None when off)."""
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property

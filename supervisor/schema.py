@@ -109,11 +109,26 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: Literal["digits", "image_folder", "pairs_csv"] = "digits"
-    """``digits`` (scikit-learn's built-in handwritten digits), ``image_folder`` (one subfolder per class)
-    or ``pairs_csv`` (rows of ``image_a,image_b,label``)."""
+    source: Literal["digits", "image_folder", "pairs_csv", "hf_dataset"] = "digits"
+    """``digits`` (scikit-learn's built-in handwritten digits), ``image_folder`` (one subfolder per class),
+    ``pairs_csv`` (rows of ``image_a,image_b,label``) or ``hf_dataset`` (a HuggingFace ``datasets``
+    directory, see ``hf_format``)."""
     path: str | None = None
-    """The image folder or the CSV file; not used for ``digits``."""
+    """The image folder, the CSV file or the dataset directory; not used for ``digits``."""
+    hf_format: Literal["auto", "save_to_disk", "imagefolder"] = "auto"
+    """How ``hf_dataset`` reads ``path``: ``save_to_disk`` (a Dataset or DatasetDict written by
+    ``save_to_disk``), ``imagefolder`` (image files read by ``datasets``' imagefolder builder), or
+    ``auto`` (``save_to_disk`` when the folder holds its ``state.json``/``dataset_dict.json``)."""
+    image_column: str = "image"
+    """``hf_dataset``: the column of images (an ``Image`` feature); for pairs the first image."""
+    image_column_b: str | None = None
+    """``hf_dataset`` pairs (``model.concat_mode`` other than ``none``): the column of second images."""
+    label_column: str = "label"
+    """``hf_dataset``: the column of labels (a ``ClassLabel`` gives the class names, else integers 0..N-1)."""
+    on_corrupt_image: Literal["fail", "skip"] = "fail"
+    """An image that cannot be decoded mid-run: ``fail`` (data error naming the file; the supervisor does
+    not retry) or ``skip`` (use the next readable sample instead, the same for every worker and resume,
+    and count it in the logs, ``run/skipped_images.jsonl`` and the exit report)."""
     image_root: str | None = None
     """Folder that relative image paths in a pairs CSV are relative to (default: the CSV's folder)."""
     train_test_split: float = 0.2
@@ -149,6 +164,14 @@ class DataConfig:
             _check_min("data.image_size", self.image_size, 1)
         if self.limit is not None:
             _check_min("data.limit", self.limit, 4)
+        for name in ("image_column", "label_column"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"data.{name} is empty: give the name of a column of the dataset")
+        if self.image_column_b is not None and self.image_column_b == self.image_column:
+            raise ConfigError(
+                f"data.image_column_b is {self.image_column_b!r}, the same as data.image_column: "
+                "a pair needs two different image columns"
+            )
         self._check_preprocessing()
 
     def _check_preprocessing(self) -> None:
@@ -462,15 +485,24 @@ class Config:
                 f"data.image_size {self.data.image_size} differs from model.scratch.image_size "
                 f"{self.model.scratch.image_size}: drop data.image_size or make them equal"
             )
-        if self.data.source == "pairs_csv" and self.model.concat_mode == "none":
+        pairs = self.data.source == "pairs_csv" or (
+            self.data.source == "hf_dataset" and self.data.image_column_b is not None
+        )
+        if pairs and self.model.concat_mode == "none":
+            what = "pairs_csv" if self.data.source == "pairs_csv" else "hf_dataset with data.image_column_b"
             raise ConfigError(
-                "data.source is pairs_csv but model.concat_mode is none: "
+                f"data.source is {what} but model.concat_mode is none: "
                 f"set concat_mode to one of {', '.join(CONCAT_MODES[1:])}"
             )
-        if self.data.source != "pairs_csv" and self.model.concat_mode != "none":
+        if not pairs and self.model.concat_mode != "none":
             raise ConfigError(
                 f"model.concat_mode is {self.model.concat_mode} but data.source is {self.data.source}: "
-                "image pairs need data.source: pairs_csv (or set concat_mode: none)"
+                "image pairs need data.source: pairs_csv, or hf_dataset with data.image_column_b "
+                "(or set concat_mode: none)"
+            )
+        if self.data.image_column_b is not None and self.data.source != "hf_dataset":
+            raise ConfigError(
+                f"data.image_column_b is set but data.source is {self.data.source}: it is read only for hf_dataset"
             )
         if self.launcher == "python" and self.distributed.world_size > 1:
             raise ConfigError(
@@ -627,8 +659,39 @@ def check_data_paths(cfg: Config) -> None:
         raise ConfigError(f"data.path {path} is not a folder: image_folder needs one subfolder of images per class")
     if cfg.data.source == "pairs_csv" and not path.is_file():
         raise ConfigError(f"data.path {path} does not exist: pairs_csv needs a CSV of image_a,image_b,label")
+    if cfg.data.source == "hf_dataset":
+        check_hf_dataset_path(cfg)
     if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
         raise ConfigError(f"data.image_root {cfg.data.image_root} is not a folder")
+
+
+SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+"""Files ``datasets.save_to_disk`` writes at the top of a DatasetDict / a Dataset directory."""
+
+
+def hf_format(cfg: Config) -> str:
+    """``save_to_disk`` or ``imagefolder``: ``data.hf_format`` with ``auto`` resolved from the folder."""
+    if cfg.data.hf_format != "auto":
+        return cfg.data.hf_format
+    path = Path(cfg.data.path or "")
+    return "save_to_disk" if any((path / m).is_file() for m in SAVED_DATASET_MARKERS) else "imagefolder"
+
+
+def check_hf_dataset_path(cfg: Config) -> None:
+    """The dataset folder exists and is what ``data.hf_format`` says (columns are checked by the worker)."""
+    path = Path(cfg.data.path or "")
+    if not path.exists():
+        raise ConfigError(
+            f"data.path {path} does not exist: hf_dataset needs a folder written by datasets' save_to_disk "
+            "or a folder of images"
+        )
+    if not path.is_dir():
+        raise ConfigError(f"data.path {path} is a file: hf_dataset needs a folder (save_to_disk output or images)")
+    if cfg.data.hf_format == "save_to_disk" and not any((path / m).is_file() for m in SAVED_DATASET_MARKERS):
+        raise ConfigError(
+            f"data.path {path} was not written by save_to_disk (no {' or '.join(SAVED_DATASET_MARKERS)}): "
+            "give the folder you passed to save_to_disk, or set data.hf_format: imagefolder"
+        )
 
 
 def _resolve(base: Path, value: str) -> Path:

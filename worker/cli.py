@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 launch.apply(cfg, order)
         if args.checkpoint is not None and not args.checkpoint.is_dir():
             raise ConfigError(f"--checkpoint {args.checkpoint} is not a folder")
+        if cfg.data.source == "hf_dataset":  # its columns and labels are only known once it is opened
+            from worker import hf_source
+
+            hf_source.check(cfg)
     except ConfigError as exc:
         write_exit_report(None, protocol.REASON_CONFIG_ERROR, str(exc))
         print(f"vit-train: error: {exc}", file=sys.stderr)

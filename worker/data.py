@@ -10,16 +10,26 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from supervisor import protocol
 from supervisor.schema import Config
+from worker import listing
 from worker.augment import Transform, split_transforms
+
+log = logging.getLogger("vit_train")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -123,10 +133,112 @@ def build(cfg: Config) -> Splits:
     tf = split_transforms(prep, d.augment, cfg.training.seed, d.pair_augment == "same")
     src = d.source
     if src == "digits":
-        return _digits(cfg, tf)
-    if src == "image_folder":
-        return _image_folder(cfg, tf)
-    return _pairs(cfg, tf)
+        splits = _digits(cfg, tf)
+    elif src == "image_folder":
+        splits = _image_folder(cfg, tf)
+    elif src == "hf_dataset":
+        from worker import hf_source
+
+        splits = hf_source.build(cfg, tf)
+    else:
+        splits = _pairs(cfg, tf)
+    if cfg.data.on_corrupt_image == "skip":
+        global _skip_log
+        _skip_log = SkipLog(protocol.run_dir(cfg.output_dir) / SKIPPED_IMAGES, _PROCESS_TOKEN)
+        splits.train = SkipCorrupt(splits.train, _skip_log, "train")
+        splits.eval = SkipCorrupt(splits.eval, _skip_log, "eval")
+    return splits
+
+
+# --------------------------------------------------------------------------- corrupt images
+
+SKIPPED_IMAGES = "skipped_images.jsonl"
+"""One JSON line per skipped sample, in the run folder (appended by whichever process met it)."""
+MAX_CONSECUTIVE_SKIPS = 64
+"""This many unreadable samples in a row is not a few bad files but missing data (an unmounted
+disk): fail as a data error instead of skipping through the whole epoch."""
+
+
+@dataclass(frozen=True)
+class SkipLog:
+    """Where skips are recorded, and the token of this process (counts only ours)."""
+
+    path: Path
+    token: str
+
+    def note(self, split: str, index: int, message: str) -> None:
+        line = json.dumps(
+            {"time": time.time(), "token": self.token, "split": split, "index": index, "message": message}
+        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # One write of one short line with O_APPEND: lines of DataLoader workers do not interleave.
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("Could not record the skip in %s: %s", self.path, exc)
+
+    def count(self) -> int:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return 0
+        return sum(1 for line in text.splitlines() if f'"token": "{self.token}"' in line)
+
+
+_skip_log: SkipLog | None = None
+_PROCESS_TOKEN = uuid.uuid4().hex
+"""Marks this process's skips (and its DataLoader workers'): a standby that builds the data again
+before taking over, or an earlier attempt's lines in the same file, must not change the count."""
+
+
+def skipped_images() -> int | None:
+    """Samples skipped as unreadable since this process built its data (None: skipping is off)."""
+    return _skip_log.count() if _skip_log is not None else None
+
+
+class SkipCorrupt(Dataset[Any]):
+    """``data.on_corrupt_image: skip``: an unreadable sample is replaced by the next readable one.
+
+    The replacement depends on the index only (i+1, i+2, ... wrapping around), so every
+    DataLoader worker, every resume and every batch size draws the same one; the cost is
+    that the replacing sample is seen twice in the epoch. Each skip is logged and recorded.
+    """
+
+    def __init__(self, inner: Dataset[Any], skips: SkipLog, split: str) -> None:
+        self.inner = inner
+        self.skips = skips
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # items, labels, ... of the wrapped dataset
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __getitem__(self, i: int) -> Any:
+        n = len(self)
+        first = ""
+        for k in range(min(n, MAX_CONSECUTIVE_SKIPS)):
+            j = (i + k) % n
+            try:
+                return self.inner[j]
+            except DataError as exc:
+                msg = error_message(exc)
+                first = first or msg
+                log.warning(
+                    "Skipping an unreadable %s sample %d (%s); trying sample %d", self.split, j, msg, (j + 1) % n
+                )
+                self.skips.note(self.split, j, msg)
+        raise DataError(
+            f"{min(n, MAX_CONSECUTIVE_SKIPS)} {self.split} samples in a row from index {i} cannot be read, "
+            f"the first: {first} (is the data's disk missing? data.on_corrupt_image: skip only covers a few bad files)"
+        )
 
 
 def split_indices(
@@ -215,9 +327,104 @@ def _loader(tf: tuple[Transform, Transform]) -> ImageLoader:
     return ImageLoader(None if tf[0].resizes_itself else prep.image_size, prep.channels)
 
 
+@dataclass
+class FolderListing:
+    """An image folder's classes and files (relative paths, sorted as ``sorted(rglob)`` sorts them)."""
+
+    classes: list[str]
+    files: list[str]
+    labels: np.ndarray
+    sizes: list[int]
+    fingerprints: dict[str, str]
+    """The data fingerprint by ``json.dumps(data.limit)``, for those computed when listing."""
+
+
+def _folder_fingerprint(files: list[str], sizes: list[int], labels: list[int], limit: int | None) -> str:
+    # The same value as before the listing was cached: runs started then still resume.
+    entries = [[f, s, y] for f, s, y in zip(files, sizes, labels, strict=True)]
+    return _fingerprint({"source": "image_folder", "limit": limit, "files": entries})
+
+
+def list_image_folder(root: Path, limit: int | None = None) -> tuple[list[listing.Stamp], dict[str, Any]]:
+    """Walk the class folders: the directory stamps and the listing's payload (see :mod:`worker.listing`),
+    with the fingerprint for ``limit`` (the costliest part of a warm start at 200k images otherwise)."""
+    dirs = [listing.stamp(root, "")]
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[str] = []
+    sizes: list[int] = []
+    counts: list[int] = []
+    for c in classes:
+        found: list[tuple[list[str], str, int]] = []
+        # Symlinked folders are not followed, symlinked files are (as Path.rglob and is_file do).
+        for here, subdirs, names in os.walk(root / c):
+            rel_dir = os.path.relpath(here, root)
+            dirs.append(listing.stamp(root, rel_dir))
+            subdirs.sort()
+            for name in names:
+                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                    continue
+                full = os.path.join(here, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue  # a dangling symlink is not an image
+                if stat.S_ISREG(st.st_mode):
+                    if "\n" in name:
+                        raise DataError(f"image file name {os.path.join(here, name)!r} holds a line break: rename it")
+                    rel = f"{rel_dir}/{name}"
+                    found.append((rel.split("/"), rel, st.st_size))
+        found.sort(key=lambda t: t[0])
+        files.extend(t[1] for t in found)
+        sizes.extend(t[2] for t in found)
+        counts.append(len(found))
+    labels = [k for k, n in enumerate(counts) for _ in range(n)]
+    fps = {json.dumps(limit): _folder_fingerprint(files, sizes, labels, limit)}
+    return dirs, {"classes": classes, "counts": counts, "files": "\n".join(files), "sizes": sizes, "fingerprints": fps}
+
+
+def _check_folder_payload(payload: Any) -> FolderListing:
+    """A listing payload as a FolderListing; a cache file that lies about any of it is a miss."""
+    classes, counts, sizes = payload["classes"], payload["counts"], payload["sizes"]
+    files = payload["files"].split("\n") if payload["files"] else []
+    if not (isinstance(classes, list) and isinstance(counts, list) and isinstance(sizes, list)):
+        raise listing.CacheMiss("a malformed payload")
+    if len(counts) != len(classes) or sum(counts) != len(files) or len(sizes) != len(files):
+        raise listing.CacheMiss("counts that do not add up")
+    if any(type(v) is not int or v < 0 for v in counts) or (
+        sizes and (np.asarray(sizes).dtype.kind not in "iu" or min(sizes) < 0)
+    ):
+        raise listing.CacheMiss("a negative or non-integer count or size")
+    if any(not isinstance(c, str) or not c or "/" in c or "\n" in c or c.startswith(".") for c in classes):
+        raise listing.CacheMiss("a malformed class name")
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
+    # Every path stays inside its own class folder: a crafted cache cannot point elsewhere.
+    blob = "\n" + payload["files"] + "\n"
+    if any(bad in blob for bad in ("/../", "/..\n", "//", "/\n", "\n/")):
+        raise listing.CacheMiss("a path that leaves its folder")
+    if len(set(classes)) != len(classes):
+        raise listing.CacheMiss("a class named twice")
+    # Each class's block of lines, as one string: n lines that all start with "<class>/" hold n
+    # occurrences of "\n<class>/". Counted in C: a loop over 200k paths cost more than the listing.
+    start = pos = 0
+    for c, n in zip(classes, counts, strict=True):
+        width = sum(map(len, files[start : start + n])) + n
+        if blob.count(f"\n{c}/", pos, pos + width) != n:
+            raise listing.CacheMiss(f"a path outside its class folder {c}")
+        start, pos = start + n, pos + width
+    fps = payload.get("fingerprints", {})
+    if not isinstance(fps, dict) or not all(isinstance(v, str) for v in fps.values()):
+        raise listing.CacheMiss("malformed fingerprints")
+    return FolderListing(classes, files, labels, sizes, fps)
+
+
 def _image_folder(cfg: Config, tf: tuple[Transform, Transform]) -> Splits:
     root = Path(cfg.data.path or "")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    cache = listing.cache_file(cfg.output_dir, "image_folder", root)
+    found, hit = listing.cached(
+        cache, "image_folder", root, _check_folder_payload, lambda: list_image_folder(root, cfg.data.limit)
+    )
+    log.info("Image folder %s: %d images (listing %s)", root, len(found.files), "cached" if hit else "made")
+    classes = found.classes
     if not classes:
         raise DataError(f"data.path {root} has no class subfolders: put the images of each class in its own folder")
     if len(classes) != cfg.model.num_labels:
@@ -225,32 +432,42 @@ def _image_folder(cfg: Config, tf: tuple[Transform, Transform]) -> Splits:
             f"data.path {root} has {len(classes)} class folders ({', '.join(classes[:5])}...) "
             f"but model.num_labels is {cfg.model.num_labels}"
         )
-    files: list[Path] = []
-    labels: list[int] = []
-    for li, c in enumerate(classes):
-        for f in sorted((root / c).rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                files.append(f)
-                labels.append(li)
-    if len(files) < 4:
-        raise DataError(f"data.path {root} holds {len(files)} images; at least 4 are needed")
-    lab = np.asarray(labels, dtype=np.int64)
-    fp = _fingerprint(
-        {
-            "source": "image_folder",
-            "limit": cfg.data.limit,
-            "files": [[str(f.relative_to(root)), f.stat().st_size, int(y)] for f, y in zip(files, lab, strict=True)],
-        }
+    if len(found.files) < 4:
+        raise DataError(f"data.path {root} holds {len(found.files)} images; at least 4 are needed")
+    lab = found.labels
+    fp = found.fingerprints.get(json.dumps(cfg.data.limit)) or _folder_fingerprint(
+        found.files, found.sizes, lab.tolist(), cfg.data.limit
     )
-    tr, te = split_indices(len(files), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
+    tr, te = split_indices(len(found.files), lab, cfg.data.train_test_split, cfg.data.random_seed, cfg.data.limit)
     loader = _loader(tf)
     return Splits(
-        ImageDataset(None, lab[tr], tf[0], loader, [files[i] for i in tr]),
-        ImageDataset(None, lab[te], tf[1], loader, [files[i] for i in te]),
+        ImageDataset(None, lab[tr], tf[0], loader, FolderFiles(root, found.files, tr)),  # type: ignore[arg-type]
+        ImageDataset(None, lab[te], tf[1], loader, FolderFiles(root, found.files, te)),  # type: ignore[arg-type]
         fp,
         len(classes),
         classes,
     )
+
+
+class FolderFiles(Sequence[Path]):
+    """The paths of one split, made on access: 200k Path objects cost more than the listing itself."""
+
+    def __init__(self, root: Path, files: list[str], index: np.ndarray) -> None:
+        self.root = root
+        self.files = files
+        self.rows = index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Path: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Path]: ...
+    def __getitem__(self, i: int | slice) -> Path | list[Path]:
+        if isinstance(i, slice):
+            return [self.root / self.files[j] for j in self.rows[i]]
+        return self.root / self.files[self.rows[i]]
 
 
 def _pair_row(csv_path: Path, line: int, row: dict[str | Any, Any], base: Path) -> tuple[Path, Path, str]:

@@ -284,6 +284,7 @@ def exit_report(ctx: RunContext, outcome: Outcome) -> protocol.ExitReport:
         gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         checkpoint_bytes=ctx.last_ckpt_bytes,
         save_seconds=ctx.save_seconds,
+        skipped_images=data_mod.skipped_images(),
         **outcome.fields,
     )
 
