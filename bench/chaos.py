@@ -572,9 +572,29 @@ def finish_events(events: list[Event], attempts: list[dict[str, Any]], watch: Wa
             ev.recovered, _ = nxt
         following = [x for x in attempts if x.get("start") and att is not None and x["attempt"] > att["attempt"]]
         if following:
-            ev.resumed_from = following[0].get("step_start")
+            ev.resumed_from = resumed_step(following[0])
             if att.get("step_reached") is not None:
                 ev.step = max(ev.step, int(att["step_reached"]))  # the step the worker really died at
+
+
+_RESUMED = re.compile(r"Training will resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))")
+
+
+def resumed_step(attempt: dict[str, Any]) -> int | None:
+    """The step an attempt resumed from, by its worker's own log line (snapshot or checkpoint).
+
+    Not ``step_start`` in ``state.json``: the supervisor records the newest disk checkpoint at
+    launch there, and the worker then takes a newer snapshot when there is one.
+    """
+    try:
+        text = Path(attempt.get("log") or "").read_text(errors="replace")
+    except OSError:
+        text = ""
+    m = _RESUMED.search(text)
+    if m:
+        return int(m.group(1) or m.group(2))
+    step = attempt.get("step_start")
+    return int(step) if isinstance(step, int) else None
 
 
 def check_exact(out: Path, ref_out: Path, misses: list[str]) -> int:
