@@ -510,8 +510,16 @@ def inject(
     if kind == "oom":
         # Cap the running worker's address space just above what it uses: its next sizeable
         # allocation fails inside torch's CPU allocator, exactly as a real OOM does.
-        vsz = psutil.Process(pid).memory_info().vms
-        lim = vsz + (1 << 20)
+        # The floor of its address space over a few steps, not one sample: a sample taken while a
+        # step's transient buffers (the snapshot's copy among them, ~1 MiB each step) are mapped
+        # leaves room for the whole loop, and then no allocation ever fails.
+        proc = psutil.Process(pid)
+        samples = []
+        for _ in range(20):  # about 0.2 s: several steps of the tiny model
+            samples.append(proc.memory_info().vms)
+            time.sleep(0.01)
+        vsz = min(samples)
+        lim = vsz + (256 << 10)
         ev = Event(kind, now(), step, pid, detail=f"(address space capped at {lim >> 20} MiB)")
         resource.prlimit(pid, resource.RLIMIT_AS, (lim, lim))
         return ev
