@@ -35,6 +35,7 @@ time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -77,6 +78,8 @@ KINDS = [
     "oom",
 ]
 BATCH_CHANGING = {"oom"}
+INSTANT_KINDS = {"sigkill", "sigsegv", "sigterm", "sigint", "hang", "truncate_checkpoint"}
+"""Faults aimed at a random moment within a step (the others wait for their own moment: a save, ...)."""
 
 
 def config(
@@ -198,6 +201,12 @@ class Watch:
     def step_now(self) -> tuple[int | None, int]:
         hb = protocol.read_json(protocol.heartbeat_path(self.out)) or {}
         return hb.get("pid"), int(hb.get("global_step") or 0)
+
+    def step_seconds(self, pid: int | None) -> float:
+        """The median time between this worker's recent steps (0.05 s before it has any)."""
+        times = [ts for ts, p, _ in self.steps[-12:] if p == pid]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return statistics.median(gaps) if gaps else 0.05
 
     def first_step_after(self, t: float, not_pid: int | None) -> tuple[float, int] | None:
         """The first new optimizer step by another process than ``not_pid`` after ``t``."""
@@ -428,6 +437,14 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             )
             if not batch_changed:
                 exact_checked += check_exact(out, ref_out, misses)
+            if kind in INSTANT_KINDS:
+                # A real fault strikes at any moment of a step, not the instant its heartbeat lands
+                # (which is just before the step's snapshot is written: the one moment a kill always
+                # costs that step).
+                time.sleep(rng.uniform(0.0, watch.step_seconds(pid)))
+                now_pid, now_step = watch.step_now()
+                if now_pid == pid:
+                    step = now_step
             attempts_before = len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
             ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
             if ev.kind == "supervisor_kill":
