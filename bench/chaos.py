@@ -4,8 +4,13 @@
     python bench/chaos.py                      # 20+ faults of every kind, prints a table, exit 1 on any miss
     python bench/chaos.py --faults 30 --seed 7
     python bench/chaos.py --short              # the quick version the test suite runs
+    python bench/chaos.py --snapshots 0        # the same without shared-memory snapshots, to compare
 
-Faults, all by real mechanisms: SIGKILL, SIGTERM and SIGINT to the worker; a real
+Snapshots are on (``snapshot.every_steps: 1``, set explicitly: a snapshot of the training state in
+shared memory after every step), so a fault that gives the worker no chance to save (SIGKILL,
+SIGSEGV, a hang, a kill in the middle of a save) loses at most one optimizer step.
+
+Faults, all by real mechanisms: SIGKILL, SIGSEGV, SIGTERM and SIGINT to the worker; a real
 allocator out-of-memory (the worker's address space is capped with prlimit(2)
 while it trains, so its next allocation fails in torch's CPU allocator); SIGKILL
 in the middle of a checkpoint save; a hang (SIGSTOP); SIGKILL of the supervisor
@@ -19,16 +24,18 @@ Checks, each a loud failure:
   - after out-of-memory batch changes the effective batch never changed and the final
     eval metric is within --tolerance of the reference;
   - exactly one tracker run id; no checkpoint loaded that did not validate;
-  - never two workers at once; the global step never went back by more than the save
-    interval (twice that right after a deliberately corrupted checkpoint).
+  - never two workers at once; no fault lost more than one step with snapshots on (after an
+    out-of-memory the batch changes and the snapshot no longer applies: the save interval), and
+    without them no more than the save interval (twice that after a corrupted checkpoint).
 Figures per fault type: count, detection latency (fault → supervisor acts), recovery
 time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
-time ÷ chaos wall time) and lost-work share.
+time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of steps redone).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -60,6 +67,7 @@ from supervisor import protocol
 PY = sys.executable
 KINDS = [
     "sigkill",
+    "sigsegv",
     "sigterm",
     "sigint",
     "kill_during_save",
@@ -70,9 +78,13 @@ KINDS = [
     "oom",
 ]
 BATCH_CHANGING = {"oom"}
+INSTANT_KINDS = {"sigkill", "sigsegv", "sigterm", "sigint", "hang", "truncate_checkpoint"}
+"""Faults aimed at a random moment within a step (the others wait for their own moment: a save, ...)."""
 
 
-def config(out: Path, steps: int, save_steps: int, keep: int | None, tracking: bool) -> dict[str, Any]:
+def config(
+    out: Path, steps: int, save_steps: int, keep: int | None, tracking: bool, snapshots: int, snapshot_root: Path
+) -> dict[str, Any]:
     return {
         "model": {
             "model_name": "scratch",
@@ -105,6 +117,8 @@ def config(out: Path, steps: int, save_steps: int, keep: int | None, tracking: b
             "seed": 3,
         },
         "tracking": {"backend": "wandb" if tracking else "none", "mode": "offline"},
+        # Explicit, whatever the default: the lost-work figures depend on it.
+        "snapshot": {"every_steps": snapshots, "root": str(snapshot_root)},
         "disk": {"reserve_mb": 2, "on_low": "wait", "recheck_s": 0.2},
         "supervisor": {
             "backoff_initial_s": 0.0,
@@ -187,6 +201,12 @@ class Watch:
     def step_now(self) -> tuple[int | None, int]:
         hb = protocol.read_json(protocol.heartbeat_path(self.out)) or {}
         return hb.get("pid"), int(hb.get("global_step") or 0)
+
+    def step_seconds(self, pid: int | None) -> float:
+        """The median time between this worker's recent steps (0.05 s before it has any)."""
+        times = [ts for ts, p, _ in self.steps[-12:] if p == pid]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return statistics.median(gaps) if gaps else 0.05
 
     def first_step_after(self, t: float, not_pid: int | None) -> tuple[float, int] | None:
         """The first new optimizer step by another process than ``not_pid`` after ``t``."""
@@ -278,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=0, help="optimizer steps (default: 260 per fault, 14 with --no-standby-wait)"
     )
     ap.add_argument("--save-steps", type=int, default=6)
+    ap.add_argument(
+        "--snapshots", type=int, default=1, metavar="N", help="snapshot.every_steps (default 1; 0 = off, to compare)"
+    )
+    ap.add_argument(
+        "--snapshot-root",
+        type=Path,
+        default=None,
+        help="tmpfs folder for the snapshots (default: a fresh folder in /dev/shm, removed at the end)",
+    )
     ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
     ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -307,20 +336,33 @@ def main(argv: list[str] | None = None) -> int:
     # Waiting for the standby before each fault costs seconds of training: budget the steps for it.
     steps = a.steps or max(120, (260 if a.standby_ready else 14) * a.faults)
     faults = schedule(a.faults, rng, kinds)
+    own_root = a.snapshot_root is None
+    if own_root:
+        a.snapshot_root = Path(
+            tempfile.mkdtemp(prefix="vit-chaos-", dir="/dev/shm" if Path("/dev/shm").is_dir() else work)
+        )
     try:
         return run(a, work, base, steps, faults, rng)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], check=False)
+        if own_root:
+            shutil.rmtree(a.snapshot_root, ignore_errors=True)
 
 
 def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[str], rng: random.Random) -> int:
     tracking = not a.no_tracking
     ref_out, out = work / "reference", base / "chaos"
     ref_cfg, cfg_path = work / "reference.yaml", work / "chaos.yaml"
-    ref_cfg.write_text(yaml.safe_dump(config(ref_out, steps, a.save_steps, None, False)))
-    cfg_path.write_text(yaml.safe_dump(config(out, steps, a.save_steps, 3, tracking)))
-    print(f"chaos: {len(faults)} faults over {steps} steps, save every {a.save_steps}; work dir {work}", flush=True)
+    # The reference takes snapshots too (a store of its own): goodput compares like with like.
+    root = a.snapshot_root
+    ref_cfg.write_text(yaml.safe_dump(config(ref_out, steps, a.save_steps, None, False, a.snapshots, root / "ref")))
+    cfg_path.write_text(yaml.safe_dump(config(out, steps, a.save_steps, 3, tracking, a.snapshots, root / "chaos")))
+    print(
+        f"chaos: {len(faults)} faults over {steps} steps, save every {a.save_steps}, "
+        f"snapshot every {a.snapshots or '- (off)'}; work dir {work}",
+        flush=True,
+    )
 
     t0 = time.monotonic()
     r = subprocess.run(
@@ -395,6 +437,14 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
             )
             if not batch_changed:
                 exact_checked += check_exact(out, ref_out, misses)
+            if kind in INSTANT_KINDS:
+                # A real fault strikes at any moment of a step, not the instant its heartbeat lands
+                # (which is just before the step's snapshot is written: the one moment a kill always
+                # costs that step).
+                time.sleep(rng.uniform(0.0, watch.step_seconds(pid)))
+                now_pid, now_step = watch.step_now()
+                if now_pid == pid:
+                    step = now_step
             attempts_before = len((protocol.read_json(protocol.state_path(out)) or {}).get("attempts") or [])
             ev = inject(kind, out, cfg_path, pid, step, sup, watch, truncated, work)
             if ev.kind == "supervisor_kill":
@@ -416,7 +466,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     attempts = state.get("attempts") or []
     finish_events(events, attempts, watch)
     check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
-    print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked)
+    print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked, a.snapshots)
     if a.report:
         from supervisor.report import render
 
@@ -446,10 +496,13 @@ def inject(
     work: Path,
 ) -> Event:
     now = time.monotonic
-    if kind in ("sigkill", "sigterm", "sigint"):
-        sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[kind]
+    if kind in ("sigkill", "sigsegv", "sigterm", "sigint"):
+        sig = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+        if kind == "sigsegv":
+            # The default action of SIGSEGV, as when the worker faults itself; no core file in the repo.
+            resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
         ev = Event(kind, now(), step, pid)
-        os.kill(pid, sig)
+        os.kill(pid, sig[kind])
         return ev
     if kind == "kill_during_save":
         hb = wait_for(
@@ -474,8 +527,16 @@ def inject(
     if kind == "oom":
         # Cap the running worker's address space just above what it uses: its next sizeable
         # allocation fails inside torch's CPU allocator, exactly as a real OOM does.
-        vsz = psutil.Process(pid).memory_info().vms
-        lim = vsz + (1 << 20)
+        # The floor of its address space over a few steps, not one sample: a sample taken while a
+        # step's transient buffers (the snapshot's copy among them, ~1 MiB each step) are mapped
+        # leaves room for the whole loop, and then no allocation ever fails.
+        proc = psutil.Process(pid)
+        samples = []
+        for _ in range(20):  # about 0.2 s: several steps of the tiny model
+            samples.append(proc.memory_info().vms)
+            time.sleep(0.01)
+        vsz = min(samples)
+        lim = vsz + (256 << 10)
         ev = Event(kind, now(), step, pid, detail=f"(address space capped at {lim >> 20} MiB)")
         resource.prlimit(pid, resource.RLIMIT_AS, (lim, lim))
         return ev
@@ -536,9 +597,29 @@ def finish_events(events: list[Event], attempts: list[dict[str, Any]], watch: Wa
             ev.recovered, _ = nxt
         following = [x for x in attempts if x.get("start") and att is not None and x["attempt"] > att["attempt"]]
         if following:
-            ev.resumed_from = following[0].get("step_start")
+            ev.resumed_from = resumed_step(following[0])
             if att.get("step_reached") is not None:
                 ev.step = max(ev.step, int(att["step_reached"]))  # the step the worker really died at
+
+
+_RESUMED = re.compile(r"Training will resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))")
+
+
+def resumed_step(attempt: dict[str, Any]) -> int | None:
+    """The step an attempt resumed from, by its worker's own log line (snapshot or checkpoint).
+
+    Not ``step_start`` in ``state.json``: the supervisor records the newest disk checkpoint at
+    launch there, and the worker then takes a newer snapshot when there is one.
+    """
+    try:
+        text = Path(attempt.get("log") or "").read_text(errors="replace")
+    except OSError:
+        text = ""
+    m = _RESUMED.search(text)
+    if m:
+        return int(m.group(1) or m.group(2))
+    step = attempt.get("step_start")
+    return int(step) if isinstance(step, int) else None
 
 
 def check_exact(out: Path, ref_out: Path, misses: list[str]) -> int:
@@ -613,13 +694,22 @@ def check_final(
     for ev in events:
         if ev.resumed_from is None:
             continue
-        allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)
+        if a.snapshots and ev.kind not in BATCH_CHANGING:
+            allowed = a.snapshots  # the snapshot of the last step (of every N-th) covers any fault
+        else:
+            allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)
         if ev.step - ev.resumed_from > allowed:
             misses.append(f"{ev.kind} at step {ev.step} resumed from {ev.resumed_from}: lost more than {allowed} steps")
 
 
 def print_table(
-    events: list[Event], ref_wall: float, chaos_wall: float, steps: int, watch: Watch, exact_checked: int
+    events: list[Event],
+    ref_wall: float,
+    chaos_wall: float,
+    steps: int,
+    watch: Watch,
+    exact_checked: int,
+    snapshots: int,
 ) -> None:
     print(f"\n{'fault':<20} {'count':>5} {'detect s':>9} {'recover s':>10} {'steps lost':>11}")
     lost_total = 0
@@ -643,7 +733,8 @@ def print_table(
     print(
         f"\nreference wall {ref_wall:.1f}s, chaos wall {chaos_wall:.1f}s: goodput {goodput:.2f}; "
         f"{lost_total} of {steps + lost_total} optimizer steps were redone "
-        f"(lost-work share {lost_total / (steps + lost_total):.1%}); exactness checked at {exact_checked} "
+        f"(lost-work share {lost_total / (steps + lost_total):.2%}, snapshots "
+        f"{f'every {snapshots} step(s); goal <= 0.1 %' if snapshots else 'off'}); exactness checked at {exact_checked} "
         f"checkpoints; most workers at once: {watch.max_workers}"
     )
 

@@ -25,6 +25,7 @@ Kind = Literal[
     "disk_low",
     "user_error",
     "crash",
+    "device_error",
     "hang",
     "external_signal",
     "standby_stale",
@@ -78,7 +79,8 @@ def root_cause(reports: dict[int, protocol.ExitReport | None]) -> protocol.ExitR
 
     An OOM anywhere is the cause (the batch is lowered for all ranks). Then a rank that
     left no report at all (killed by a signal): the others only saw their peer vanish.
-    Then a non-retryable error, then the earliest crash that is not a lost peer. All
+    Then a non-retryable error, then a rank whose own device failed (not a collective), then
+    the earliest crash that is not a lost peer. All
     ranks agreeing (completed, interrupted) is the attempt's outcome.
     """
     got = {r: rep for r, rep in reports.items() if rep is not None}
@@ -111,6 +113,11 @@ def root_cause(reports: dict[int, protocol.ExitReport | None]) -> protocol.ExitR
     for r, rep in by_time:
         if rep.reason in protocol.NON_RETRYABLE_REASONS:
             return tagged(r, rep)
+    for r, rep in by_time:
+        # A rank whose own GPU failed is the cause; its peers' NCCL errors and watchdog timeouts
+        # (device errors too: their communicator is gone) are what its silence did to them.
+        if rep.reason == protocol.REASON_DEVICE_ERROR and not _is_collective_failure(rep.message):
+            return tagged(r, rep)
     causes = [
         (r, rep)
         for r, rep in by_time
@@ -119,6 +126,11 @@ def root_cause(reports: dict[int, protocol.ExitReport | None]) -> protocol.ExitR
     ]
     r, rep = (causes or [x for x in by_time if x[1].reason != protocol.REASON_COMPLETED] or by_time)[0]
     return tagged(r, rep)
+
+
+def _is_collective_failure(message: str) -> bool:
+    low = message.lower()
+    return "nccl" in low or "watchdog" in low or "collective" in low or any(s in message for s in _PEER_GONE)
 
 
 def classify(info: ExitInfo) -> Outcome:
@@ -163,6 +175,11 @@ def classify(info: ExitInfo) -> Outcome:
         return Outcome("oom", message or "out of memory", described)
     if reason == protocol.REASON_DISK_LOW or (reason is None and rc == protocol.EXIT_DISK_LOW):
         return Outcome("disk_low", message or "too little free disk", described)
+    if reason == protocol.REASON_DEVICE_ERROR or (reason is None and rc == protocol.EXIT_DEVICE_ERROR):
+        # The worker saved nothing from the failed device; the restart resumes from the newest
+        # snapshot or checkpoint. Restarted like a crash, so a GPU that fails every attempt ends
+        # in ``failed`` after max_failures_without_progress instead of a restart loop.
+        return Outcome("device_error", message or "the accelerator failed (device error)", described)
     if sig == "SIGKILL" and info.host_oom:
         return Outcome("host_oom", "killed by SIGKILL and the kernel OOM-kill counter moved: host OOM", described)
     if message:
@@ -315,7 +332,8 @@ def decide(
             choice.gradient_accumulation_steps,
             failures_without_progress,
         )
-    # crash, hang, host_oom, external_signal: retry with backoff until too many in a row made no progress.
+    # crash, device_error, hang, host_oom, external_signal: retry with backoff until too many in a row
+    # made no progress.
     failures = 0 if progressed else failures_without_progress + 1
     if failures >= cfg.max_failures_without_progress:
         return Decision(

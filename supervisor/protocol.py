@@ -52,6 +52,7 @@ EXIT_INTERRUPTED = 3  # stop signal honoured: checkpoint committed, resume conti
 EXIT_OOM = 4
 EXIT_DISK_LOW = 5
 EXIT_STANDBY_STALE = 6  # a standby found the data changed since it prepared: start a cold worker instead
+EXIT_DEVICE_ERROR = 7  # the accelerator failed (CUDA context lost, NCCL abort): nothing saved from it, restart
 
 REASON_COMPLETED = "completed"
 REASON_INTERRUPTED = "interrupted"
@@ -62,6 +63,7 @@ REASON_INCOMPATIBLE = "incompatible_checkpoint"
 REASON_DATA_ERROR = "data_error"
 REASON_CRASH = "crash"
 REASON_STANDBY_STALE = "standby_stale"
+REASON_DEVICE_ERROR = "device_error"
 
 EXIT_CODES: dict[str, int] = {
     REASON_COMPLETED: EXIT_COMPLETED,
@@ -73,6 +75,7 @@ EXIT_CODES: dict[str, int] = {
     REASON_OOM: EXIT_OOM,
     REASON_DISK_LOW: EXIT_DISK_LOW,
     REASON_STANDBY_STALE: EXIT_STANDBY_STALE,
+    REASON_DEVICE_ERROR: EXIT_DEVICE_ERROR,
 }
 """Reason → exit code. The exit report names the reason; the code is the fallback."""
 
@@ -86,6 +89,7 @@ REASON_BY_CODE: dict[int, str] = {
     EXIT_OOM: REASON_OOM,
     EXIT_DISK_LOW: REASON_DISK_LOW,
     EXIT_STANDBY_STALE: REASON_STANDBY_STALE,
+    EXIT_DEVICE_ERROR: REASON_DEVICE_ERROR,
 }
 
 # ----------------------------------------------------------------------------- files

@@ -1,4 +1,7 @@
-"""The chaos harness, short: five kinds of real faults in one supervised run, every check enforced."""
+"""The chaos harness, short: five kinds of real faults in one supervised run, every check enforced.
+
+Snapshots every step (``--snapshots 1``, the harness's default, passed explicitly): the harness then
+fails any fault but the out-of-memory that lost more than one step."""
 
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
                 "--no-standby-wait",
                 "--seed",
                 "3",
+                "--snapshots",
+                "1",
+                "--snapshot-root",
+                str(tmp_path / "shm"),
                 "--workdir",
                 str(tmp_path),
                 "--report",
@@ -50,6 +57,7 @@ def test_short_chaos_run_passes_every_check(tmp_path: Path) -> None:
     text = stdout.read_text()
     assert code == 0, text[-4000:] + tail(stderr, 2000)
     assert "all checks passed (5 faults)" in text
+    assert "snapshots every 1 step(s)" in text
     for kind in ("sigkill", "sigterm", "kill_during_save", "truncate_checkpoint", "oom"):
         assert any(line.startswith(kind) for line in text.splitlines()), kind
     png = tmp_path / "report.png"

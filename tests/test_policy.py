@@ -83,6 +83,13 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
         (2, None, {}, "user_error"),
         (4, protocol.ExitReport("oom", message="CUDA out of memory"), {}, "oom"),
         (5, protocol.ExitReport("disk_low", message="no space"), {}, "disk_low"),
+        (
+            7,
+            protocol.ExitReport("device_error", message="RuntimeError: CUDA error: an illegal memory access"),
+            {},
+            "device_error",
+        ),
+        (7, None, {}, "device_error"),
         (3, protocol.ExitReport("interrupted", message="stop"), {"stop_sent": True}, "stopped"),
         (3, protocol.ExitReport("interrupted", message="stop"), {}, "external_signal"),
         (3, protocol.ExitReport("interrupted", message="stop"), {"hang_killed": True}, "hang"),
@@ -284,3 +291,90 @@ def test_disk_low_waits_for_one_checkpoint_not_only_the_reserve() -> None:
 
 def _common() -> dict:
     return dict(progressed=False, failures_without_progress=0, batch=8, accum=2, cfg=cfg())
+
+
+# ----------------------------------------------------------------------------- device errors
+
+
+def test_device_error_is_named_with_the_workers_message_and_its_exit_code() -> None:
+    msg = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    out = policy.classify(ExitInfo(protocol.EXIT_DEVICE_ERROR, protocol.ExitReport("device_error", message=msg)))
+    assert out.kind == "device_error" and out.message == msg and out.exit == "exit 7 (device_error)"
+    assert protocol.EXIT_CODES[protocol.REASON_DEVICE_ERROR] == protocol.EXIT_DEVICE_ERROR == 7
+    assert len(set(protocol.EXIT_CODES.values())) == len(set(protocol.REASON_BY_CODE))  # every code named once
+
+
+def test_device_error_restarts_like_a_crash_and_counts_toward_the_crash_loop_limit() -> None:
+    d = _decide("device_error", failures=1, backoff_initial_s=1.0, backoff_factor=3.0)
+    assert d.action == "restart" and d.failures_without_progress == 2 and d.delay_s == 3.0
+    d = _decide("device_error", progressed=True, failures=4, max_failures_without_progress=5)
+    assert d.action == "restart" and d.delay_s == 0.0 and d.failures_without_progress == 0
+    assert d.per_device_train_batch_size == 16  # the batch is not what failed: it stays
+    d = _decide("device_error", failures=2, max_failures_without_progress=3)
+    assert d.action == "fail" and "gave up after 3 consecutive attempts" in d.message
+
+
+def test_the_rank_whose_device_failed_is_the_cause_not_its_peers_nccl_errors() -> None:
+    r = policy.root_cause(
+        {
+            0: _rank_report("device_error", 1.0, "DistBackendError: NCCL error: remote process exited"),
+            1: _rank_report("device_error", 2.0, "AcceleratorError: CUDA error: an illegal memory access"),
+            2: _rank_report("device_error", 1.5, "RuntimeError: Watchdog caught collective operation timeout"),
+        }
+    )
+    assert r is not None and r.rank == 1 and "illegal memory access" in r.message
+    # Only collective failures: the earliest still explains the attempt (and restarts it).
+    r = policy.root_cause(
+        {
+            0: _rank_report("device_error", 2.0, "DistBackendError: NCCL error: unhandled cuda error"),
+            1: _rank_report("interrupted", 1.0),
+        }
+    )
+    assert r is not None and r.reason == "device_error" and r.rank == 0
+
+
+class AcceleratorError(RuntimeError):
+    """Stands in for torch.AcceleratorError here (matched by name; the e2e file uses torch's own)."""
+
+
+@pytest.mark.parametrize(
+    "exc, fatal",
+    [
+        (RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ..."), True),
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUDA error: unspecified launch failure"), True),
+        (RuntimeError("CUDA error: uncorrectable ECC error encountered"), True),
+        (RuntimeError("Unable to determine the device handle for GPU0000:3B:00.0: GPU is lost"), True),
+        (RuntimeError("NVRM: Xid 79: GPU has fallen off the bus."), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True),
+        (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5"), True),
+        (
+            RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"),
+            True,
+        ),
+        (AcceleratorError("CUDA error: invalid argument"), True),  # any failed runtime call: the type decides
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (AcceleratorError("CUDA error: out of memory"), False),  # an OOM keeps its own path (it can save)
+        (MemoryError(), False),
+        (ValueError("illegal label 12"), False),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
+        (KeyboardInterrupt(), False),
+    ],
+)
+def test_device_fatal_errors_are_told_apart_from_ooms_and_crashes(exc: BaseException, fatal: bool) -> None:
+    from worker.fault import is_device_fatal
+
+    assert is_device_fatal(exc) is fatal
+
+
+def test_a_device_error_behind_another_exception_is_still_device_fatal() -> None:
+    from worker.fault import is_device_fatal
+
+    try:
+        try:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        except RuntimeError as inner:
+            raise ValueError("while moving the batch") from inner
+    except ValueError as outer:
+        assert is_device_fatal(outer)

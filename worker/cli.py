@@ -7,7 +7,8 @@
 Exit codes (the supervisor relies on them; protocol.EXIT_CODES, README): 0
 completed, 1 crash, 2 config/checkpoint/data error or another process holds
 the run, 3 interrupted (checkpoint committed), 4 out of memory, 5 disk low,
-6 standby stale (a standby found the data changed since it prepared).
+6 standby stale (a standby found the data changed since it prepared), 7 device
+error (the accelerator failed; nothing was saved from it).
 """
 
 from __future__ import annotations

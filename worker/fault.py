@@ -228,6 +228,66 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
+# What CUDA, NCCL, cuBLAS and cuDNN say when the device or its context can no longer be used. Matched
+# case-insensitively against the message of the exception and of its causes. A CUDA "sticky" error
+# poisons the whole context: every later call on it fails, a copy from the device included.
+_DEVICE_FATAL_PATTERNS = (
+    "illegal memory access",  # cudaErrorIllegalAddress (also HIP's wording)
+    "device-side assert",  # cudaErrorAssert
+    "unspecified launch failure",  # cudaErrorLaunchFailure
+    "misaligned address",  # cudaErrorMisalignedAddress
+    "an illegal instruction was encountered",  # cudaErrorIllegalInstruction
+    "hardware stack error",  # cudaErrorHardwareStackError
+    "uncorrectable ecc error",  # cudaErrorECCUncorrectable (Xid 48/63/64)
+    "fallen off the bus",  # Xid 79 as the driver reports it
+    "gpu is lost",  # NVML/driver wording for the same
+    "cuda error: unknown error",  # what a context lost to an Xid usually surfaces as
+    "cuda driver error",
+    "cublas_status_execution_failed",
+    "cublas_status_internal_error",
+    "cudnn_status_execution_failed",
+    "cudnn_status_mapping_error",
+    "nccl error",  # torch's prefix for ncclUnhandledCudaError, ncclSystemError, ncclRemoteError, ...
+    "ncclunhandledcudaerror",
+    "ncclsystemerror",
+    "ncclinternalerror",
+    "ncclremoteerror",
+    "nccl communicator was aborted",
+    "watchdog caught collective operation timeout",
+)
+
+# torch.AcceleratorError: every failed CUDA/HIP/XPU runtime call (2.8+). torch.distributed's
+# DistBackendError: a backend (NCCL) failure. Matched by name along the class hierarchy, so this
+# module need not import torch and an exception type that a torch version lacks costs nothing.
+_DEVICE_FATAL_TYPES = frozenset({"AcceleratorError", "DistBackendError"})
+
+
+def is_device_fatal(exc: BaseException) -> bool:
+    """The accelerator (or its context, or its collective backend) is unusable after ``exc``.
+
+    Nothing may then be copied from the device: an emergency checkpoint or a snapshot taken now
+    would fail again or, worse, save state the failed kernel left half-written. The worker exits
+    with ``device_error`` and the restart resumes from the newest snapshot or checkpoint, both
+    taken before the fault. An out-of-memory is never device-fatal (the context survives it and
+    the OOM path saves what it can). Any ``torch.AcceleratorError`` counts, not only the sticky
+    CUDA errors: a failed runtime call means the device's state can no longer be trusted, and
+    the snapshot of the last step costs at most that step.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 8:
+        seen.add(id(e))
+        if is_oom(e):
+            return False
+        if any(cls.__name__ in _DEVICE_FATAL_TYPES for cls in type(e).__mro__):
+            return True
+        msg = str(e).lower()
+        if any(p in msg for p in _DEVICE_FATAL_PATTERNS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def set_memory_headroom_from_env() -> int | None:
     """Fault injection: ``VIT_MEMORY_HEADROOM_MB=N`` caps this process's address space at
     its current size + N MiB, so a too-large batch hits a real allocator failure.

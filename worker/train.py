@@ -33,7 +33,7 @@ from worker import model as model_mod
 from worker.augment import EpochCallback
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
 from worker.dist import all_gather, barrier, broadcast_from_main, gather_to_main
-from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_oom
+from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, is_device_fatal, is_oom
 from worker.trainer import (
     RunContext,
     Snapshots,
@@ -227,9 +227,9 @@ def run(
             outcome = run_attempt(ctx, resume=resume, checkpoint=checkpoint, prepared=prepared)
         except Exception as exc:  # anything not classified is a crash, reported like every other outcome
             log.exception("Crashed")
-            outcome = Outcome(
-                protocol.REASON_CRASH, f"{type(exc).__name__}: {_first_line(exc)}", _exception_fields(exc, 25)
-            )
+            # A device lost while setting up (moving the model, joining NCCL) is named as such too.
+            reason = protocol.REASON_DEVICE_ERROR if is_device_fatal(exc) else protocol.REASON_CRASH
+            outcome = Outcome(reason, f"{type(exc).__name__}: {_first_line(exc)}", _exception_fields(exc, 25))
         report = exit_report(ctx, outcome)
         code = fault.save_exit_report(cfg.output_dir, report)
         ctx.heartbeat.update(state=protocol.HB_EXITED, reason=report.reason, force=True)
@@ -281,7 +281,10 @@ def exit_report(ctx: RunContext, outcome: Outcome) -> protocol.ExitReport:
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         tracker_run_id=ctx.tracker_run_id,
-        gpu_mem_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        # Not after a device error: the dead context may fail this call too, and lose the report.
+        gpu_mem_peak_bytes=torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available() and outcome.reason != protocol.REASON_DEVICE_ERROR
+        else None,
         checkpoint_bytes=ctx.last_ckpt_bytes,
         save_seconds=ctx.save_seconds,
         skipped_images=data_mod.skipped_images(),
@@ -382,6 +385,8 @@ def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
     except data_mod.DataError as exc:
         return _data_error(trainer, exc)
     except BaseException as exc:
+        if is_device_fatal(exc):
+            return _device_error(trainer, exc)
         if not is_oom(exc):
             log.exception("Training crashed at step %d", trainer.state.global_step)
             fields = {**_progress(trainer), **_exception_fields(exc, 25)}
@@ -402,6 +407,26 @@ def train(trainer: SupervisedTrainer, target: Path | None) -> Outcome:
     latency = time.monotonic() - stop.received_at if stop.received_at else None
     msg = f"{stop.describe() if stop.requested else 'training stopped early'}; checkpoint {ctx.last_checkpoint}"
     return Outcome(protocol.REASON_INTERRUPTED, msg, {**_progress(trainer), "stop_to_exit_s": latency})
+
+
+def _device_error(trainer: SupervisedTrainer, exc: BaseException) -> Outcome:
+    """The device is gone: report it and touch nothing on it (no emergency checkpoint, no snapshot).
+
+    The step in the report is the last one completed; the newest snapshot holds it (or the newest
+    disk checkpoint, without snapshots), and the restart resumes from there.
+    """
+    if trainer.ctx.snapshots is not None:
+        trainer.ctx.snapshots.enabled = False  # a capture now would read the failed device
+    log.error(
+        "Device error at step %d: %s: %s. Nothing is saved from the device; the restart resumes from the "
+        "newest snapshot or checkpoint (%s)",
+        trainer.state.global_step,
+        type(exc).__name__,
+        _first_line(exc),
+        trainer.ctx.last_checkpoint or "none on disk",
+    )
+    fields = {**_progress(trainer), **_exception_fields(exc, 25)}
+    return Outcome(protocol.REASON_DEVICE_ERROR, f"{type(exc).__name__}: {_first_line(exc)[:500]}", fields)
 
 
 def _data_error(trainer: SupervisedTrainer, exc: data_mod.DataError) -> Outcome:
