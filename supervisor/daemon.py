@@ -395,11 +395,18 @@ class Supervisor:
             w.last_change = now
         if hb.max_steps is not None:
             w.max_steps = hb.max_steps
+        current = self.rec.current
+        if hb.start_step is not None and current is not None and current.attempt == w.attempt:
+            # The worker resumed from a snapshot newer than the disk checkpoint seen at launch:
+            # the steps redone count from there.
+            if hb.start_step > current.step_start:
+                current.step_start = hb.start_step
+                self._write_state()
+            w.step_at_start = max(w.step_at_start, hb.start_step)
         if step is not None:
             w.step_reached = step if w.step_reached is None else max(w.step_reached, step)
             if hb.state == protocol.HB_TRAINING:
                 w.seen_step = True
-            current = self.rec.current
             if step > max(w.step_at_start, 0) and current is not None and not current.first_step_at:
                 # The restart's real cost ends here: the first optimizer step this attempt added.
                 current.first_step_at = hb.time or self.host.time()

@@ -344,6 +344,9 @@ class Heartbeat:
     """Wall-clock time of this write."""
     attempt: int | None = None
     global_step: int | None = None
+    start_step: int | None = None
+    """The step this attempt resumed from (set when training begins): a snapshot newer than the
+    newest disk checkpoint the supervisor saw at launch moves it past that checkpoint's step."""
     max_steps: int | None = None
     epoch: float | None = None
     loss: float | None = None

@@ -148,12 +148,13 @@ class FakeOS:
     def at(self, delay: float, fn: Callable[[], None]) -> None:
         self.events.append((self.now + delay, fn))
 
-    def heartbeat(self, child: FakeChild, step: int | None, state: str = "training") -> None:
-        protocol.atomic_write_json(
-            protocol.heartbeat_path(self.out),
-            {"pid": child.pid, "state": state, "global_step": step, "max_steps": 100, "tracker_run_id": "abc123"},
-            durable=False,
-        )
+    def heartbeat(
+        self, child: FakeChild, step: int | None, state: str = "training", start_step: int | None = None
+    ) -> None:
+        hb = {"pid": child.pid, "state": state, "global_step": step, "max_steps": 100, "tracker_run_id": "abc123"}
+        if start_step is not None:
+            hb["start_step"] = start_step
+        protocol.atomic_write_json(protocol.heartbeat_path(self.out), hb, durable=False)
 
     def exit(
         self,
@@ -302,6 +303,22 @@ def test_crash_after_progress_restarts_at_once_then_completes(tmp_path: Path) ->
     assert st["restart_count"] == 1
     assert st["attempts"][0]["reason"] == "crash" and st["attempts"][0]["message"] == "ValueError: boom"
     assert fake.children[1].env[protocol.ENV_ATTEMPT] == "2"
+
+
+def test_an_attempt_resumed_from_a_newer_snapshot_records_its_own_start_step(tmp_path: Path) -> None:
+    """The supervisor launches knowing only the disk checkpoints; a worker that resumed from a newer
+    shared-memory snapshot says so in its heartbeat, and the steps redone count from there."""
+
+    def resumes_from_snapshot(fake: FakeOS, child: FakeChild) -> None:
+        fake.at(1, lambda: fake.heartbeat(child, 37, start_step=37))
+        fake.at(4, lambda: fake.heartbeat(child, 60))
+        fake.at(10, lambda: fake.exit(child, 0, "completed", step=100, message="completed 100 steps"))
+
+    sup, fake, _, code = run(tmp_path, script_of(crashes_after(38), resumes_from_snapshot))
+    assert code == SUPERVISOR_OK and len(fake.children) == 2
+    second = state_file(sup)["attempts"][1]
+    assert second["step_start"] == 37  # not 0: no disk checkpoint existed at the launch
+    assert second["first_step_at"] - second["start"] == pytest.approx(4)  # step 60, not the resumed 37
 
 
 def test_backoff_to_failed_after_retries_without_progress(tmp_path: Path) -> None:

@@ -296,6 +296,7 @@ class SupervisionCallback(TrainerCallback):
         self.ctx.heartbeat.update(
             state=protocol.HB_TRAINING,
             global_step=state.global_step,
+            start_step=state.global_step,
             max_steps=state.max_steps,
             epoch=state.epoch,
             force=True,
