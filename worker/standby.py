@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from supervisor import protocol
 from supervisor.schema import Config
@@ -155,9 +155,10 @@ def _rehearse(cfg: Config, prepared: Prepared) -> None:
     from worker import checkpoint as ckpt
 
     found = ckpt.list_checkpoints(cfg.output_dir)
+    model: Any = prepared.model  # a transformers PreTrainedModel
     if found:
         try:
-            type(prepared.model).from_pretrained(str(found[0]))
+            type(model).from_pretrained(str(found[0]))
         except Exception as exc:  # a rehearsal (the checkpoint may be rotated away meanwhile)
             log.info("Standby could not rehearse a checkpoint load: %s", exc)
     gc.collect()
