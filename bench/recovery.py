@@ -13,6 +13,8 @@ milliseconds. The same worker and config, restarted by:
   supervisor          ``vit-supervisor start CONFIG`` (product defaults: standby worker on; a worker
                       that had made progress is restarted without back-off)
   supervisor-cold     the same with ``supervisor.standby: false`` (a cold ``python -m worker --resume``)
+  supervisor-nice     (only if named in --methods) the standby prepares at nice 10 instead of
+                      SCHED_IDLE (``VIT_STANDBY_PRIORITY=nice``): the replacement standby's cost
   torchrun            ``torchrun --standalone --nproc_per_node=1 --max-restarts=100 -m worker CONFIG --resume``
   shell loop          ``until python -m worker CONFIG --resume; do :; done``
 Methods take turns round by round (each round launches every method afresh), so a
@@ -24,6 +26,11 @@ Also printed: steps lost per kill (step at the kill − checkpoint resumed from)
 every take-over by a standby where the time went, from the standby's log: kill → go
 (the supervisor notices the death and writes the go), go → tracker ready (``wandb.init``
 done), tracker ready → first new step (checkpoint load, Trainer set-up, one step).
+
+With ``--after S`` each kill also measures what the restart costs training beyond the
+recovery itself: the step rate in the S seconds after the first new step (while the
+supervisor's replacement standby prepares) ÷ the rate in the 10 s before the kill (a ready,
+idle standby); the kill then waits for those 10 s.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import common as c
 from supervisor import protocol
 
 METHODS = ("supervisor", "supervisor-cold", "torchrun", "shell-loop")
+EXTRA_METHODS = ("supervisor-nice",)  # the standby prepares at nice 10 only (before SCHED_IDLE), by --methods
 
 DEMO = c.REPO / "configs" / "demo.yaml"
 
@@ -71,6 +79,8 @@ def base_config(path: Path) -> dict[str, Any]:
 
 
 def launch(method: str, cfg: Path, log: Path, environ: dict[str, str]) -> subprocess.Popen[bytes]:
+    if method == "supervisor-nice":
+        return c.spawn(c.supervisor_argv(cfg), log, {**environ, "VIT_STANDBY_PRIORITY": "nice"})
     if method.startswith("supervisor"):
         return c.spawn(c.supervisor_argv(cfg), log, environ)
     if method == "torchrun":
@@ -114,7 +124,7 @@ def ready(method: str, out: Path, since_step: int) -> bool:
     hb = c.heartbeat(out)
     if hb.get("state") != protocol.HB_TRAINING or (hb.get("global_step") or 0) < since_step:
         return False
-    if method == "supervisor":
+    if method in ("supervisor", "supervisor-nice"):
         st = protocol.read_json(protocol.state_path(out)) or {}
         return bool((st.get("standby") or {}).get("ready"))
     return True
@@ -138,8 +148,33 @@ def standby_breakdown(out: Path, pid: int) -> tuple[float, float] | None:
     return None
 
 
+def step_at(records: list[tuple[float, float, int, int]], wall: float, pid: int) -> int | None:
+    """The newest step ``pid``'s heartbeat showed at wall time ``wall``."""
+    steps = [step for t, _, p, step in records if t <= wall and p == pid]
+    return steps[-1] if steps else None
+
+
+def rate_ratio(
+    watch: c.StepWatch, t_kill: float, killed: int, first: tuple[float, int, int], after: float
+) -> float | None:
+    """Steps/s in ``after`` s from the first new step ÷ steps/s in the 10 s before the kill."""
+    c.wait_for(lambda: time.time() >= first[0] + after + 0.2, after + 60, "the rate window")
+    b0, b1 = step_at(watch.records, t_kill - 10, killed), step_at(watch.records, t_kill, killed)
+    a1 = step_at(watch.records, first[0] + after, first[1])
+    if b0 is None or b1 is None or a1 is None or b1 <= b0:
+        return None
+    return ((a1 - first[2]) / after) / ((b1 - b0) / 10)
+
+
 def run_method(
-    method: str, work: Path, rnd: int, kills: int, rng: random.Random, environ: dict[str, str], base: dict[str, Any]
+    method: str,
+    work: Path,
+    rnd: int,
+    kills: int,
+    rng: random.Random,
+    environ: dict[str, str],
+    base: dict[str, Any],
+    after: float = 0.0,
 ) -> list[dict[str, float]]:
     over = c.deep_update(MEASURABLE, {"training": {"output_dir": f"{method}-{rnd}"}})
     if method == "supervisor-cold":
@@ -158,7 +193,8 @@ def run_method(
                 f"{method}: a trained worker",
                 progress=lambda: c.run_progress(out),
             )
-            time.sleep(1.0 + rng.random())  # settle (a standby's start-up is done), then a random moment
+            # Settle (a standby's start-up is done; with --after, 10 s of steady rate), then a random moment.
+            time.sleep((10.0 if after else 1.0) + rng.random())
             hb = c.heartbeat(out)
             pid, step = hb["pid"], hb["global_step"]
             t_kill = time.time()
@@ -176,7 +212,9 @@ def run_method(
                 progress=lambda: c.run_progress(out),
             )
             res: dict[str, Any] = {"recovery_s": first[0] - t_kill, "lost": step - resume, "step": step}
-            parts = standby_breakdown(out, first[1]) if method == "supervisor" else None
+            if after:
+                res["rate_after"] = rate_ratio(watch, t_kill, pid, first, after)
+            parts = standby_breakdown(out, first[1]) if method in ("supervisor", "supervisor-nice") else None
             if parts is not None:
                 go, tracker = parts
                 res["to_go"] = go - t_kill
@@ -188,7 +226,9 @@ def run_method(
             c.say(
                 f"{method} round {rnd}: killed pid {pid} at step {step}; pid {first[1]} made step {first[2]} "
                 f"after {first[0] - t_kill:.2f}s (resumed from {resume}); "
-                + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k not in ("recovery_s", "lost", "step"))
+                + ", ".join(
+                    f"{k} {v:.3f}" for k, v in res.items() if k not in ("recovery_s", "lost", "step") and v is not None
+                )
             )
             floor = first[2] + 20
     finally:
@@ -204,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=2, help="SIGKILLs per launch (default 2)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--after", type=float, default=0.0, help="also measure the step rate for S s after each recovery (e.g. 30)"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args(argv)
     c.banner("Recovery after SIGKILL: vit-supervisor vs torchrun vs a shell retry loop")
@@ -216,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [os.getloadavg()[0]]
     for rnd in range(a.rounds):
         for m in methods:
-            res[m] += run_method(m, work, rnd, a.kills, rng, environ, base)
+            res[m] += run_method(m, work, rnd, a.kills, rng, environ, base, a.after)
             loads.append(os.getloadavg()[0])
     first = c.median(r["recovery_s"] for r in res.get("supervisor") or res[methods[0]])
     rows = []
@@ -224,11 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         rec = [r["recovery_s"] for r in res[m]]
         med = c.median(rec)
         rows.append(
-            [m, len(rec), med, min(rec), max(rec), med / first if first else None, c.median(r["lost"] for r in res[m])]
+            [
+                m,
+                len(rec),
+                med,
+                min(rec),
+                max(rec),
+                med / first if first else None,
+                c.median(r["lost"] for r in res[m]),
+                c.median(r.get("rate_after") for r in res[m]),
+            ]
         )
-    print(
-        c.table(["restarted by", "kills", "median s", "min s", "max s", f"x {methods[0]}", "median steps lost"], rows)
-    )
+    heads = ["restarted by", "kills", "median s", "min s", "max s", f"x {methods[0]}", "median steps lost"]
+    print(c.table([*heads, f"rate {a.after:.0f}s after / before"], rows))
     took = [r for r in res.get("supervisor", []) if "to_go" in r]
     if took:
         keys = ("to_go", "go_to_tracker", "tracker_to_step", "go_to_step")

@@ -20,11 +20,14 @@ Lifecycle, decided here and driven by the daemon's loop:
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from supervisor import launch, protocol
 from supervisor.host import Host
@@ -156,11 +159,14 @@ class StandbyPool:
         if protocol.config_sha(self.cfg.source_path) != spawned_with:
             self.dismiss("config changed")
             return None, "the config file changed since the standby started"
+        ready = self.rec.standby is not None and self.rec.standby.ready
         self.current = None
         self.rec.standby = None
         if not self.host.send_line(sb.pid, order.to_line()):
             self._dismissed_pid(sb.pid)
             return None, "the standby did not take the go"
+        if not ready:
+            _promote(sb)
         return sb, None
 
     # ------------------------------------------------------------------ dismissal
@@ -209,3 +215,22 @@ class StandbyPool:
                 if self.host.monotonic() >= deadline:
                     return
             self.host.wait(0.1)
+
+
+def _promote(sb: Standby) -> None:
+    """A standby still preparing when its go is written prepares at normal CPU priority from now on.
+
+    It prepares at SCHED_IDLE (worker/standby.py) and restores every thread's priority itself
+    once it reads the go, but it reads stdin only once prepared; on a machine kept busy by
+    other work an idle-class process would barely progress, and the restart would then be
+    slower than a cold one. Its main thread (which does the importing) is promoted here;
+    best effort (another user's process, no CAP_SYS_NICE): the standby then simply goes on.
+    """
+    try:
+        if psutil.Process(sb.pid).create_time() != sb.create_time:
+            return  # not our child any more (or not a real process: a test's fake host)
+        if hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(sb.pid) == os.SCHED_IDLE:
+            os.sched_setscheduler(sb.pid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, sb.pid, 0)
+    except (psutil.Error, OSError):
+        pass

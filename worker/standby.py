@@ -63,6 +63,8 @@ log = logging.getLogger("vit_train")
 
 EXIT_STANDBY_STALE = protocol.EXIT_STANDBY_STALE
 STANDBY_NICE = 10
+ENV_PRIORITY = "VIT_STANDBY_PRIORITY"
+"""``idle`` (default): SCHED_IDLE and nice 10 until the go; ``nice``: nice 10 only (for benchmarks)."""
 
 
 class _Stopped(BaseException):
@@ -73,10 +75,7 @@ class _Stopped(BaseException):
 def serve(cfg: Config, stop: StopRequest) -> int:
     """Prepare, announce, wait for the go on stdin, then train (or exit if not needed)."""
     t0 = time.monotonic()
-    try:
-        os.nice(STANDBY_NICE)
-    except OSError:
-        pass
+    lower_priority()
     parent = ParentWatch()
     parent.arm()  # the supervisor's death becomes a stop, even while importing
     if parent.parent_gone():  # it died before the kernel was told to signal it
@@ -343,12 +342,32 @@ def _rss() -> int | None:
         return None
 
 
-def restore_priority() -> None:
-    """Every thread back to normal CPU priority for training.
+def lower_priority() -> None:
+    """Prepare only on CPU time that training leaves idle (called before any thread starts).
 
-    On Linux a nice value belongs to a thread: setpriority on the process id changes only
-    the calling thread, and torch's intra-op pool (started while waiting) would train at
-    nice 10 for the whole attempt. Threads started later inherit their creator's value, so
+    A standby starts right after a restart's first step and imports torch and transformers
+    again: about 4.4 s of CPU. At nice 10 that still takes about a tenth of a busy CPU from
+    training (CFS weight 110 against 1024); SCHED_IDLE (weight 3) takes almost nothing while
+    training keeps the cores busy, and once it is ready the standby sleeps on its stdin
+    either way. If the worker dies first, the standby gets the go and is promoted at once.
+    """
+    try:
+        os.nice(STANDBY_NICE)
+    except OSError:
+        pass
+    if os.environ.get(ENV_PRIORITY, "idle") == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+
+
+def restore_priority() -> None:
+    """Every thread back to normal CPU priority (SCHED_OTHER, nice 0) for training.
+
+    On Linux a nice value and a scheduling policy belong to a thread: setpriority on the
+    process id changes only the calling thread, and torch's intra-op pool (started while
+    waiting) would train at nice 10 (or SCHED_IDLE) for the whole attempt. Threads started later inherit their creator's value, so
     once every existing thread is at 0, so are they; the loop catches a thread started
     while it runs.
     """
@@ -360,6 +379,8 @@ def restore_priority() -> None:
             break
         for tid in todo:
             try:
+                if hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
                 os.setpriority(os.PRIO_PROCESS, tid, 0)
             except ProcessLookupError:
                 pass  # the thread ended meanwhile
