@@ -10,6 +10,13 @@ fingerprint cannot have changed and the go needs no rescan. Any such event (or a
 watch that could not be set up) means "rescan at the go", which then decides exactly
 as before: the standby is stale only if the fingerprint really differs.
 
+inotify events reach the watch's thread a little after the change. So that a change made
+just before the go is not missed for that, the go also compares the modification times of
+the watched folders themselves (taken when the watch started): creating, deleting or
+renaming an entry changes its folder's time at once. What only the events can tell, a
+file rewritten in place, is then seen within the thread's latency (milliseconds): no
+different from a rewrite just after the go.
+
 Reads (opens, closes without writing) are not changes: the active worker reads the
 same images all the time, and the kernel does not even queue those events for us.
 A change made on another host of a network file system is not seen by inotify; such
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -67,10 +75,18 @@ class DataWatch:
         self._event = threading.Event()
         self._why: str | None = None
         self._observer: object | None = None
+        self._folders: dict[str, int] = {}
+        """Every watched folder's st_mtime_ns when the watch started."""
 
     @property
     def changed(self) -> str | None:
         """None while nothing changed; else what did (or why the watch cannot vouch for the data)."""
+        if not self._event.is_set():
+            for folder, mtime in self._folders.items():
+                now = _mtime(folder)
+                if now != mtime:
+                    self.mark(f"folder {folder!r} changed (an entry added, removed or renamed)")
+                    break
         return self._why if self._event.is_set() else None
 
     def mark(self, why: str) -> None:
@@ -104,6 +120,12 @@ class DataWatch:
 
             class _Handler(FileSystemEventHandler):
                 def on_any_event(self, event: FileSystemEvent) -> None:
+                    if not watch._event.is_set():
+                        log.info(
+                            "The data changed under the standby (%s %r): its go will rescan it",
+                            event.event_type,
+                            event.src_path,
+                        )
                     watch.mark(f"{event.event_type} {event.src_path!r}")
 
             changes = [
@@ -122,10 +144,11 @@ class DataWatch:
             for folder, recursive in where:
                 observer.schedule(_Handler(), str(folder), recursive=recursive, event_filter=changes)
             observer.start()
+            watch._observer = observer
+            watch._folders = _folder_times(where)
         except (OSError, ValueError) as exc:  # a missing folder, the inotify watch limit, ...
+            watch.stop()
             watch.mark(f"the data's folders could not be watched ({exc})")
-            return watch
-        watch._observer = observer
         return watch
 
     def stop(self) -> None:
@@ -133,3 +156,22 @@ class DataWatch:
         if observer is not None:
             observer.stop()  # type: ignore[attr-defined]
             observer.join(timeout=2)  # type: ignore[attr-defined]
+
+
+def _mtime(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _folder_times(where: list[tuple[Path, bool]]) -> dict[str, int]:
+    """st_mtime_ns of every watched folder (of every subfolder too where the watch is recursive)."""
+    times: dict[str, int] = {}
+    for top, recursive in where:
+        folders = [str(top)]
+        if recursive:
+            folders += [os.path.join(root, d) for root, dirs, _ in os.walk(top) for d in dirs]
+        for f in folders:
+            times[f] = os.stat(f).st_mtime_ns
+    return times

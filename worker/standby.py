@@ -180,12 +180,13 @@ def _take_over(cfg: Config, stop: StopRequest, line: str, prepared: Prepared, wa
 
     t_go = time.monotonic()
     log.info("Standby got a go")
-    changed = watch.changed
-    watch.stop()
     order = _become_worker(cfg, line)
     if order is None:
+        watch.stop()
         return _malformed_go(cfg, line)
-    restore_priority()
+    restore_priority()  # first: the watch's thread too, so that it is not behind
+    changed = watch.changed
+    watch.stop()
     if stop.requested:
         return _interrupted_before_training(cfg, stop)
     if changed is not None:
