@@ -12,15 +12,15 @@ from tests.conftest import REPO, worker_env
 # A standby's life in miniature: lowered priority, threads started while it waits (torch's
 # intra-op pool among them), the go, then threads started afterwards.
 CHILD = """
-import json, os, threading
+import json, os, subprocess, threading
 from worker.standby import STANDBY_NICE, lower_priority, restore_priority
 lower_priority()  # as the standby does, before its heavy imports
 import torch
 
-def nices():
+def nices(proc="self"):
     out = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/stat") as f:
+    for tid in os.listdir(f"/proc/{proc}/task"):
+        with open(f"/proc/{proc}/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
             out[tid] = [int(fields[16]), int(fields[38])]  # nice, scheduling policy
     return out
@@ -31,11 +31,14 @@ for _ in range(3):
     threading.Thread(target=done.wait, daemon=True).start()
 torch.set_num_threads(3)
 torch.ones(256, 256) @ torch.ones(256, 256)  # starts the intra-op pool at nice 10
+helper = subprocess.Popen(["sleep", "120"])  # as wandb's service process, started while preparing
 waiting = nices()
+helper_waiting = nices(helper.pid)
 restore_priority()
 threading.Thread(target=done.wait, daemon=True).start()
 torch.ones(256, 256) @ torch.ones(256, 256)
-print(json.dumps({"waiting": waiting, "promoted": nices()}))
+print(json.dumps({"waiting": waiting, "promoted": nices(), "helper": [helper_waiting, nices(helper.pid)]}))
+helper.kill()
 done.set()
 """
 
@@ -49,3 +52,5 @@ def test_every_thread_of_a_promoted_standby_runs_at_normal_priority() -> None:
     assert len(seen["waiting"]) >= 5 and {tuple(v) for v in seen["waiting"].values()} == {(10, idle)}
     assert len(seen["promoted"]) > len(seen["waiting"])  # a thread started after the go is checked too
     assert {tuple(v) for v in seen["promoted"].values()} == {(0, normal)}, seen["promoted"]
+    before, after = seen["helper"]
+    assert {tuple(v) for v in before.values()} == {(10, idle)} and {tuple(v) for v in after.values()} == {(0, normal)}

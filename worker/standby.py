@@ -142,7 +142,8 @@ def _rehearse(cfg: Config, prepared: Prepared) -> None:
     - The first ``from_pretrained`` of a process compiles a regular expression per weight
       name (transformers' key renamings), about 0.1 s for the demo's model; later loads
       find them in ``re``'s cache. Rehearsed by loading the newest checkpoint into a
-      throwaway model (ours stays as built: a go may still mean "start from scratch").
+      throwaway model (ours stays as built: a go may still mean "start from scratch"),
+      after validating it as the go will (the first ``torch.load`` of a process is slower too).
     - The Trainer's accelerator runs a full ``gc.collect()`` when training starts: 0.5-0.6 s
       over the heap of torch, transformers and wandb objects. Collected once here and then
       frozen (``gc.freeze``), those live objects are never traversed again, so that collection
@@ -157,6 +158,7 @@ def _rehearse(cfg: Config, prepared: Prepared) -> None:
     model: Any = prepared.model  # a transformers PreTrainedModel
     if found:
         try:
+            ckpt.validate(found[0])  # reads every payload (torch.load, safetensors): read-only
             type(model).from_pretrained(str(found[0]))
         except Exception as exc:  # a rehearsal (the checkpoint may be rotated away meanwhile)
             log.info("Standby could not rehearse a checkpoint load: %s", exc)
@@ -364,18 +366,31 @@ def lower_priority() -> None:
 
 
 def restore_priority() -> None:
-    """Every thread back to normal CPU priority (SCHED_OTHER, nice 0) for training.
+    """Every thread back to normal CPU priority (SCHED_OTHER, nice 0) for training, and every
+    thread of the processes the standby started while preparing (wandb's ``wandb-core``,
+    which the attempt's tracker talks to).
 
     On Linux a nice value and a scheduling policy belong to a thread: setpriority on the
     process id changes only the calling thread, and torch's intra-op pool (started while
-    waiting) would train at nice 10 (or SCHED_IDLE) for the whole attempt. Threads started later inherit their creator's value, so
-    once every existing thread is at 0, so are they; the loop catches a thread started
-    while it runs.
+    waiting) would train at nice 10 (or SCHED_IDLE) for the whole attempt. Threads started
+    later inherit their creator's value, so once every existing thread is at 0, so are
+    they; the loop catches a thread started while it runs.
     """
+    failed = _restore_threads("self")
+    for child in _children():
+        failed |= _restore_threads(str(child))
+    if failed:
+        log.warning(
+            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
+        )
+
+
+def _restore_threads(proc: str) -> bool:
+    """Restore every thread of /proc/``proc``; whether any refused."""
     done: set[int] = set()
     failed = False
     while True:
-        todo = _thread_ids() - done
+        todo = _thread_ids(proc) - done
         if not todo:
             break
         for tid in todo:
@@ -388,14 +403,20 @@ def restore_priority() -> None:
             except OSError:
                 failed = True
             done.add(tid)
-    if failed:
-        log.warning(
-            "Standby could not restore normal CPU priority (needs CAP_SYS_NICE); training at nice %d", STANDBY_NICE
-        )
+    return failed
 
 
-def _thread_ids() -> set[int]:
+def _children() -> list[int]:
     try:
-        return {int(t) for t in os.listdir("/proc/self/task")}
-    except OSError:  # not Linux: the process's priority is the threads' priority
-        return {0}
+        import psutil
+
+        return [c.pid for c in psutil.Process().children(recursive=True)]
+    except Exception:  # psutil missing or a child gone: nothing to restore there
+        return []
+
+
+def _thread_ids(proc: str = "self") -> set[int]:
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{proc}/task")}
+    except OSError:  # not Linux (the process's priority is the threads' priority), or the process is gone
+        return {0} if proc == "self" else set()
