@@ -80,6 +80,14 @@ def test_pairs_outside_the_image_root_or_under_a_limit_are_not_vouched_for(tmp_p
     assert not covers(cfg, inside)
 
 
+def test_a_symlinked_image_is_not_vouched_for(tmp_path: Path) -> None:
+    cfg = load_config(_folder_config(tmp_path))
+    files = sorted((tmp_path / "images").rglob("*.png"))
+    assert covers(cfg, files)
+    (tmp_path / "images" / "class_1" / "link.png").symlink_to(files[0])
+    assert not covers(cfg, [*files, tmp_path / "images" / "class_1" / "link.png"])
+
+
 def _standby(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     """A real standby whose output goes to ``log`` (read while it runs)."""
     with open(log, "wb") as f:

@@ -57,9 +57,12 @@ def targets(cfg: Config) -> list[tuple[Path, bool]] | None:
 
 def covers(cfg: Config, found: list[Path]) -> bool:
     """Whether :func:`targets` watches every file the fingerprint covers, given ``found``, the
-    prepared data's files. Only pairs can name files outside the watched folders; with
-    ``data.limit`` the prepared pairs are a subset of the CSV's, so only a rescan can tell.
+    prepared data's files. A symbolic link's target may lie anywhere (and inotify does not
+    follow it). Pairs can name files outside the watched folders; with ``data.limit`` the
+    prepared pairs are a subset of the CSV's, so only a rescan can tell.
     """
+    if any(p.is_symlink() for p in found):
+        return False
     if cfg.data.source != "pairs_csv":
         return True
     if cfg.data.limit is not None:

@@ -218,8 +218,12 @@ def _stale(cfg: Config, prepared: Prepared, changed: str) -> int | None:
 
 
 def _files(prepared: Prepared) -> list[Path]:
-    """The image files of prepared pairs (other data sets need no list: see datawatch.covers)."""
-    return [p for ds in (prepared.splits.train, prepared.splits.eval) for ab in getattr(ds, "pairs", ()) for p in ab]
+    """The image files of the prepared data (none for in-memory data such as the digits)."""
+    found: list[Path] = []
+    for ds in (prepared.splits.train, prepared.splits.eval):
+        found += [p for ab in getattr(ds, "pairs", None) or () for p in ab]
+        found += [Path(p) for p in getattr(ds, "items", None) or ()]
+    return found
 
 
 def _become_worker(cfg: Config, line: str) -> protocol.LaunchOrder | None:
