@@ -303,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     heads = ["restarted by", "kills", "median s", "min s", "max s", f"x {methods[0]}", "median steps lost"]
-    print(c.table([*heads, f"rate {a.after:.0f}s after / before"], rows))
+    if a.after:
+        heads.append(f"rate {a.after:.0f}s after / before")
+    else:
+        rows = [r[:-1] for r in rows]
+    print(c.table(heads, rows))
     took = [r for r in res.get("supervisor", []) if "to_go" in r]
     if took:
         keys = ("to_go", "go_to_tracker", "tracker_to_step", "go_to_step")
