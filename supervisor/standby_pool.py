@@ -20,11 +20,14 @@ Lifecycle, decided here and driven by the daemon's loop:
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from supervisor import launch, protocol
 from supervisor.host import Host
@@ -32,6 +35,10 @@ from supervisor.record import RunRecord, StandbyRecord
 from supervisor.schema import Config
 
 MAX_DEATHS = 3
+IDLE_PREPARE_S = 20.0
+"""A standby still preparing after this long leaves SCHED_IDLE for plain nice 10 (worker/standby.py):
+on a machine kept busy by other work an idle-class process hardly progresses at all."""
+STANDBY_NICE = 10
 DISMISS_GRACE_S = 5.0
 """A dismissed standby that has not exited by then gets SIGKILL (it has written nothing yet)."""
 
@@ -43,6 +50,10 @@ class Standby:
     log_path: Path
     config_sha: str | None
     """Of the config file when it was spawned."""
+    started: float = 0.0
+    """Monotonic time of the spawn."""
+    softened: bool = False
+    """Moved from SCHED_IDLE to nice 10 after :data:`IDLE_PREPARE_S` of preparation."""
 
 
 @dataclass
@@ -100,7 +111,9 @@ class StandbyPool:
             self.log.warning("standby", action="not started", error=str(exc))
             self.deaths += 1
             return
-        self.current = Standby(pid, created, log_path, protocol.config_sha(self.cfg.source_path))
+        self.current = Standby(
+            pid, created, log_path, protocol.config_sha(self.cfg.source_path), started=self.host.monotonic()
+        )
         self.rec.standby = StandbyRecord(pid=pid, ready=False, log=str(log_path))
         self.log.info("standby", pid=pid, action="started", log=str(log_path))
         self.save()
@@ -129,6 +142,11 @@ class StandbyPool:
             self.rec.standby.ready = True
             self.log.info("standby", pid=sb.pid, action="ready")
             self.save()
+        elif not sb.softened and self.host.monotonic() - sb.started >= IDLE_PREPARE_S:
+            sb.softened = True
+            if self.rec.standby is not None and not self.rec.standby.ready:
+                _promote(sb, STANDBY_NICE)
+                self.log.info("standby", pid=sb.pid, action="still preparing: now at nice 10 instead of SCHED_IDLE")
 
     def _announced(self, sb: Standby) -> protocol.StandbyReady | None:
         ready = protocol.read_record(protocol.StandbyReady, protocol.standby_announcement(self.out, sb.pid))
@@ -156,11 +174,14 @@ class StandbyPool:
         if protocol.config_sha(self.cfg.source_path) != spawned_with:
             self.dismiss("config changed")
             return None, "the config file changed since the standby started"
+        ready = self.rec.standby is not None and self.rec.standby.ready
         self.current = None
         self.rec.standby = None
         if not self.host.send_line(sb.pid, order.to_line()):
             self._dismissed_pid(sb.pid)
             return None, "the standby did not take the go"
+        if not ready:
+            _promote(sb, 0)
         return sb, None
 
     # ------------------------------------------------------------------ dismissal
@@ -209,3 +230,23 @@ class StandbyPool:
                 if self.host.monotonic() >= deadline:
                     return
             self.host.wait(0.1)
+
+
+def _promote(sb: Standby, nice: int) -> None:
+    """A standby still preparing prepares at SCHED_OTHER and ``nice`` from now on: 0 once its go
+    is written, :data:`STANDBY_NICE` once it has prepared for :data:`IDLE_PREPARE_S`.
+
+    It prepares at SCHED_IDLE (worker/standby.py) and restores every thread's priority itself
+    once it reads the go, but it reads stdin only once prepared; on a machine kept busy by
+    other work an idle-class process would barely progress, and the restart would then be
+    slower than a cold one. Its main thread (which does the importing) is promoted here;
+    best effort (another user's process, no CAP_SYS_NICE): the standby then simply goes on.
+    """
+    try:
+        if psutil.Process(sb.pid).create_time() != sb.create_time:
+            return  # not our child any more (or not a real process: a test's fake host)
+        if hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(sb.pid) == os.SCHED_IDLE:
+            os.sched_setscheduler(sb.pid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, sb.pid, nice)
+    except (psutil.Error, OSError):
+        pass

@@ -18,7 +18,17 @@ sys.path.insert(0, str(REPO / "bench"))
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 
-SCRIPTS = ["exactness", "checkpoint_overhead", "lost_work", "recovery", "footprint", "gpu_check", "step_cost"]
+SCRIPTS = [
+    "exactness",
+    "checkpoint_overhead",
+    "lost_work",
+    "recovery",
+    "goodput",
+    "footprint",
+    "gpu_check",
+    "step_cost",
+    "data_scale",
+]
 GB = 1e9
 
 

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Goodput: the same supervised run uninterrupted and with a SIGKILL of its worker every minute.
+
+    python bench/goodput.py                    # 3 rounds, configs/demo.yaml x 40 epochs, a kill every 60 s
+    python bench/goodput.py --rounds 5 --every 60
+    python bench/goodput.py --quick            # smoke run: 1 round of 3 epochs, a kill every 15 s
+
+Each round runs ``vit-supervisor start`` on configs/demo.yaml as shipped (wandb offline,
+evaluation and a checkpoint every epoch, the standby worker on) with snapshots at every
+step (``snapshot.every_steps: 1``) and more epochs, twice: first uninterrupted (the
+reference), then with the worker SIGKILLed every ``--every`` seconds while it trains
+(faulted). Time is from launching the supervisor to its exit (run completed, final model
+saved). Goodput of a round = reference time / faulted time: 1.0 means the kills cost
+nothing. Rounds alternate reference and faulted runs so that a change in the machine's
+load hits both; the figure to quote is the median over rounds, with the load average.
+
+Also per round: kills, how many were taken over by the standby, steps redone (the killed
+worker's last heartbeat step − the step its successor resumed from; a lower bound, the
+heartbeat being written every second) and the recoveries (kill → first new step, from
+the supervisor's record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as c
+from recovery import base_config
+
+from supervisor import protocol
+
+_RESUMED = re.compile(r"resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))")
+
+
+def run_once(cfg: Path, log: Path, environ: dict[str, str], every: float | None) -> dict[str, Any]:
+    """Run the supervisor to its end, killing its worker every ``every`` s; the run's figures."""
+    out = c.output_dir(cfg)
+    t0 = time.monotonic()
+    p = c.spawn(c.supervisor_argv(cfg), log, environ)
+    kills: list[tuple[float, int, int]] = []  # (wall time, pid, heartbeat step)
+    first_seen: dict[int, int] = {}  # pid -> its first training heartbeat's step
+    next_kill = t0 + every if every else None
+    try:
+        while p.poll() is None:
+            hb = c.heartbeat(out)
+            pid, step = hb.get("pid"), int(hb.get("global_step") or 0)
+            if isinstance(pid, int) and hb.get("state") == protocol.HB_TRAINING:
+                first_seen.setdefault(pid, step)  # the step it starts training from
+            # Only a worker that has made a step of its own: a kill during a restart is another fault.
+            if (
+                next_kill is not None
+                and time.monotonic() >= next_kill
+                and isinstance(pid, int)
+                and hb.get("state") == protocol.HB_TRAINING
+                and step > first_seen.get(pid, step)
+                and pid not in {k[1] for k in kills}
+            ):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append((time.time(), pid, step))
+                    next_kill += every  # type: ignore[operator]
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() - t0 > 3600:
+                raise TimeoutError(f"the run in {out} did not end within an hour; see {log}")
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            c.kill_group(p)
+    elapsed = time.monotonic() - t0
+    st = protocol.read_json(protocol.state_path(out)) or {}
+    if p.returncode != 0 or st.get("state") != "completed":
+        raise SystemExit(f"the run in {out} ended with exit {p.returncode}, state {st.get('state')}; see {log}")
+    return {"seconds": elapsed, **_attempts(st, kills)}
+
+
+def _attempts(st: dict[str, Any], kills: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """Per kill: the successor's take-over kind, steps redone and recovery time."""
+    attempts = st.get("attempts") or []
+    by_pid = {a.get("pid"): i for i, a in enumerate(attempts)}
+    redone, recovery, standby = [], [], 0
+    for t_kill, pid, step in kills:
+        i = by_pid.get(pid)
+        if i is None or i + 1 >= len(attempts):
+            continue
+        nxt = attempts[i + 1]
+        standby += bool(nxt.get("standby"))
+        resumed = _resumed_step(nxt.get("log"))
+        if resumed is not None:
+            redone.append(max(0, max(step, attempts[i].get("step_reached") or 0) - resumed))
+        if nxt.get("first_step_at"):
+            recovery.append(nxt["first_step_at"] - t_kill)
+    return {"kills": len(kills), "standby": standby, "redone": redone, "recovery": recovery}
+
+
+def _resumed_step(log: str | None) -> int | None:
+    try:
+        text = Path(log or "").read_text(errors="replace")
+    except OSError:
+        return None
+    m = _RESUMED.search(text)
+    return int(m.group(1) or m.group(2)) if m else 0 if "starting from scratch" in text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="reference + faulted pairs (default 3)")
+    ap.add_argument("--every", type=float, default=60.0, help="seconds between kills (default 60)")
+    ap.add_argument("--epochs", type=int, default=40, help="training.num_train_epochs (default 40)")
+    ap.add_argument("--config", type=Path, default=c.REPO / "configs" / "demo.yaml")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 epochs, a kill every 15 s")
+    ap.add_argument("--workdir", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.epochs, a.every = 1, 3, 15.0
+    c.banner("Goodput: uninterrupted vs a SIGKILL of the worker every minute, under vit-supervisor")
+    work = c.work_dir("goodput", a.workdir)
+    environ = c.env(XDG_STATE_HOME=str(work / "state"))
+    base = base_config(a.config)
+    rows, ratios = [], []
+    for rnd in range(a.rounds):
+        figures = {}
+        for kind, every in (("reference", None), ("faulted", a.every)):
+            over = {
+                "training": {"output_dir": f"{kind}-{rnd}", "num_train_epochs": a.epochs},
+                "snapshot": {"every_steps": 1},
+            }
+            cfg = c.write_config(work / f"{kind}-{rnd}.yaml", over, base=base)
+            load = os.getloadavg()[0]
+            figures[kind] = {**run_once(cfg, work / f"{kind}-{rnd}.log", environ, every), "load": load}
+            c.say(f"round {rnd} {kind}: {figures[kind]['seconds']:.1f}s (load {load:.1f})")
+        ref, flt = figures["reference"], figures["faulted"]
+        ratio = ref["seconds"] / flt["seconds"]
+        ratios.append(ratio)
+        rows.append(
+            [
+                rnd,
+                ref["seconds"],
+                flt["seconds"],
+                ratio,
+                f"{flt['kills']} ({flt['standby']} standby)",
+                sum(flt["redone"]),
+                c.median(flt["recovery"]),
+                f"{ref['load']:.1f} / {flt['load']:.1f}",
+            ]
+        )
+    print(
+        c.table(
+            [
+                "round",
+                "reference s",
+                "faulted s",
+                "goodput",
+                "kills",
+                "steps redone (>=)",
+                "median recovery s",
+                "load avg ref / faulted",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\ngoodput median {c.median(ratios):.3f} over {len(ratios)} rounds (min {min(ratios):.3f}, "
+        f"max {max(ratios):.3f}); config {a.config} x {a.epochs} epochs with snapshot.every_steps 1; "
+        f"a kill every {a.every:.0f}s; work dir {work}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
