@@ -50,7 +50,9 @@ def test_the_data_watch_ignores_reads_and_names_the_first_change(tmp_path: Path)
         new.write_bytes(b"not really a png")
         # One inotify queue delivers in order: had a read counted, it would be named here instead.
         changed = wait_for(lambda: watch.changed, 30, "the watch to see the new file")
-        assert "new.png" in changed and "class_3" in changed, changed
+        # Named by the inotify event (the new file) or, when the go-time mtime check runs first, by its
+        # folder; a read that counted would name one of the files read instead.
+        assert "class_3" in changed and ("new.png" in changed or changed.startswith("folder")), changed
     finally:
         watch.stop()
 
