@@ -79,7 +79,7 @@ def snapshot_store(cfg: Config, fingerprint: str) -> snapshot.SnapshotStore | No
     force (the data position of a step depends on them; after an OOM the supervisor
     changes the batch, and the snapshot of the old batch is then rightly ignored).
     """
-    if cfg.snapshot.every_steps <= 0:
+    if not cfg.snapshot.enabled:
         return None
     if fault.world_size() > 1:
         log.warning("Snapshots are off: not supported under torchrun yet (snapshot.every_steps ignored)")
