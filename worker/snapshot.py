@@ -1,12 +1,18 @@
 """Training-state snapshots in host shared memory: lose at most one step to a crash the host survives.
 
-A snapshot is exactly the file set a disk checkpoint holds (``config.json``,
-``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``,
-``rng_state*.pth``, ``training_args.bin``, ``scaler.pt`` when there is a grad scaler),
-held as bytes in memory-backed files (``/dev/shm`` by default). Resuming from one
-means writing those files into a staging folder and committing it with the normal
-:func:`worker.checkpoint.commit` (:func:`materialize`); from there the tested exact
-resume of a disk checkpoint does the rest, and the snapshot is on disk at once.
+A snapshot holds exactly the state a disk checkpoint holds. The small files
+(``config.json``, ``scheduler.pt``, ``trainer_state.json``, ``rng_state*.pth``,
+``training_args.bin``, ``scaler.pt`` when there is a grad scaler) are held as the
+bytes of those files. The big tensors (the model's parameters and buffers, the
+optimizer's state) are held raw, one after another, with their names, dtypes and
+shapes in the index and the rest of the optimizer's state dict (param groups, step
+counts that are not tensors) as a small ``torch.save`` "skeleton": turning them into
+``model.safetensors`` and ``optimizer.pt`` costs a serialisation that only a resume
+needs, so it happens there (:func:`materialize`, which writes the files into a
+staging folder and commits it with the normal :func:`worker.checkpoint.commit`; from
+there the tested exact resume of a disk checkpoint does the rest). Capturing is then
+a copy of tensor bytes into the slot, which the worker runs while the next step's
+forward and backward run (worker/trainer.py ``Snapshots``).
 
 Layout of a store (one per run and rank, see :func:`default_root`)::
 
@@ -16,10 +22,18 @@ Layout of a store (one per run and rank, see :func:`default_root`)::
 
 Container (one file per slot)::
 
-    8 bytes   magic b"VITSNAP1"
+    8 bytes   magic b"VITSNAP2"
     8 bytes   n: length of the index, unsigned little-endian
-    n bytes   index: JSON {"format": 1, "step": S, "files": [[name, offset, length], ...]}
-    ...       the files' bytes, concatenated in index order; offsets count from the end of the index
+    n bytes   index: JSON {"format": 2, "step": S, "files": [[name, offset, length], ...],
+              "tensors": null or {"skeleton": [offset, length], "metadata": {...},
+                                  "entries": [[group, name, dtype, shape, offset, length], ...]}}
+    ...       the files' bytes, then the skeleton, then the tensors' bytes, each right after the
+              previous; offsets count from the end of the index
+
+A tensor entry's group is ``model`` (name: its key in ``model.safetensors``) or ``optimizer``
+(name: ``<param id>.<state key>`` in the optimizer's state dict); ``metadata`` is that of
+``model.safetensors``. Containers of format 1 (files only, magic ``VITSNAP1``) are not read:
+they are ignored like any other unreadable slot, and the disk checkpoint is used.
 
 Header (JSON, replaced atomically): ``format``, ``generation`` (1, 2, ...), ``slot`` (0 or 1),
 ``step``, ``size`` (bytes of the slot file), ``checksum`` (``"crc32"``), ``crc32`` (of the
@@ -27,7 +41,7 @@ whole slot file), ``identity`` (the run's config/data fingerprint, world size, r
 ``time`` (epoch seconds of the write), ``pid``.
 
 Commit protocol (:meth:`SnapshotStore.write`): write the slot the header does *not* name,
-in place, with plain ``write()`` calls; then replace the header (temporary file + rename,
+in place, with plain ``write()`` calls (straight from the tensors' memory, computing the CRC on the way); then replace the header (temporary file + rename,
 :func:`supervisor.protocol.atomic_write_bytes`). The rename is the commit. A kill at any
 instant leaves either the old header, which names the old slot whose bytes were not
 touched, or the new header, whose slot was completely written before the rename. Both
@@ -65,15 +79,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import stat
+import statistics
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +102,9 @@ from worker import checkpoint as ckpt
 
 log = logging.getLogger("vit_train")
 
-FORMAT = 1
-MAGIC = b"VITSNAP1"
+FORMAT = 1  # of the header
+CONTAINER = 2  # of the slot's index
+MAGIC = b"VITSNAP2"
 _PREFIX = struct.Struct("<8sQ")
 HEADER = "header.json"
 SLOTS = ("slot-0", "slot-1")
@@ -96,21 +115,74 @@ _MAX_INDEX = 16 << 20  # thousands of names fit in far less
 _SLACK = 64 << 10  # container prefix + index, and the header, per :meth:`SnapshotStore.needed_bytes`
 _READ_TRIES = 3  # a reader racing the writer sees a moving header; a corrupt slot fails every try
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # a plain file name: no path, no "..", no hidden file
+_OPT_NAME = re.compile(r"^(0|[1-9][0-9]{0,8})\.(.{1,200})$", re.DOTALL)  # "<param id>.<state key>"
+# Bytes per element of the dtypes a snapshot holds (torch's names); the reader checks sizes without torch.
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "complex64": 8,
+    "complex128": 16,
+}
+_MAX_DIMS = 16
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One raw tensor of a snapshot: where it goes and how to read its bytes."""
+
+    group: str
+    """``model`` (``name`` is its key in model.safetensors) or ``optimizer`` (``<param id>.<state key>``)."""
+    name: str
+    dtype: str
+    """torch's dtype name without ``torch.``, one of :data:`ITEMSIZE`."""
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorState:
+    """A snapshot's big tensors, raw, and what :func:`materialize` needs to turn them into
+    ``model.safetensors`` and ``optimizer.pt``.
+
+    ``buffers`` hold one buffer per spec (each ``spec.nbytes`` long): the live tensors' memory
+    when writing, views of the slot's bytes when read back.
+    """
+
+    specs: tuple[TensorSpec, ...]
+    buffers: tuple[Any, ...]
+    skeleton: bytes
+    """``torch.save`` of the optimizer's state dict with its tensors left out."""
+    metadata: dict[str, str]
+    """model.safetensors' metadata (``{"format": "pt"}`` for a transformers model)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs) + len(self.skeleton)
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One validated snapshot: the files a checkpoint of ``step`` holds."""
+    """One validated snapshot: the small files a checkpoint of ``step`` holds, and its big
+    tensors raw in ``tensors`` (None for a snapshot written with every file as bytes)."""
 
     step: int
     files: dict[str, bytes]
     time: float
     generation: int
     slot: int
+    tensors: TensorState | None = None
 
     @property
     def size(self) -> int:
-        return sum(len(b) for b in self.files.values())
+        return sum(len(b) for b in self.files.values()) + (self.tensors.nbytes if self.tensors else 0)
 
 
 def default_root(output_dir: str | os.PathLike[str], rank: int = 0, base: str | os.PathLike[str] | None = None) -> Path:
@@ -148,12 +220,16 @@ class SnapshotStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, step: int, files: Mapping[str, bytes | bytearray | memoryview]) -> None:
-        """Make ``files`` (the checkpoint file set of ``step``) the newest snapshot.
+    def write(
+        self, step: int, files: Mapping[str, bytes | bytearray | memoryview], tensors: TensorState | None = None
+    ) -> None:
+        """Make ``files`` (the small files of a checkpoint of ``step``, or all of them) and
+        ``tensors`` (the big ones, raw) the newest snapshot.
 
-        Raises ValueError for a file set that could never be read back (a bad name, no
-        ``trainer_state.json`` of this step) and OSError when the store cannot be written
-        (ENOSPC on a small ``/dev/shm``): the previous snapshot then still stands.
+        Raises ValueError for a snapshot that could never be read back (a bad name, no
+        ``trainer_state.json`` of this step, a buffer of the wrong size) and OSError when the
+        store cannot be written (ENOSPC on a small ``/dev/shm``): the previous snapshot then
+        still stands.
         """
         if _int(step) is None:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
@@ -164,19 +240,26 @@ class SnapshotStore:
         why = _state_mismatch(files.get("trainer_state.json"), step)
         if why:
             raise ValueError(why)
+        chunks: list[Any] = [files[n] for n in names]
+        index: list[list[Any]] = []
+        offset = 0
+        for name, chunk in zip(names, chunks, strict=True):
+            length = memoryview(chunk).nbytes
+            index.append([name, offset, length])
+            offset += length
+        tensor_index: dict[str, Any] | None = None
+        if tensors is not None:
+            tensor_index, offset = _tensor_index(tensors, offset)
+            chunks += [tensors.skeleton, *tensors.buffers]
         if self._next is None or not os.path.isdir(self.root):
             # First write, or the folder was emptied under us (someone cleaned /dev/shm): start from
             # what the header on disk says, if anything.
             self._prepare_root()
             self._next = self._after_current()
         generation, slot = self._next
-        index: list[list[Any]] = []
-        offset = 0
-        for name in names:
-            length = memoryview(files[name]).nbytes
-            index.append([name, offset, length])
-            offset += length
-        index_raw = json.dumps({"format": FORMAT, "step": step, "files": index}, separators=(",", ":")).encode()
+        index_raw = json.dumps(
+            {"format": CONTAINER, "step": step, "files": index, "tensors": tensor_index}, separators=(",", ":")
+        ).encode()
         head = _PREFIX.pack(MAGIC, len(index_raw)) + index_raw
         size = len(head) + offset
         crc = 0
@@ -185,12 +268,8 @@ class SnapshotStore:
         # header does not name this slot, so no reader trusts what is in it now.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            for chunk in (head, *(files[n] for n in names)):
-                view = memoryview(chunk).cast("B")
-                crc = zlib.crc32(view, crc)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            for chunk in (head, *chunks):
+                crc = _write_all(fd, chunk, crc)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
@@ -291,36 +370,31 @@ class SnapshotStore:
             actual = os.fstat(fd).st_size
             if actual != size:
                 return None, f"{SLOTS[header['slot']]} has {actual} bytes, the header says {size} (torn or replaced)"
-            prefix = f.read(_PREFIX.size)
-            if len(prefix) != _PREFIX.size:
-                return None, "slot shorter than its prefix"
-            magic, n = _PREFIX.unpack(prefix)
-            if magic != MAGIC or n > _MAX_INDEX or _PREFIX.size + n > size:
-                return None, "slot prefix is not a snapshot container"
-            index_raw = f.read(n)
-            crc = zlib.crc32(index_raw, zlib.crc32(prefix))
-            # The index is parsed before the checksum is known, so its checks are defensive too.
-            entries, why = _parse_index(index_raw, header["step"], size - _PREFIX.size - n)
-            if entries is None:
-                return None, why
-            files: dict[str, bytes] = {}
-            for name, length in entries:
-                # One read() fills a file of up to ~2 GiB from tmpfs; more takes several (and a join).
-                data = f.read(length)
-                if len(data) < length:
-                    parts = [data]
-                    got = len(data)
-                    while got < length:
-                        more = f.read(length - got)
-                        if not more:
-                            return None, f"slot ends inside {name}"
-                        parts.append(more)
-                        got += len(more)
-                    data = b"".join(parts)
-                crc = zlib.crc32(data, crc)
-                files[name] = data
-        if crc != header["crc32"]:
+            # The whole slot, checksummed before any of it is parsed (the parse is defensive all the same).
+            raw = bytearray(size)
+            view = memoryview(raw)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    return None, "slot ends early (replaced while being read)"
+                got += n
+        if zlib.crc32(view) != header["crc32"]:
             return None, f"checksum mismatch in {SLOTS[header['slot']]} (corrupt or overwritten)"
+        magic, n = _PREFIX.unpack_from(view)
+        if magic != MAGIC or n > _MAX_INDEX or _PREFIX.size + n > size:
+            return None, "slot prefix is not a snapshot container of this version"
+        start = _PREFIX.size + n
+        layout, why = _parse_index(bytes(view[_PREFIX.size : start]), header["step"], size - start)
+        if layout is None:
+            return None, why
+        data = view[start:]
+        files = {name: bytes(data[off : off + length]) for name, off, length in layout.files}
+        tensors = None
+        if layout.tensors is not None:
+            (s_off, s_len), specs, offsets, metadata = layout.tensors
+            buffers = tuple(data[o : o + spec.nbytes] for spec, o in zip(specs, offsets, strict=True))
+            tensors = TensorState(specs, buffers, bytes(data[s_off : s_off + s_len]), metadata)
         why_state = _state_mismatch(files.get("trainer_state.json"), header["step"])
         if why_state:
             return None, why_state
@@ -330,6 +404,7 @@ class SnapshotStore:
             time=float(header["time"]),
             generation=header["generation"],
             slot=header["slot"],
+            tensors=tensors,
         ), ""
 
     # -- space and lifecycle -----------------------------------------------------------
@@ -364,6 +439,19 @@ class SnapshotStore:
 
 
 _MISSING = object()
+
+
+def _write_all(fd: int, chunk: Any, crc: int) -> int:
+    """Write all of ``chunk`` at the file's position; return ``crc`` continued over it.
+
+    Both calls release the GIL for large buffers, so the training thread runs on meanwhile.
+    """
+    view = memoryview(chunk).cast("B")
+    crc = zlib.crc32(view, crc)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return crc
 
 
 def _open_regular(path: Path) -> int:
@@ -406,18 +494,27 @@ def _header_problem(h: Any) -> str | None:
     return None
 
 
-def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[list[tuple[str, int]] | None, str]:
-    """(name, length) in order if the index covers exactly ``data_size`` bytes with contiguous plain names."""
+@dataclass(frozen=True)
+class _Layout:
+    files: list[tuple[str, int, int]]
+    """(name, offset, length) of each small file."""
+    tensors: tuple[tuple[int, int], tuple[TensorSpec, ...], list[int], dict[str, str]] | None
+    """(skeleton offset and length, specs, their offsets, model metadata), or None."""
+
+
+def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[_Layout | None, str]:
+    """The layout if the index covers exactly ``data_size`` bytes, each piece right after the
+    previous, with plain file names and tensor entries whose sizes match their dtypes and shapes."""
     try:
         index = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         return None, f"index does not parse ({exc})"
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("step") != step:
+    if not isinstance(index, dict) or index.get("format") != CONTAINER or index.get("step") != step:
         return None, "index format or step does not match the header"
     entries = index.get("files")
     if not isinstance(entries, list):
         return None, "index has no file list"
-    out: list[tuple[str, int]] = []
+    files: list[tuple[str, int, int]] = []
     seen: set[str] = set()
     offset = 0
     for e in entries:
@@ -427,11 +524,85 @@ def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[list[tuple[str,
         if off != offset or length is None or name in seen:
             return None, f"index entry for {name} is out of bounds or repeated"
         seen.add(name)
-        out.append((name, length))
+        files.append((name, offset, length))
         offset += length
+    tensors = None
+    if index.get("tensors") is not None:
+        tensors, offset, why = _parse_tensor_index(index["tensors"], offset)
+        if tensors is None:
+            return None, why
     if offset != data_size:
         return None, f"index covers {offset} bytes, the slot holds {data_size}"
-    return out, ""
+    return _Layout(files, tensors), ""
+
+
+def _parse_tensor_index(
+    t: Any, offset: int
+) -> tuple[tuple[tuple[int, int], tuple[TensorSpec, ...], list[int], dict[str, str]] | None, int, str]:
+    if not isinstance(t, dict) or not isinstance(t.get("entries"), list):
+        return None, offset, "index has a tensor section without entries"
+    meta = t.get("metadata")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return None, offset, "tensor metadata is not a mapping of strings"
+    sk = t.get("skeleton")
+    if not (isinstance(sk, list) and len(sk) == 2 and _int(sk[0]) == offset and _int(sk[1]) is not None):
+        return None, offset, "optimizer skeleton is out of bounds"
+    skeleton = (offset, sk[1])
+    offset += sk[1]
+    specs: list[TensorSpec] = []
+    offsets: list[int] = []
+    seen: set[tuple[str, str]] = set()
+    for e in t["entries"]:
+        spec = _tensor_spec(e)
+        if spec is None or (spec.group, spec.name) in seen:
+            return None, offset, f"tensor entry {str(e)[:80]!r} is malformed or repeated"
+        if _int(e[4]) != offset:
+            return None, offset, f"tensor {spec.name[:80]} is out of bounds"
+        seen.add((spec.group, spec.name))
+        specs.append(spec)
+        offsets.append(offset)
+        offset += spec.nbytes
+    return (skeleton, tuple(specs), offsets, dict(meta)), offset, ""
+
+
+def _tensor_spec(e: Any) -> TensorSpec | None:
+    """``[group, name, dtype, shape, offset, length]`` as a spec, if every part is sound."""
+    if not (isinstance(e, list) and len(e) == 6 and isinstance(e[1], str) and 0 < len(e[1]) <= 1000):
+        return None
+    group, name, dtype, shape, length = e[0], e[1], e[2], e[3], _int(e[5])
+    if group not in ("model", "optimizer") or (group == "optimizer" and not _OPT_NAME.match(name)):
+        return None
+    if dtype not in ITEMSIZE or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        return None
+    dims = [_int(d, 0, 1 << 40) for d in shape]
+    if any(d is None for d in dims):
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if length != numel * ITEMSIZE[dtype]:
+        return None
+    return TensorSpec(group, name, dtype, tuple(shape), numel * ITEMSIZE[dtype])
+
+
+def _tensor_index(tensors: TensorState, offset: int) -> tuple[dict[str, Any], int]:
+    """The index's tensor section for ``tensors`` placed at ``offset``, and the offset after them."""
+    if len(tensors.specs) != len(tensors.buffers):
+        raise ValueError(f"{len(tensors.specs)} tensor specs but {len(tensors.buffers)} buffers")
+    section: dict[str, Any] = {"skeleton": [offset, len(tensors.skeleton)], "metadata": dict(tensors.metadata)}
+    offset += len(tensors.skeleton)
+    entries = []
+    for spec, buf in zip(tensors.specs, tensors.buffers, strict=True):
+        if _tensor_spec([spec.group, spec.name, spec.dtype, list(spec.shape), 0, spec.nbytes]) is None:
+            raise ValueError(f"tensor {spec.group} {spec.name[:80]!r} could not be read back ({spec})")
+        if memoryview(buf).nbytes != spec.nbytes:
+            raise ValueError(
+                f"tensor {spec.name[:80]!r} has {memoryview(buf).nbytes} bytes, its spec says {spec.nbytes}"
+            )
+        entries.append([spec.group, spec.name, spec.dtype, list(spec.shape), offset, spec.nbytes])
+        offset += spec.nbytes
+    section["entries"] = entries
+    return section, offset
 
 
 def _state_mismatch(raw: Any, step: int) -> str | None:
@@ -476,6 +647,8 @@ def materialize(snapshot: Snapshot, output_dir: str | os.PathLike[str]) -> Path:
         for name, data in snapshot.files.items():
             with open(staging / name, "wb") as f:
                 f.write(data)
+        if snapshot.tensors is not None:
+            _write_tensor_files(snapshot.tensors, staging)
         size = ckpt.commit(staging, final, step)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -487,6 +660,38 @@ def materialize(snapshot: Snapshot, output_dir: str | os.PathLike[str]) -> Path:
         raise
     log.info("Committed snapshot of step %d as %s (%.1f MiB)", step, final.name, size / 2**20)
     return final
+
+
+def _write_tensor_files(tensors: TensorState, folder: Path) -> None:
+    """``model.safetensors`` and ``optimizer.pt`` from raw tensors, as the Trainer's own save writes them.
+
+    model.safetensors goes through the same ``safetensors.torch`` call as ``save_pretrained``
+    (same names, dtypes, shapes, bytes and metadata: the same file); optimizer.pt is
+    ``torch.save`` of the optimizer's state dict, rebuilt from the skeleton.
+    """
+    import safetensors.torch
+    import torch
+
+    model: dict[str, Any] = {}
+    optim: list[tuple[int, str, Any]] = []
+    for spec, buf in zip(tensors.specs, tensors.buffers, strict=True):
+        t = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
+        if spec.nbytes:
+            # A byte copy into a fresh tensor: its own storage, aligned whatever the slot's offset was.
+            src = buf if not memoryview(buf).readonly else bytearray(buf)  # frombuffer warns on read-only memory
+            t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(src, dtype=torch.uint8))
+        if spec.group == "model":
+            model[spec.name] = t
+        else:
+            param, _, key = spec.name.partition(".")
+            optim.append((int(param), key, t))
+    state_dict = torch.load(io.BytesIO(tensors.skeleton), weights_only=True)
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise ckpt.CheckpointInvalid("the snapshot's optimizer skeleton is not an optimizer state dict")
+    for pid, key, t in optim:
+        state_dict["state"].setdefault(pid, {})[key] = t
+    safetensors.torch.save_file(model, str(folder / "model.safetensors"), metadata=tensors.metadata)
+    torch.save(state_dict, folder / "optimizer.pt")
 
 
 # ----------------------------------------------------------------------------- capture
@@ -535,6 +740,16 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def _model_files(trainer: Any) -> dict[str, bytes]:
     import safetensors.torch
+
+    files, metadata, state = _model_parts(trainer)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    files["model.safetensors"] = safetensors.torch.save(tensors, metadata=metadata)
+    return files
+
+
+def _model_parts(trainer: Any) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
+    """What ``save_pretrained`` writes, before serialising the weights: the config files, the
+    safetensors metadata and the state dict it saves (tied weights dropped, renamings reverted)."""
     from transformers import PreTrainedModel
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -542,8 +757,7 @@ def _model_files(trainer: Any) -> dict[str, bytes]:
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     if not isinstance(model, PreTrainedModel):
         # Trainer._save's fallback for a plain nn.Module: its state dict alone.
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        return {"model.safetensors": safetensors.torch.save(state, metadata={"format": "pt"})}
+        return {}, {"format": "pt"}, dict(model.state_dict())
     if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
         raise NotImplementedError("snapshots of PEFT or quantised models are not supported")
     if getattr(model, "_keys_to_ignore_on_save", None):
@@ -559,9 +773,7 @@ def _model_files(trainer: Any) -> dict[str, bytes]:
     state = revert_weight_conversion(model, state)
     if sum(t.numel() * t.element_size() for t in state.values()) > 50 * 10**9:
         raise NotImplementedError("models over save_pretrained's 50 GB shard size are not supported")
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    files["model.safetensors"] = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    return files
+    return files, {"format": "pt"}, dict(state)
 
 
 def _trainer_state_json(trainer: Any) -> bytes:
@@ -609,3 +821,284 @@ def _rng_states(args: Any) -> dict[str, Any]:
         else:
             states["cuda"] = torch.cuda.random.get_rng_state()
     return states
+
+
+# ----------------------------------------------------------------------------- capture, raw
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Rank 0's state at a step boundary: the small files as bytes, the big tensors as the live
+    tensors themselves (their values do not change until the next optimizer step)."""
+
+    step: int
+    files: dict[str, bytes]
+    specs: tuple[TensorSpec, ...]
+    tensors: tuple[Any, ...]
+    skeleton: bytes
+    metadata: dict[str, str]
+    ready: Any = None
+    """On CUDA, an event recorded on the training stream at the boundary: the copies wait for it."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.files.values()) + sum(s.nbytes for s in self.specs) + len(self.skeleton)
+
+
+class Capturer:
+    """Captures rank 0's training state for a snapshot without serialising the tensors.
+
+    :meth:`capture` runs at the step boundary and takes the small files (a few hundred
+    microseconds: RNG, scheduler, trainer state) and references to the tensors;
+    :meth:`host_buffers` runs in the copy thread and gives each tensor's bytes in host
+    memory: the tensor's own memory on CPU, a pinned copy made on a side stream on CUDA.
+    What does not change within an attempt is kept between captures: ``config.json``,
+    ``training_args.bin``, the list of tensors ``save_pretrained`` would save (while the
+    model's parameters and buffers stay where they are) and the byte views of CPU tensors.
+    """
+
+    def __init__(self) -> None:
+        self._fixed: dict[str, bytes] | None = None
+        self._metadata: dict[str, str] = {}
+        self._model_key: tuple[int, ...] | None = None
+        self._model: list[tuple[str, Any]] = []
+        self._views_key: tuple[tuple[int, int], ...] | None = None
+        self._views: tuple[Any, ...] = ()
+        self._staging: _CudaStaging | None = None
+
+    def capture(self, trainer: Any) -> Capture:
+        import torch
+
+        args = trainer.args
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            raise NotImplementedError("snapshots of DeepSpeed or FSDP jobs are not supported")
+        if self._fixed is None:
+            fixed, self._metadata, _ = _model_parts(trainer)
+            fixed["training_args.bin"] = _torch_bytes(args)
+            self._fixed = fixed
+        files = dict(self._fixed)
+        files["scheduler.pt"] = _torch_bytes(trainer.lr_scheduler.state_dict())
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        if scaler is not None:
+            files["scaler.pt"] = _torch_bytes(scaler.state_dict())
+        files["trainer_state.json"] = _trainer_state_json(trainer)
+        ctx = getattr(trainer, "ctx", None)
+        rng = getattr(ctx, "rng_override", None) or _rng_states(args)
+        files["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = _torch_bytes(rng)
+        named = self._model_tensors(trainer)
+        skeleton, optim = _optimizer_parts(trainer.optimizer)
+        specs = tuple([_spec("model", k, t) for k, t in named] + [_spec("optimizer", k, t) for k, t in optim])
+        tensors = tuple(t for _, t in itertools.chain(named, optim))
+        if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+            raise NotImplementedError("snapshots of tensors outside CPU and CUDA memory are not supported")
+        ready = None
+        if any(t.is_cuda for t in tensors):
+            # Where the copy may start: when the training stream's work queued so far (this step) is done.
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        return Capture(trainer.state.global_step, files, specs, tensors, skeleton, self._metadata, ready)
+
+    def _model_tensors(self, trainer: Any) -> list[tuple[str, Any]]:
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        live = list(itertools.chain(model.parameters(), model.buffers()))
+        key = tuple(t.data_ptr() for t in live)
+        if key == self._model_key:
+            return self._model
+        _, _, state = _model_parts(trainer)
+        named = list(state.items())
+        storages = {t.untyped_storage().data_ptr() for t in live}
+        # Kept only when every tensor to save is (a view of) a parameter or buffer: the optimizer
+        # updates those in place. A renaming that builds new tensors must be redone each time.
+        shared = all(t.untyped_storage().data_ptr() in storages for _, t in named)
+        self._model_key, self._model = (key, named) if shared else (None, [])
+        return named
+
+    def host_buffers(self, cap: Capture) -> tuple[Any, ...]:
+        """Each tensor's bytes in host memory, in ``cap.specs`` order (runs in the copy thread)."""
+        cuda = [i for i, t in enumerate(cap.tensors) if t.is_cuda]
+        cpu = [i for i, t in enumerate(cap.tensors) if not t.is_cuda]
+        out: list[Any] = [None] * len(cap.tensors)
+        for i, view in zip(cpu, self._cpu_views([cap.tensors[i] for i in cpu]), strict=True):
+            out[i] = view
+        if cuda:
+            tensors = [cap.tensors[i] for i in cuda]
+            if self._staging is None or not self._staging.fits(tensors):
+                self._staging = _CudaStaging(tensors)
+            for i, view in zip(cuda, self._staging.fill(tensors, cap.ready), strict=True):
+                out[i] = view
+        return tuple(out)
+
+    def _cpu_views(self, tensors: list[Any]) -> tuple[Any, ...]:
+        key = tuple((t.data_ptr(), t.nbytes) for t in tensors)
+        if key == self._views_key:
+            return self._views
+        views = tuple(_byte_view(t) for t in tensors)
+        # A non-contiguous tensor's view is a copy of this moment: never kept.
+        if all(t.is_contiguous() for t in tensors):
+            self._views_key, self._views = key, views
+        return views
+
+
+def _byte_view(t: Any) -> memoryview:
+    """The bytes of CPU tensor ``t`` without a copy (a copy if it is not contiguous)."""
+    import torch
+
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy().data)
+
+
+class _CudaStaging:
+    """Pinned host memory for a capture's CUDA tensors, filled on a side stream.
+
+    Not exercised on this project's CPU test machines: kept small on purpose. The copies
+    wait for the training stream's work up to the boundary (an event recorded there), run on
+    their own stream while the next step's forward and backward run, and the copy thread
+    waits for them before it reads the pinned memory. The source tensors (parameters and
+    optimizer state) are neither freed nor changed before the next optimizer step, which
+    waits for the copy thread, so no ``record_stream`` is needed.
+    """
+
+    def __init__(self, tensors: list[Any]) -> None:
+        import torch
+
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise NotImplementedError(
+                f"snapshots of tensors on several GPUs are not supported ({sorted(map(str, devices))})"
+            )
+        self.device = devices.pop()
+        self.sizes = [t.nbytes for t in tensors]
+        self.buffer = torch.empty(sum(self.sizes), dtype=torch.uint8, pin_memory=True)
+        self.views = []
+        offset = 0
+        for n in self.sizes:
+            self.views.append(self.buffer[offset : offset + n])
+            offset += n
+        self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+
+    def fits(self, tensors: list[Any]) -> bool:
+        return [t.nbytes for t in tensors] == self.sizes and all(t.device == self.device for t in tensors)
+
+    def fill(self, tensors: list[Any], ready: Any) -> list[memoryview]:
+        import torch
+
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for t, view in zip(tensors, self.views, strict=True):
+                view.copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(self.stream)
+        done.synchronize()
+        return [memoryview(v.numpy().data) for v in self.views]
+
+
+def _spec(group: str, name: str, t: Any) -> TensorSpec:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in ITEMSIZE:
+        raise NotImplementedError(f"snapshots of {dtype} tensors are not supported ({name})")
+    return TensorSpec(group, name, dtype, tuple(t.shape), t.numel() * ITEMSIZE[dtype])
+
+
+def _optimizer_parts(optimizer: Any) -> tuple[bytes, list[tuple[str, Any]]]:
+    """The optimizer's state dict as a skeleton without its tensors (``torch.save`` bytes) and
+    those tensors, named ``<param id>.<state key>``."""
+    import torch
+
+    sd = optimizer.state_dict()
+    state: dict[Any, Any] = {}
+    tensors: list[tuple[str, Any]] = []
+    for pid, per_param in sd["state"].items():
+        rest: dict[Any, Any] = {}
+        for key, value in per_param.items():
+            name = f"{pid}.{key}"
+            if isinstance(value, torch.Tensor) and type(pid) is int and isinstance(key, str) and _OPT_NAME.match(name):
+                tensors.append((name, value))
+            else:
+                rest[key] = value
+        state[pid] = rest
+    return _torch_bytes({**sd, "state": state}), tensors
+
+
+# ----------------------------------------------------------------------------- how often
+
+
+BUDGET = 0.02
+"""The share of training time that ``every_steps: auto`` lets snapshots cost."""
+MAX_INTERVAL = 10_000
+
+
+def choose_interval(cost_s: float, step_s: float, current: int, budget: float = BUDGET) -> int:
+    """The smallest interval N at which a snapshot costing ``cost_s`` of exposed time every N
+    steps of ``step_s`` stays within ``budget`` of training time.
+
+    Raised at once when over budget; lowered only when the lower interval fits with a quarter
+    of the budget to spare, so that noise around a boundary does not flip it back and forth.
+    """
+    if step_s <= 0 or cost_s < 0 or not math.isfinite(cost_s / step_s):
+        return current
+    need = max(1, math.ceil(cost_s / (budget * step_s) - 1e-9))
+    if need >= current:
+        return min(need, MAX_INTERVAL)
+    roomy = max(1, math.ceil(cost_s / (0.75 * budget * step_s) - 1e-9))
+    return min(current, roomy)
+
+
+class IntervalChooser:
+    """``snapshot.every_steps``: a fixed N (due at multiples of N), or ``auto``.
+
+    ``auto`` starts at every step and re-chooses after each snapshot from the median exposed
+    cost of the last few snapshots (the synchronous part plus any wait for the copy) and the
+    median time between the last few step ends. Medians, not means: an evaluation or a disk
+    save inside a step interval, or a snapshot slowed by a save's I/O, is an outlier that must
+    not set the interval. The first snapshot into each slot is left out (it pays for the
+    slot's pages and the one-time parts of the capture).
+    """
+
+    WARMUP = 2
+
+    def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
+        self.auto = every_steps == "auto"
+        self.interval = 1 if self.auto else int(every_steps)
+        self.budget = budget
+        self._steps: deque[float] = deque(maxlen=32)
+        self._costs: deque[float] = deque(maxlen=8)
+        self._seen = 0
+
+    def is_due(self, step: int, last: int | None) -> bool:
+        """Whether ``step`` gets a snapshot, the last one having been of step ``last``."""
+        if not self.auto:
+            return self.interval > 0 and step % self.interval == 0
+        return last is None or step - last >= self.interval
+
+    def add_step(self, seconds: float) -> None:
+        self._steps.append(seconds)
+
+    def add_cost(self, seconds: float) -> int | None:
+        """Record one snapshot's exposed cost; return the new interval when it changes."""
+        self._seen += 1
+        if not self.auto or self._seen <= self.WARMUP:
+            return None
+        self._costs.append(seconds)
+        if not self._steps:
+            return None
+        new = choose_interval(
+            statistics.median(self._costs), statistics.median(self._steps), self.interval, self.budget
+        )
+        if new == self.interval:
+            return None
+        self.interval = new
+        return new
+
+    @property
+    def step_seconds(self) -> float | None:
+        return statistics.median(self._steps) if self._steps else None
+
+    @property
+    def cost_seconds(self) -> float | None:
+        return statistics.median(self._costs) if self._costs else None
+
+
+def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> None:
+    """Copy ``cap``'s tensors into ``store`` and commit it (the copy thread's job)."""
+    tensors = TensorState(cap.specs, capturer.host_buffers(cap), cap.skeleton, cap.metadata)
+    store.write(cap.step, cap.files, tensors)
