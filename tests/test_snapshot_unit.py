@@ -323,8 +323,6 @@ def _tensors(*entries: list[Any], skeleton: Any = None, metadata: Any = None) ->
     }
 
 
-
-
 ST = state(5)
 TS = ("trainer_state.json", 0, len(ST))
 T0 = len(ST) + len(SK)  # where the first tensor starts
@@ -681,7 +679,9 @@ def _fake_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Captures of small files only (no model): the writer's timing logic without a Trainer."""
 
     def capture(self: Any, trainer: Any) -> snap.Capture:
-        return snap.Capture(trainer.state.global_step, fake_checkpoint_files(trainer.state.global_step), (), (), b"", {})
+        return snap.Capture(
+            trainer.state.global_step, fake_checkpoint_files(trainer.state.global_step), (), (), b"", {}
+        )
 
     monkeypatch.setattr(snap.Capturer, "capture", capture)
 
@@ -807,7 +807,7 @@ def test_every_steps_is_validated_when_built_in_code() -> None:
     assert SnapshotConfig().every_steps == "auto" and SnapshotConfig().enabled
     assert not SnapshotConfig(every_steps=0).enabled
     for bad in ("often", -1, 2.5, True):
-        with pytest.raises(ConfigError, match="snapshot.every_steps"):
+        with pytest.raises(ConfigError, match=r"snapshot\.every_steps"):
             SnapshotConfig(every_steps=bad)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,64 @@
+"""Run the real worker with the snapshot copy of one step held halfway (used by tests as a child process).
+
+python tests/snapshot_inject.py hold-copy:K MARKER CONFIG [worker args]
+
+The copy thread of step K's snapshot writes half of the slot's pieces, then writes MARKER
+(a JSON line: the step, the pieces written and their count) and waits forever. Training
+then waits too, at the next optimizer step (which must not change the weights while they
+are copied), so a test can SIGKILL the worker at a known instant inside the copy. Nothing
+here touches the product's code: the hook wraps two module functions of worker.snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    fault, count = sys.argv[1].split(":")
+    if fault != "hold-copy":
+        raise SystemExit(f"unknown fault {fault!r}")
+    at = int(count)
+    marker = Path(sys.argv[2])
+    from worker import snapshot
+    from worker.cli import entry as worker_main
+
+    held = threading.local()
+    real_write_capture = snapshot.write_capture
+    real_write_all = snapshot._write_all
+
+    def write_capture(store: Any, capturer: Any, cap: Any) -> None:
+        if cap.step == at:
+            # Pieces of the slot: the head, each small file, the optimizer skeleton, each tensor.
+            held.total = 1 + len(cap.files) + 1 + len(cap.specs)
+            held.written = 0
+        try:
+            real_write_capture(store, capturer, cap)
+        finally:
+            held.total = None
+
+    def write_all(fd: int, chunk: Any, crc: int) -> int:
+        crc = real_write_all(fd, chunk, crc)
+        total = getattr(held, "total", None)
+        if total:
+            held.written += 1
+            if held.written == total // 2:
+                marker.write_text(json.dumps({"step": at, "written": held.written, "pieces": total}) + "\n")
+                while True:  # until the test's SIGKILL
+                    time.sleep(3600)
+        return crc
+
+    snapshot.write_capture = write_capture
+    snapshot._write_all = write_all
+    return int(worker_main(sys.argv[3:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
