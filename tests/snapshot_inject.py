@@ -2,11 +2,11 @@
 
 python tests/snapshot_inject.py hold-copy:K MARKER CONFIG [worker args]
 
-The copy thread of step K's snapshot writes half of the slot's pieces, then writes MARKER
-(a JSON line: the step, the pieces written and their count) and waits forever. Training
+The copy thread of step K's snapshot writes about half of the slot, then writes MARKER
+(a JSON line: the step, the bytes written and the snapshot's size) and waits forever. Training
 then waits too, at the next optimizer step (which must not change the weights while they
 are copied), so a test can SIGKILL the worker at a known instant inside the copy. Nothing
-here touches the product's code: the hook wraps two module functions of worker.snapshot.
+here touches the product's code: the hook wraps SnapshotStore.write and the function it writes with.
 """
 
 from __future__ import annotations
@@ -31,16 +31,15 @@ def main() -> int:
     from worker.cli import entry as worker_main
 
     held = threading.local()
-    real_write_capture = snapshot.write_capture
+    real_write = snapshot.SnapshotStore.write
     real_write_all = snapshot._write_all
 
-    def write_capture(store: Any, capturer: Any, cap: Any) -> None:
-        if cap.step == at:
-            # Pieces of the slot: the head, each small file, the optimizer skeleton, each tensor.
-            held.total = 1 + len(cap.files) + 1 + len(cap.specs)
+    def write(store: Any, step: int, files: Any, tensors: Any = None) -> None:
+        if step == at:
+            held.total = sum(len(b) for b in files.values()) + (tensors.nbytes if tensors else 0)
             held.written = 0
         try:
-            real_write_capture(store, capturer, cap)
+            real_write(store, step, files, tensors)
         finally:
             held.total = None
 
@@ -48,14 +47,14 @@ def main() -> int:
         crc = real_write_all(fd, chunk, crc)
         total = getattr(held, "total", None)
         if total:
-            held.written += 1
-            if held.written == total // 2:
-                marker.write_text(json.dumps({"step": at, "written": held.written, "pieces": total}) + "\n")
+            held.written += memoryview(chunk).nbytes
+            if held.written >= total // 2:
+                marker.write_text(json.dumps({"step": at, "written": held.written, "size": total}) + "\n")
                 while True:  # until the test's SIGKILL
                     time.sleep(3600)
         return crc
 
-    snapshot.write_capture = write_capture
+    snapshot.SnapshotStore.write = write  # type: ignore[method-assign]
     snapshot._write_all = write_all
     return int(worker_main(sys.argv[3:]) or 0)
 

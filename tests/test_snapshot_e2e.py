@@ -185,7 +185,7 @@ def test_sigkill_during_the_snapshot_copy_resumes_from_the_previous_snapshot_bit
         wait_for(lambda: marker.exists() or p.poll() is not None, TIMEOUT, "the held snapshot copy", interval=0.02)
         assert p.poll() is None, "the worker ended before its copy was held"
         held = json.loads(marker.read_text())
-        assert 0 < held["written"] < held["pieces"]  # inside the copy, not before or after it
+        assert 0 < held["written"] < held["size"]  # inside the copy, not before or after it
         header = snapshot_header(shm)
         assert header["step"] == 11  # the new slot is not committed
         torn = next(shm.glob(f"vit-supervisor-*/*/slot-{1 - header['slot']}"))

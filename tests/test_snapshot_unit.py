@@ -679,9 +679,9 @@ def _fake_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Captures of small files only (no model): the writer's timing logic without a Trainer."""
 
     def capture(self: Any, trainer: Any) -> snap.Capture:
-        return snap.Capture(
-            trainer.state.global_step, fake_checkpoint_files(trainer.state.global_step), (), (), b"", {}
-        )
+        files = fake_checkpoint_files(trainer.state.global_step)
+        state = json.loads(files.pop("trainer_state.json"))
+        return snap.Capture(trainer.state.global_step, files, {}, state, {}, (), (), {})
 
     monkeypatch.setattr(snap.Capturer, "capture", capture)
 
@@ -747,9 +747,9 @@ def test_the_optimizer_step_waits_for_the_copy(monkeypatch: pytest.MonkeyPatch, 
     release = threading.Event()
     real = snap.write_capture
 
-    def slow(store: SnapshotStore, capturer: Any, cap: Any) -> None:
+    def slow(store: SnapshotStore, capturer: Any, cap: Any) -> int:
         release.wait(30)
-        real(store, capturer, cap)
+        return real(store, capturer, cap)
 
     monkeypatch.setattr(snap, "write_capture", slow)
     store = SnapshotStore(tmp_path / "shm", IDENTITY)
@@ -785,7 +785,7 @@ def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> No
     assert c.is_due(1, None) and c.is_due(8, 7)
     for _ in range(10):
         c.add_step(0.100)
-    assert c.add_cost(5.0) is None and c.add_cost(5.0) is None  # the first snapshot into each slot: warm-up
+    assert c.add_cost(5.0) is None  # the first snapshot: warm-up
     assert c.add_cost(0.001) is None and c.interval == 1  # cheap: every step
     for _ in range(8):
         changed = c.add_cost(0.010)  # made expensive: 10 % of a step

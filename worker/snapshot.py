@@ -113,6 +113,7 @@ DEFAULT_BASE = Path("/dev/shm")
 _MAX_HEADER = 64 << 10  # a header is a few hundred bytes; anything bigger is not ours
 _MAX_INDEX = 16 << 20  # thousands of names fit in far less
 _SLACK = 64 << 10  # container prefix + index, and the header, per :meth:`SnapshotStore.needed_bytes`
+_SMALL = 64 << 10  # chunks below this are joined before writing (:func:`_coalesce`)
 _READ_TRIES = 3  # a reader racing the writer sees a moving header; a corrupt slot fails every try
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # a plain file name: no path, no "..", no hidden file
 _OPT_NAME = re.compile(r"^(0|[1-9][0-9]{0,8})\.(.{1,200})$", re.DOTALL)  # "<param id>.<state key>"
@@ -268,8 +269,8 @@ class SnapshotStore:
         # header does not name this slot, so no reader trusts what is in it now.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            for chunk in (head, *chunks):
-                crc = _write_all(fd, chunk, crc)
+            for piece in _coalesce([head, *chunks]):
+                crc = _write_all(fd, piece, crc)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
@@ -439,6 +440,34 @@ class SnapshotStore:
 
 
 _MISSING = object()
+
+
+def _coalesce(chunks: list[Any], small: int = _SMALL) -> list[Any]:
+    """``chunks`` with runs of small ones joined into pieces of up to ``small`` bytes.
+
+    A model has many small tensors (biases, norms) and every ``write()`` lets go of the GIL
+    and has to win it back from the training thread: a few joined pieces cost less than
+    hundreds of tiny writes. Big chunks pass through as they are (no copy).
+    """
+    out: list[Any] = []
+    run: list[Any] = []
+    size = 0
+    for chunk in chunks:
+        n = memoryview(chunk).nbytes
+        if n >= small:
+            if run:
+                out.append(b"".join(run))
+                run, size = [], 0
+            out.append(chunk)
+            continue
+        if size + n > small and run:
+            out.append(b"".join(run))
+            run, size = [], 0
+        run.append(chunk)
+        size += n
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
 def _write_all(fd: int, chunk: Any, crc: int) -> int:
@@ -778,6 +807,11 @@ def _model_parts(trainer: Any) -> tuple[dict[str, bytes], dict[str, str], dict[s
 
 def _trainer_state_json(trainer: Any) -> bytes:
     """``TrainerState.save_to_json``'s bytes after commit_checkpoint's updates, on a copy."""
+    return (json.dumps(_trainer_state_dict(trainer), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _trainer_state_dict(trainer: Any) -> dict[str, Any]:
+    """What :func:`_trainer_state_json` writes, as a deep copy (``dataclasses.asdict``)."""
     from transformers.trainer_callback import ExportableState
 
     state = trainer.state
@@ -799,7 +833,7 @@ def _trainer_state_json(trainer: Any) -> bytes:
         best_path = out / f"checkpoint-{best}"
         if best_path.exists() or best == state.global_step:
             d["best_model_checkpoint"] = str(best_path)
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+    return d
 
 
 def _rng_states(args: Any) -> dict[str, Any]:
@@ -828,30 +862,41 @@ def _rng_states(args: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Capture:
-    """Rank 0's state at a step boundary: the small files as bytes, the big tensors as the live
-    tensors themselves (their values do not change until the next optimizer step)."""
+    """Rank 0's state at a step boundary: the big tensors as the live tensors themselves (their
+    values do not change until the next optimizer step), the small state as objects of its own
+    (copies taken at the boundary), serialised by :meth:`serialise` in the copy thread."""
 
     step: int
     files: dict[str, bytes]
+    """Files already as bytes (config.json, training_args.bin)."""
+    objects: dict[str, Any]
+    """File name -> object that ``torch.save`` turns into that file (RNG, scheduler, scaler)."""
+    state: dict[str, Any]
+    """trainer_state.json's content."""
+    skeleton: dict[str, Any]
+    """The optimizer's state dict without its tensors."""
     specs: tuple[TensorSpec, ...]
     tensors: tuple[Any, ...]
-    skeleton: bytes
     metadata: dict[str, str]
     ready: Any = None
     """On CUDA, an event recorded on the training stream at the boundary: the copies wait for it."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(b) for b in self.files.values()) + sum(s.nbytes for s in self.specs) + len(self.skeleton)
+    def serialise(self) -> tuple[dict[str, bytes], bytes]:
+        """The small files as bytes, and the skeleton's ``torch.save`` bytes."""
+        files = dict(self.files)
+        files.update((name, _torch_bytes(obj)) for name, obj in self.objects.items())
+        files["trainer_state.json"] = (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode()
+        return files, _torch_bytes(self.skeleton)
 
 
 class Capturer:
     """Captures rank 0's training state for a snapshot without serialising the tensors.
 
-    :meth:`capture` runs at the step boundary and takes the small files (a few hundred
-    microseconds: RNG, scheduler, trainer state) and references to the tensors;
-    :meth:`host_buffers` runs in the copy thread and gives each tensor's bytes in host
-    memory: the tensor's own memory on CPU, a pinned copy made on a side stream on CUDA.
+    :meth:`capture` runs at the step boundary and takes copies of the small state (RNG,
+    scheduler, trainer state, the optimizer's param groups) and references to the tensors;
+    in the copy thread :meth:`Capture.serialise` turns the small state into files and
+    :meth:`host_buffers` gives each tensor's bytes in host memory: the tensor's own memory
+    on CPU, a pinned copy made on a side stream on CUDA.
     What does not change within an attempt is kept between captures: ``config.json``,
     ``training_args.bin``, the list of tensors ``save_pretrained`` would save (while the
     model's parameters and buffers stay where they are) and the byte views of CPU tensors.
@@ -860,13 +905,19 @@ class Capturer:
     def __init__(self) -> None:
         self._fixed: dict[str, bytes] | None = None
         self._metadata: dict[str, str] = {}
-        self._model_key: tuple[int, ...] | None = None
+        self._model_key: list[tuple[dict[str, Any], str, Any, int]] | None = None
         self._model: list[tuple[str, Any]] = []
         self._views_key: tuple[tuple[int, int], ...] | None = None
         self._views: tuple[Any, ...] = ()
         self._staging: _CudaStaging | None = None
+        self._specs_key: tuple[int, ...] | None = None
+        self._specs: tuple[TensorSpec, ...] = ()
+        self._specs_of: tuple[Any, ...] = ()  # keeps the tensors whose ids make the key alive
+        self._cuda = False
 
     def capture(self, trainer: Any) -> Capture:
+        import copy
+
         import torch
 
         args = trainer.args
@@ -876,45 +927,70 @@ class Capturer:
             fixed, self._metadata, _ = _model_parts(trainer)
             fixed["training_args.bin"] = _torch_bytes(args)
             self._fixed = fixed
-        files = dict(self._fixed)
-        files["scheduler.pt"] = _torch_bytes(trainer.lr_scheduler.state_dict())
+        # Objects that the next step changes are copied now; their serialisation waits for the thread.
+        # (The RNG getters return fresh copies; a scheduler's state dict shares its lists.)
+        objects: dict[str, Any] = {"scheduler.pt": copy.deepcopy(trainer.lr_scheduler.state_dict())}
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         if scaler is not None:
-            files["scaler.pt"] = _torch_bytes(scaler.state_dict())
-        files["trainer_state.json"] = _trainer_state_json(trainer)
+            objects["scaler.pt"] = copy.deepcopy(scaler.state_dict())
         ctx = getattr(trainer, "ctx", None)
         rng = getattr(ctx, "rng_override", None) or _rng_states(args)
-        files["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = _torch_bytes(rng)
+        objects["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = rng
         named = self._model_tensors(trainer)
         skeleton, optim = _optimizer_parts(trainer.optimizer)
-        specs = tuple([_spec("model", k, t) for k, t in named] + [_spec("optimizer", k, t) for k, t in optim])
         tensors = tuple(t for _, t in itertools.chain(named, optim))
-        if any(t.device.type not in ("cpu", "cuda") for t in tensors):
-            raise NotImplementedError("snapshots of tensors outside CPU and CUDA memory are not supported")
+        key = tuple(map(id, tensors))  # the same tensor objects (kept alive here) have the same specs
+        if key != self._specs_key:
+            specs = tuple([_spec("model", k, t) for k, t in named] + [_spec("optimizer", k, t) for k, t in optim])
+            if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+                raise NotImplementedError("snapshots of tensors outside CPU and CUDA memory are not supported")
+            self._specs_key, self._specs, self._specs_of = key, specs, tensors
+            self._cuda = any(t.is_cuda for t in tensors)
         ready = None
-        if any(t.is_cuda for t in tensors):
+        if self._cuda:
             # Where the copy may start: when the training stream's work queued so far (this step) is done.
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
-        return Capture(trainer.state.global_step, files, specs, tensors, skeleton, self._metadata, ready)
+        return Capture(
+            step=trainer.state.global_step,
+            files=self._fixed,
+            objects=objects,
+            state=_trainer_state_dict(trainer),
+            skeleton=skeleton,
+            specs=self._specs,
+            tensors=tensors,
+            metadata=self._metadata,
+            ready=ready,
+        )
 
     def _model_tensors(self, trainer: Any) -> list[tuple[str, Any]]:
-        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-        live = list(itertools.chain(model.parameters(), model.buffers()))
-        key = tuple(t.data_ptr() for t in live)
-        if key == self._model_key:
+        """What save_pretrained would save, kept while the model's parameters and buffers stay
+        the same tensors at the same addresses (checked on the modules' own dicts: cheap)."""
+        if self._model_key is not None and all(
+            d.get(name) is t and t is not None and t.data_ptr() == ptr for d, name, t, ptr in self._model_key
+        ):
             return self._model
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        entries = [
+            (d, name, t, t.data_ptr())
+            for m in model.modules()
+            for d in (m._parameters, m._buffers)
+            for name, t in d.items()
+            if t is not None
+        ]
         _, _, state = _model_parts(trainer)
         named = list(state.items())
-        storages = {t.untyped_storage().data_ptr() for t in live}
+        storages = {t.untyped_storage().data_ptr() for _, _, t, _ in entries}
         # Kept only when every tensor to save is (a view of) a parameter or buffer: the optimizer
         # updates those in place. A renaming that builds new tensors must be redone each time.
         shared = all(t.untyped_storage().data_ptr() in storages for _, t in named)
-        self._model_key, self._model = (key, named) if shared else (None, [])
+        self._model_key, self._model = (entries, named) if shared else (None, [])
         return named
 
     def host_buffers(self, cap: Capture) -> tuple[Any, ...]:
         """Each tensor's bytes in host memory, in ``cap.specs`` order (runs in the copy thread)."""
+        if cap.ready is None:  # all on CPU
+            return self._cpu_views(list(cap.tensors))
         cuda = [i for i, t in enumerate(cap.tensors) if t.is_cuda]
         cpu = [i for i, t in enumerate(cap.tensors) if not t.is_cuda]
         out: list[Any] = [None] * len(cap.tensors)
@@ -999,9 +1075,13 @@ def _spec(group: str, name: str, t: Any) -> TensorSpec:
     return TensorSpec(group, name, dtype, tuple(t.shape), t.numel() * ITEMSIZE[dtype])
 
 
-def _optimizer_parts(optimizer: Any) -> tuple[bytes, list[tuple[str, Any]]]:
-    """The optimizer's state dict as a skeleton without its tensors (``torch.save`` bytes) and
-    those tensors, named ``<param id>.<state key>``."""
+def _optimizer_parts(optimizer: Any) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The optimizer's state dict without its tensors (a skeleton: param groups, non-tensor
+    state) and those tensors, named ``<param id>.<state key>``.
+
+    ``state_dict()`` builds new dicts and lists; a scheduler assigns new values into the live
+    param groups, never into these, so the skeleton needs no deeper copy.
+    """
     import torch
 
     sd = optimizer.state_dict()
@@ -1010,13 +1090,12 @@ def _optimizer_parts(optimizer: Any) -> tuple[bytes, list[tuple[str, Any]]]:
     for pid, per_param in sd["state"].items():
         rest: dict[Any, Any] = {}
         for key, value in per_param.items():
-            name = f"{pid}.{key}"
-            if isinstance(value, torch.Tensor) and type(pid) is int and isinstance(key, str) and _OPT_NAME.match(name):
-                tensors.append((name, value))
+            if isinstance(value, torch.Tensor) and type(pid) is int and isinstance(key, str) and 0 < len(key) <= 200:
+                tensors.append((f"{pid}.{key}", value))
             else:
                 rest[key] = value
         state[pid] = rest
-    return _torch_bytes({**sd, "state": state}), tensors
+    return {**sd, "state": state}, tensors
 
 
 # ----------------------------------------------------------------------------- how often
@@ -1050,11 +1129,11 @@ class IntervalChooser:
     cost of the last few snapshots (the synchronous part plus any wait for the copy) and the
     median time between the last few step ends. Medians, not means: an evaluation or a disk
     save inside a step interval, or a snapshot slowed by a save's I/O, is an outlier that must
-    not set the interval. The first snapshot into each slot is left out (it pays for the
-    slot's pages and the one-time parts of the capture).
+    not set the interval. The first snapshot is left out: it pays for the one-time parts
+    (the copy thread, the config files, the list of tensors).
     """
 
-    WARMUP = 2
+    WARMUP = 1
 
     def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
         self.auto = every_steps == "auto"
@@ -1098,7 +1177,10 @@ class IntervalChooser:
         return statistics.median(self._costs) if self._costs else None
 
 
-def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> None:
-    """Copy ``cap``'s tensors into ``store`` and commit it (the copy thread's job)."""
-    tensors = TensorState(cap.specs, capturer.host_buffers(cap), cap.skeleton, cap.metadata)
-    store.write(cap.step, cap.files, tensors)
+def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> int:
+    """Serialise ``cap``'s small state, copy its tensors into ``store`` and commit it (the copy
+    thread's job); return the snapshot's size in bytes."""
+    files, skeleton = cap.serialise()
+    tensors = TensorState(cap.specs, capturer.host_buffers(cap), skeleton, cap.metadata)
+    store.write(cap.step, files, tensors)
+    return sum(len(b) for b in files.values()) + tensors.nbytes

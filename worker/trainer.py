@@ -143,8 +143,7 @@ class Snapshots:
         self._last_step = step
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
-        snapshot.write_capture(self.store, self._capturer, cap)
-        self.size = cap.nbytes
+        self.size = snapshot.write_capture(self.store, self._capturer, cap)
         self.seconds.append(time.monotonic() - t0)
 
     def join(self) -> None:
