@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 
-SCRIPTS = ["exactness", "checkpoint_overhead", "lost_work", "recovery", "footprint", "gpu_check"]
+SCRIPTS = ["exactness", "checkpoint_overhead", "lost_work", "recovery", "footprint", "gpu_check", "snapshot_cost"]
 GB = 1e9
 
 
