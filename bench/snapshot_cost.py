@@ -39,7 +39,7 @@ GOAL = 1.02
 # ViT-S/16 and ViT-B/16 widths and depths on 64-pixel images, so a CPU step takes a second or
 # two: the state (weights, AdamW moments) is nearly that of the 224-pixel models.
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"arch": dict(c.TINY["model"]["scratch"]), "batch": 16, "steps": 300, "log": 10},
+    "tiny": {"arch": dict(c.TINY["model"]["scratch"]), "batch": 16, "steps": 200, "log": 10},
     "small": {
         "arch": {
             "image_size": 32,
@@ -51,7 +51,7 @@ SIZES: dict[str, dict[str, Any]] = {
             "intermediate_size": 768,
         },
         "batch": 8,
-        "steps": 80,
+        "steps": 40,
         "log": 5,
     },
     "vit-s/16": {
@@ -63,10 +63,10 @@ SIZES: dict[str, dict[str, Any]] = {
             "intermediate_size": 1536,
         },
         "batch": 4,
-        "steps": 24,
+        "steps": 12,
         "log": 2,
     },
-    "vit-b/16": {"arch": {**c.VIT_BASE, "image_size": 64}, "batch": 2, "steps": 12, "log": 2},
+    "vit-b/16": {"arch": {**c.VIT_BASE, "image_size": 64}, "batch": 2, "steps": 8, "log": 2},
 }
 QUICK = {"tiny": 60, "small": 15}  # multiples of the sizes' logging steps
 SUMMARY = re.compile(
