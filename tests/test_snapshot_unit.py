@@ -783,6 +783,7 @@ def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> No
     c = snap.IntervalChooser("auto")
     assert c.auto and c.interval == 1
     assert c.is_due(1, None) and c.is_due(8, 7)
+    assert not c.is_due(16, 15)  # at interval 1, one step in 16 runs without a copy (the baseline)
     for _ in range(10):
         c.add_step(0.100)
     assert c.add_cost(5.0) is None  # the first snapshot: warm-up
@@ -799,6 +800,23 @@ def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> No
     for _ in range(5):
         assert fixed.add_cost(10.0) is None
     assert fixed.interval == 3
+
+
+def test_auto_counts_the_slowdown_of_steps_run_beside_a_copy() -> None:
+    """The copy thread competes for the CPU: the exposed time (0.5 ms) says 1 % of a step, the
+    steps beside a copy take 10 ms longer (10 %), and the interval follows the 10 %."""
+    c = snap.IntervalChooser("auto")
+    c.add_cost(0.0005)  # warm-up
+    for _ in range(5):
+        c.add_step(0.100, beside_copy=False)
+        c.add_step(0.110, beside_copy=True)
+    assert c.add_cost(0.0005) == 5 and c.interval == 5
+    assert c.cost_seconds == pytest.approx(0.010) and c.step_seconds == pytest.approx(0.100)
+    for _ in range(16):
+        c.add_step(0.1005, beside_copy=True)  # the copy no longer slows steps down
+    for _ in range(8):
+        c.add_cost(0.0005)
+    assert c.interval == 1
 
 
 def test_every_steps_is_validated_when_built_in_code() -> None:

@@ -1125,21 +1125,28 @@ def choose_interval(cost_s: float, step_s: float, current: int, budget: float = 
 class IntervalChooser:
     """``snapshot.every_steps``: a fixed N (due at multiples of N), or ``auto``.
 
-    ``auto`` starts at every step and re-chooses after each snapshot from the median exposed
-    cost of the last few snapshots (the synchronous part plus any wait for the copy) and the
-    median time between the last few step ends. Medians, not means: an evaluation or a disk
-    save inside a step interval, or a snapshot slowed by a save's I/O, is an outlier that must
-    not set the interval. The first snapshot is left out: it pays for the one-time parts
+    ``auto`` starts at every step and re-chooses after each snapshot. The cost of a snapshot
+    is what training loses to it: at least its exposed time (the synchronous part plus any
+    wait for the copy), and more where the copy thread competes with training for the CPU
+    or the GIL (a small model on few cores). That part shows only as slower steps, so the
+    chooser keeps two sets of step times, the steps that ran beside a copy and those that
+    did not, and takes the larger of the exposed time and the difference of their medians.
+    At an interval of 1 every 16th step goes without a snapshot to keep the second set
+    current (then up to 2 steps can be lost). Medians, not means: an evaluation or a disk
+    save inside a step, or a snapshot slowed by a save's I/O, is an outlier that must not
+    set the interval. The first snapshot's cost is left out: it pays for one-time parts
     (the copy thread, the config files, the list of tensors).
     """
 
     WARMUP = 1
+    SAMPLE = 16
 
     def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
         self.auto = every_steps == "auto"
         self.interval = 1 if self.auto else int(every_steps)
         self.budget = budget
-        self._steps: deque[float] = deque(maxlen=32)
+        self._with: deque[float] = deque(maxlen=16)  # step times beside a copy
+        self._without: deque[float] = deque(maxlen=16)
         self._costs: deque[float] = deque(maxlen=8)
         self._seen = 0
 
@@ -1147,10 +1154,13 @@ class IntervalChooser:
         """Whether ``step`` gets a snapshot, the last one having been of step ``last``."""
         if not self.auto:
             return self.interval > 0 and step % self.interval == 0
+        if self.interval == 1 and step % self.SAMPLE == 0:
+            return False  # a step without a copy, for the baseline step time
         return last is None or step - last >= self.interval
 
-    def add_step(self, seconds: float) -> None:
-        self._steps.append(seconds)
+    def add_step(self, seconds: float, beside_copy: bool = False) -> None:
+        """Record the time between two step ends, and whether a snapshot copy ran in it."""
+        (self._with if beside_copy else self._without).append(seconds)
 
     def add_cost(self, seconds: float) -> int | None:
         """Record one snapshot's exposed cost; return the new interval when it changes."""
@@ -1158,11 +1168,10 @@ class IntervalChooser:
         if not self.auto or self._seen <= self.WARMUP:
             return None
         self._costs.append(seconds)
-        if not self._steps:
+        step, cost = self.step_seconds, self.cost_seconds
+        if step is None or cost is None:
             return None
-        new = choose_interval(
-            statistics.median(self._costs), statistics.median(self._steps), self.interval, self.budget
-        )
+        new = choose_interval(cost, step, self.interval, self.budget)
         if new == self.interval:
             return None
         self.interval = new
@@ -1170,11 +1179,20 @@ class IntervalChooser:
 
     @property
     def step_seconds(self) -> float | None:
-        return statistics.median(self._steps) if self._steps else None
+        """Median step time without a copy (with one, until there are a few without)."""
+        if len(self._without) >= 3 or not self._with:
+            return statistics.median(self._without) if self._without else None
+        return statistics.median([*self._with, *self._without])
 
     @property
     def cost_seconds(self) -> float | None:
-        return statistics.median(self._costs) if self._costs else None
+        """What a snapshot costs training: see the class docstring."""
+        if not self._costs:
+            return None
+        exposed = statistics.median(self._costs)
+        if len(self._with) >= 3 and len(self._without) >= 3:
+            return max(exposed, statistics.median(self._with) - statistics.median(self._without))
+        return exposed
 
 
 def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> int:

@@ -80,7 +80,7 @@ class Snapshots:
 
     The interval is ``snapshot.every_steps``, or with ``auto`` chosen as training goes by
     :class:`snapshot.IntervalChooser` from the exposed cost (the synchronous part plus any
-    wait in :meth:`join`) against the step time.
+    wait in :meth:`join`) and the slowdown of steps run beside a copy, against the step time.
     """
 
     def __init__(self, store: snapshot.SnapshotStore, every_steps: int | str) -> None:
@@ -104,7 +104,8 @@ class Snapshots:
     def step_end(self, step: int) -> None:
         now = time.monotonic()
         if self._last_step_end is not None:
-            self.chooser.add_step(now - self._last_step_end)
+            # A snapshot of the previous step was copied during this one (or it ran without).
+            self.chooser.add_step(now - self._last_step_end, beside_copy=self._last_step == step - 1)
         self._last_step_end = now
         if self.enabled and self.chooser.is_due(step, self._last_step):
             self.due = step
