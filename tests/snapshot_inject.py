@@ -54,6 +54,7 @@ def main() -> int:
                     time.sleep(3600)
         return crc
 
+    snapshot.SYNC_BELOW = 0  # the tiny model's state is copied in the thread too, as a big one's is
     snapshot.SnapshotStore.write = write  # type: ignore[method-assign]
     snapshot._write_all = write_all
     return int(worker_main(sys.argv[3:]) or 0)

@@ -1111,7 +1111,8 @@ def choose_interval(cost_s: float, step_s: float, current: int, budget: float = 
     steps of ``step_s`` stays within ``budget`` of training time.
 
     Raised at once when over budget; lowered only when the lower interval fits with a quarter
-    of the budget to spare, so that noise around a boundary does not flip it back and forth.
+    of the budget to spare, and by at most half at a time, so that noise does not flip it
+    back and forth.
     """
     if step_s <= 0 or cost_s < 0 or not math.isfinite(cost_s / step_s):
         return current
@@ -1119,7 +1120,7 @@ def choose_interval(cost_s: float, step_s: float, current: int, budget: float = 
     if need >= current:
         return min(need, MAX_INTERVAL)
     roomy = max(1, math.ceil(cost_s / (0.75 * budget * step_s) - 1e-9))
-    return min(current, roomy)
+    return min(current, max(roomy, (current + 1) // 2))
 
 
 class IntervalChooser:
@@ -1193,6 +1194,13 @@ class IntervalChooser:
         if len(self._with) >= 3 and len(self._without) >= 3:
             return max(exposed, statistics.median(self._with) - statistics.median(self._without))
         return exposed
+
+
+SYNC_BELOW = 8 << 20
+"""Snapshots with fewer tensor bytes than this are copied at the boundary, not in the thread:
+handing a copy of a few hundred kilobytes to a thread costs more (GIL hand-offs with the
+training thread, a busy CPU) than the copy itself, and done in place its cost is all exposed,
+so ``auto`` sees it whole."""
 
 
 def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> int:

@@ -69,14 +69,15 @@ class Snapshots:
     after ``on_epoch_end`` (epoch evaluation and epoch saves happen there).
 
     The capture has two parts. The small state (RNG, trainer state, scheduler, scaler) is
-    taken there and then, as bytes. The big tensors (weights, optimizer state) are only
+    copied there and then (and serialised with the copy). The big tensors (weights, optimizer state) are only
     referenced, and a thread copies their bytes into the store's free slot and commits it
     while the next step's forward and backward run: the weights and the optimizer state do
     not change until the next optimizer step, and :meth:`join`, called in
     ``on_pre_optimizer_step``, makes that step wait for the copy. Everything else that
     changes the weights or ends training joins first too (:meth:`SupervisedTrainer.train`
     and ``_load_best_model``). A kill during the copy leaves the previous snapshot: the
-    header names the new slot only once it is complete.
+    header names the new slot only once it is complete. A small state (under
+    :data:`snapshot.SYNC_BELOW`) is copied at the boundary instead: cheaper than a hand-off.
 
     The interval is ``snapshot.every_steps``, or with ``auto`` chosen as training goes by
     :class:`snapshot.IntervalChooser` from the exposed cost (the synchronous part plus any
@@ -133,6 +134,11 @@ class Snapshots:
                 self._done(step, t0, time.monotonic() - t0)
                 return
             cap = self._capturer.capture(trainer)
+            if sum(s.nbytes for s in cap.specs) < snapshot.SYNC_BELOW:
+                self._copy(cap, t0)  # small: cheaper here than handed to the thread
+                self._last_step = step
+                self._done(step, None, time.monotonic() - t0)
+                return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-copy")
             self._pending = self._pool.submit(self._copy, cap, t0)
@@ -167,7 +173,7 @@ class Snapshots:
         new = self.chooser.add_cost(exposed)
         if new is not None:
             log.info(
-                "Snapshot interval now %d step%s (auto: %.1f ms exposed per snapshot, %.1f ms per step)",
+                "Snapshot interval now %d step%s (auto: %.1f ms per snapshot, %.1f ms per step)",
                 new,
                 "" if new == 1 else "s",
                 1e3 * (self.chooser.cost_seconds or 0.0),
