@@ -2,7 +2,7 @@
 
 python tests/snapshot_inject.py hold-copy:K MARKER CONFIG [worker args]
 
-The copy thread of step K's snapshot writes about half of the slot, then writes MARKER
+The copy thread of step K's snapshot writes half of the slot, then writes MARKER
 (a JSON line: the step, the bytes written and the snapshot's size) and waits forever. Training
 then waits too, at the next optimizer step (which must not change the weights while they
 are copied), so a test can SIGKILL the worker at a known instant inside the copy. Nothing
@@ -44,15 +44,17 @@ def main() -> int:
             held.total = None
 
     def write_all(fd: int, chunk: Any, crc: int) -> int:
-        crc = real_write_all(fd, chunk, crc)
         total = getattr(held, "total", None)
         if total:
-            held.written += memoryview(chunk).nbytes
-            if held.written >= total // 2:
+            view = memoryview(chunk).cast("B")
+            if held.written + view.nbytes >= total // 2:  # this piece crosses the middle: half of it, then hold
+                real_write_all(fd, view[: max(1, total // 2 - held.written)], 0)
+                held.written = total // 2
                 marker.write_text(json.dumps({"step": at, "written": held.written, "size": total}) + "\n")
                 while True:  # until the test's SIGKILL
                     time.sleep(3600)
-        return crc
+            held.written += view.nbytes
+        return real_write_all(fd, chunk, crc)
 
     snapshot.SYNC_BELOW = 0  # the tiny model's state is copied in the thread too, as a big one's is
     snapshot.SnapshotStore.write = write  # type: ignore[method-assign]

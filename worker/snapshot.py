@@ -153,8 +153,8 @@ class TensorState:
     """A snapshot's big tensors, raw, and what :func:`materialize` needs to turn them into
     ``model.safetensors`` and ``optimizer.pt``.
 
-    ``buffers`` hold one buffer per spec (each ``spec.nbytes`` long): the live tensors' memory
-    when writing, views of the slot's bytes when read back.
+    ``buffers`` hold one buffer per spec (each ``spec.nbytes`` long; views of the slot's
+    bytes when read back), or, when writing, one buffer holding all of them in order.
     """
 
     specs: tuple[TensorSpec, ...]
@@ -616,18 +616,19 @@ def _tensor_spec(e: Any) -> TensorSpec | None:
 
 def _tensor_index(tensors: TensorState, offset: int) -> tuple[dict[str, Any], int]:
     """The index's tensor section for ``tensors`` placed at ``offset``, and the offset after them."""
-    if len(tensors.specs) != len(tensors.buffers):
+    one = len(tensors.buffers) == 1 and len(tensors.specs) != 1  # a single buffer holding them all, in order
+    if not one and len(tensors.specs) != len(tensors.buffers):
         raise ValueError(f"{len(tensors.specs)} tensor specs but {len(tensors.buffers)} buffers")
+    if one and memoryview(tensors.buffers[0]).nbytes != sum(spec.nbytes for spec in tensors.specs):
+        raise ValueError("the tensors' buffer does not hold exactly their bytes")
     section: dict[str, Any] = {"skeleton": [offset, len(tensors.skeleton)], "metadata": dict(tensors.metadata)}
     offset += len(tensors.skeleton)
     entries = []
-    for spec, buf in zip(tensors.specs, tensors.buffers, strict=True):
+    for i, spec in enumerate(tensors.specs):
         if _tensor_spec([spec.group, spec.name, spec.dtype, list(spec.shape), 0, spec.nbytes]) is None:
             raise ValueError(f"tensor {spec.group} {spec.name[:80]!r} could not be read back ({spec})")
-        if memoryview(buf).nbytes != spec.nbytes:
-            raise ValueError(
-                f"tensor {spec.name[:80]!r} has {memoryview(buf).nbytes} bytes, its spec says {spec.nbytes}"
-            )
+        if not one and memoryview(tensors.buffers[i]).nbytes != spec.nbytes:
+            raise ValueError(f"tensor {spec.name[:80]!r} has the wrong number of bytes (its spec says {spec.nbytes})")
         entries.append([spec.group, spec.name, spec.dtype, list(spec.shape), offset, spec.nbytes])
         offset += spec.nbytes
     section["entries"] = entries
@@ -908,7 +909,8 @@ class Capturer:
         self._model_key: list[tuple[dict[str, Any], str, Any, int]] | None = None
         self._model: list[tuple[str, Any]] = []
         self._views_key: tuple[tuple[int, int], ...] | None = None
-        self._views: tuple[Any, ...] = ()
+        self._views: list[Any] = []
+        self._stage: Any = None  # the host buffer the CPU tensors are gathered into
         self._staging: _CudaStaging | None = None
         self._specs_key: tuple[int, ...] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
@@ -988,56 +990,63 @@ class Capturer:
         return named
 
     def host_buffers(self, cap: Capture) -> tuple[Any, ...]:
-        """Each tensor's bytes in host memory, in ``cap.specs`` order (runs in the copy thread)."""
-        if cap.ready is None:  # all on CPU
-            return self._cpu_views(list(cap.tensors))
-        cuda = [i for i, t in enumerate(cap.tensors) if t.is_cuda]
-        cpu = [i for i, t in enumerate(cap.tensors) if not t.is_cuda]
-        out: list[Any] = [None] * len(cap.tensors)
-        for i, view in zip(cpu, self._cpu_views([cap.tensors[i] for i in cpu]), strict=True):
-            out[i] = view
-        if cuda:
-            tensors = [cap.tensors[i] for i in cuda]
-            if self._staging is None or not self._staging.fits(tensors):
-                self._staging = _CudaStaging(tensors)
-            for i, view in zip(cuda, self._staging.fill(tensors, cap.ready), strict=True):
-                out[i] = view
-        return tuple(out)
+        """The tensors' bytes in host memory, in ``cap.specs`` order, as one buffer (runs in
+        the copy thread).
 
-    def _cpu_views(self, tensors: list[Any]) -> tuple[Any, ...]:
+        One buffer, filled by one ``torch.cat`` (CPU) or one batch of copies on a side stream
+        (CUDA), so that the thread lets go of the GIL and wins it back from the training thread
+        a handful of times per snapshot, not twice per tensor: on a busy CPU each hand-off can
+        cost the training thread a scheduler slice. The price is one host copy of the state.
+        """
+        import torch
+
+        if cap.ready is not None:  # some on CUDA
+            if self._staging is None or not self._staging.fits(cap.tensors):
+                self._staging = _CudaStaging(cap.tensors)
+            return (self._staging.fill(cap.tensors, cap.ready),)
+        flat = self._flat_views(cap.tensors)
+        total = sum(t.numel() for t in flat)
+        if self._stage is None or self._stage.numel() != total:
+            self._stage = torch.empty(total, dtype=torch.uint8)
+        if flat:
+            torch.cat(flat, out=self._stage)
+        return (memoryview(self._stage.numpy().data),)
+
+    def _flat_views(self, tensors: tuple[Any, ...]) -> list[Any]:
+        """Each CPU tensor as a flat uint8 view (kept while the tensors stay where they are)."""
         key = tuple((t.data_ptr(), t.nbytes) for t in tensors)
         if key == self._views_key:
             return self._views
-        views = tuple(_byte_view(t) for t in tensors)
+        views = [_flat_bytes(t) for t in tensors]
         # A non-contiguous tensor's view is a copy of this moment: never kept.
         if all(t.is_contiguous() for t in tensors):
             self._views_key, self._views = key, views
         return views
 
 
-def _byte_view(t: Any) -> memoryview:
-    """The bytes of CPU tensor ``t`` without a copy (a copy if it is not contiguous)."""
+def _flat_bytes(t: Any) -> Any:
+    """The bytes of tensor ``t`` as a flat uint8 tensor, without a copy when it is contiguous."""
     import torch
 
-    flat = t.detach().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy().data)
+    return t.detach().reshape(-1).view(torch.uint8)
 
 
 class _CudaStaging:
-    """Pinned host memory for a capture's CUDA tensors, filled on a side stream.
+    """Pinned host memory for a capture's tensors, filled on a side stream.
 
     Not exercised on this project's CPU test machines: kept small on purpose. The copies
     wait for the training stream's work up to the boundary (an event recorded there), run on
     their own stream while the next step's forward and backward run, and the copy thread
     waits for them before it reads the pinned memory. The source tensors (parameters and
     optimizer state) are neither freed nor changed before the next optimizer step, which
-    waits for the copy thread, so no ``record_stream`` is needed.
+    waits for the copy thread, so no ``record_stream`` is needed. Tensors on the CPU (an
+    optimizer's step counts) are copied into the same buffer, in order.
     """
 
-    def __init__(self, tensors: list[Any]) -> None:
+    def __init__(self, tensors: tuple[Any, ...]) -> None:
         import torch
 
-        devices = {t.device for t in tensors}
+        devices = {t.device for t in tensors if t.is_cuda}
         if len(devices) != 1:
             raise NotImplementedError(
                 f"snapshots of tensors on several GPUs are not supported ({sorted(map(str, devices))})"
@@ -1052,20 +1061,20 @@ class _CudaStaging:
             offset += n
         self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 
-    def fits(self, tensors: list[Any]) -> bool:
-        return [t.nbytes for t in tensors] == self.sizes and all(t.device == self.device for t in tensors)
+    def fits(self, tensors: tuple[Any, ...]) -> bool:
+        return [t.nbytes for t in tensors] == self.sizes and all(t.device == self.device for t in tensors if t.is_cuda)
 
-    def fill(self, tensors: list[Any], ready: Any) -> list[memoryview]:
+    def fill(self, tensors: tuple[Any, ...], ready: Any) -> memoryview:
         import torch
 
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             for t, view in zip(tensors, self.views, strict=True):
-                view.copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+                view.copy_(_flat_bytes(t), non_blocking=True)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(self.stream)
         done.synchronize()
-        return [memoryview(v.numpy().data) for v in self.views]
+        return memoryview(self.buffer.numpy().data)
 
 
 def _spec(group: str, name: str, t: Any) -> TensorSpec:
