@@ -6,6 +6,7 @@ capture tests build real checkpoint files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -788,7 +789,6 @@ def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> No
     assert not c.is_due(16, 15)  # at interval 1, one step in 16 runs without a copy (the baseline)
     for _ in range(10):
         c.add_step(0.100)
-    assert c.add_cost(5.0) is None  # the first snapshot: warm-up
     assert c.add_cost(0.001) is None and c.interval == 1  # cheap: every step
     for _ in range(8):
         changed = c.add_cost(0.010)  # made expensive: 10 % of a step
@@ -804,11 +804,22 @@ def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> No
     assert fixed.interval == 3
 
 
+def test_auto_starts_long_after_an_expensive_first_snapshot_and_comes_down_by_halves() -> None:
+    c = snap.IntervalChooser("auto")
+    for _ in range(5):
+        c.add_step(0.100)
+    assert c.add_cost(0.5) == 250  # 5 steps' worth: 2 % means every 250th
+    seen = [250] + [x for x in (c.add_cost(0.001) for _ in range(12)) if x is not None]  # then cheap
+    assert seen[-1] == 1 == c.interval
+    assert all(b < a <= 2 * b for a, b in itertools.pairwise(seen))  # down by half at most each time
+
+
 def test_auto_counts_the_slowdown_of_steps_run_beside_a_copy() -> None:
     """The copy thread competes for the CPU: the exposed time (0.5 ms) says 1 % of a step, the
     steps beside a copy take 10 ms longer (10 %), and the interval follows the 10 %."""
     c = snap.IntervalChooser("auto")
-    c.add_cost(0.0005)  # warm-up
+    c.add_cost(0.0005)  # before any step time: no choice yet
+    assert c.interval == 1
     for _ in range(5):
         c.add_step(0.100, beside_copy=False)
         c.add_step(0.110, beside_copy=True)

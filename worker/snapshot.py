@@ -1144,11 +1144,13 @@ class IntervalChooser:
     At an interval of 1 every 16th step goes without a snapshot to keep the second set
     current (then up to 2 steps can be lost). Medians, not means: an evaluation or a disk
     save inside a step, or a snapshot slowed by a save's I/O, is an outlier that must not
-    set the interval. The first snapshot's cost is left out: it pays for one-time parts
-    (the copy thread, the config files, the list of tensors).
+    set the interval. The first snapshot's cost counts, one-time parts (the copy thread, the
+    config files, the list of tensors) included: an expensive state gets a long interval at
+    once rather than after a few costly snapshots, and the interval comes down from there (by
+    half at a time at most, see :func:`choose_interval`).
     """
 
-    WARMUP = 1
+    WARMUP = 0
     SAMPLE = 16
 
     def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
