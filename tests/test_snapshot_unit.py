@@ -818,8 +818,9 @@ def test_auto_counts_the_slowdown_of_steps_run_beside_a_copy() -> None:
     """The copy thread competes for the CPU: the exposed time (0.5 ms) says 1 % of a step, the
     steps beside a copy take 10 ms longer (10 %), and the interval follows the 10 %."""
     c = snap.IntervalChooser("auto")
-    c.add_cost(0.0005)  # before any step time: no choice yet
-    assert c.interval == 1
+    c.add_cost(0.0005)  # before any step time: no choice yet, and no snapshot before one
+    assert c.interval == 1 and not c.is_due(2, 1)
+    assert c.add_step(0.100) is None and c.is_due(2, 1)  # a step time: 0.5 % of a step, every step
     for _ in range(5):
         c.add_step(0.100, beside_copy=False)
         c.add_step(0.110, beside_copy=True)

@@ -1161,18 +1161,23 @@ class IntervalChooser:
         self._without: deque[float] = deque(maxlen=16)
         self._costs: deque[float] = deque(maxlen=8)
         self._seen = 0
+        self._undecided = False  # a cost came before any step time: the choice waits for one
 
     def is_due(self, step: int, last: int | None) -> bool:
         """Whether ``step`` gets a snapshot, the last one having been of step ``last``."""
         if not self.auto:
             return self.interval > 0 and step % self.interval == 0
+        if self._undecided:
+            return False  # a snapshot's cost is known but no step time yet: no second one before a choice
         if self.interval == 1 and step % self.SAMPLE == 0:
             return False  # a step without a copy, for the baseline step time
         return last is None or step - last >= self.interval
 
-    def add_step(self, seconds: float, beside_copy: bool = False) -> None:
-        """Record the time between two step ends, and whether a snapshot copy ran in it."""
+    def add_step(self, seconds: float, beside_copy: bool = False) -> int | None:
+        """Record the time between two step ends, and whether a snapshot copy ran in it;
+        return the new interval when a choice that waited for a step time changes it."""
         (self._with if beside_copy else self._without).append(seconds)
+        return self._choose() if self._undecided else None
 
     def add_cost(self, seconds: float) -> int | None:
         """Record one snapshot's exposed cost; return the new interval when it changes."""
@@ -1180,7 +1185,11 @@ class IntervalChooser:
         if not self.auto or self._seen <= self.WARMUP:
             return None
         self._costs.append(seconds)
+        return self._choose()
+
+    def _choose(self) -> int | None:
         step, cost = self.step_seconds, self.cost_seconds
+        self._undecided = step is None
         if step is None or cost is None:
             return None
         new = choose_interval(cost, step, self.interval, self.budget)

@@ -106,7 +106,9 @@ class Snapshots:
         now = time.monotonic()
         if self._last_step_end is not None:
             # A snapshot of the previous step was copied during this one (or it ran without).
-            self.chooser.add_step(now - self._last_step_end, beside_copy=self._last_step == step - 1)
+            new = self.chooser.add_step(now - self._last_step_end, beside_copy=self._last_step == step - 1)
+            if new is not None:
+                self._log_interval(new)
         self._last_step_end = now
         if self.enabled and self.chooser.is_due(step, self._last_step):
             self.due = step
@@ -172,13 +174,16 @@ class Snapshots:
         self.exposed.append(exposed)
         new = self.chooser.add_cost(exposed)
         if new is not None:
-            log.info(
-                "Snapshot interval now %d step%s (auto: %.1f ms per snapshot, %.1f ms per step)",
-                new,
-                "" if new == 1 else "s",
-                1e3 * (self.chooser.cost_seconds or 0.0),
-                1e3 * (self.chooser.step_seconds or 0.0),
-            )
+            self._log_interval(new)
+
+    def _log_interval(self, new: int) -> None:
+        log.info(
+            "Snapshot interval now %d step%s (auto: %.1f ms per snapshot, %.1f ms per step)",
+            new,
+            "" if new == 1 else "s",
+            1e3 * (self.chooser.cost_seconds or 0.0),
+            1e3 * (self.chooser.step_seconds or 0.0),
+        )
 
     def _off(self, step: int, exc: BaseException) -> None:
         self.enabled = False
