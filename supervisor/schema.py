@@ -408,16 +408,28 @@ class SnapshotConfig:
     """Training-state snapshots in host shared memory: a crash the host survives loses at most
     ``every_steps`` optimizer steps instead of everything since the last disk checkpoint."""
 
-    every_steps: int = 0
-    """Snapshot every N optimizer steps (0 = off). ``auto`` (pick N from measured cost) comes in a later version."""
+    every_steps: int | Literal["auto"] = "auto"
+    """``auto`` (the default): as often as costs at most 2 % of training time, measured as the
+    run goes (every step when that fits); N: every N optimizer steps; 0: off."""
     root: str | None = None
     """Folder on a tmpfs that holds the stores (default ``/dev/shm``); each run's store is
     ``<root>/vit-supervisor-<uid>/<run>-<hash>-rank<r>``, so runs sharing a root never collide."""
 
     def __post_init__(self) -> None:
-        _check_min("snapshot.every_steps", self.every_steps, 0, "0 turns snapshots off")
+        if self.every_steps != "auto":
+            if isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int):
+                raise ConfigError(
+                    f"snapshot.every_steps is {_show(self.every_steps)}; it must be auto, a whole number of steps, "
+                    "or 0 (off)"
+                )
+            _check_min("snapshot.every_steps", self.every_steps, 0, "0 turns snapshots off, auto picks the interval")
         if self.root is not None and not self.root.strip():
             raise ConfigError("snapshot.root is empty: give a folder on a tmpfs, or leave it out for /dev/shm")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the worker takes snapshots at all (``every_steps`` is not 0)."""
+        return self.every_steps != 0
 
 
 @dataclass
@@ -769,6 +781,12 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(dotted, value, inner[0])
+        for member in inner:  # e.g. int | Literal["auto"]: the first member that takes the value
+            try:
+                return _coerce(dotted, value, member)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{dotted} is {_show(value)}; valid values are {' or '.join(map(_describe, inner))}")
     if origin is Literal:
         if value not in args:
             near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
@@ -804,6 +822,13 @@ def _coerce(dotted: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{dotted} must be a string, not {_show(value)}")
         return str(value)
     raise ConfigError(f"{dotted}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _describe(tp: Any) -> str:
+    """What a value of ``tp`` looks like in YAML, for an error message."""
+    if typing.get_origin(tp) is Literal:
+        return ", ".join(map(str, typing.get_args(tp)))
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 def _as_float(value: Any) -> float | None:

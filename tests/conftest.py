@@ -48,6 +48,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the snapshot stores of this session's runs whose config left ``snapshot.root`` unset.
+
+    Those land in ``/dev/shm`` under a name hashed from the run's output folder
+    (worker.snapshot.default_root), so each folder under this session's temporary root names
+    its possible store exactly; other sessions' stores (other checkouts testing at the same
+    time) are not touched. ``make_config`` puts its stores under the test's folder anyway.
+    """
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        base = factory.getbasetemp()
+    except (OSError, ValueError):
+        return
+    from worker.snapshot import default_root
+
+    for folder, _, _ in os.walk(base):
+        store = default_root(folder)
+        if store.is_dir():
+            shutil.rmtree(store, ignore_errors=True)
+
+
 _running: list[pytest.Item] = []  # the test being set up or run (fixtures of any scope included)
 
 
@@ -68,6 +91,7 @@ def note_real_process(what: str) -> None:
 def make_config(tmp_path: Path) -> Callable[..., Path]:
     """Write a tiny config into tmp_path (with overrides merged in) and return its path.
 
+    Snapshot stores go under ``tmp_path / "shm"`` unless a test sets ``snapshot.root``.
     The standby is off unless a test turns it on: a standby is a second full worker start-up
     (torch, transformers, the data, the model) per supervised run, about a quarter of the suite's
     CPU, and it is the subject of its own tests (test_standby_e2e.py, the chaos run, the
@@ -75,7 +99,9 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
     """
 
     def _make(overrides: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
-        cfg = deep_update(deep_update(TINY, {"supervisor": {"standby": False}}), overrides or {})
+        # Snapshots are on by default: their stores go into the test's own folder, not /dev/shm.
+        base = deep_update(TINY, {"supervisor": {"standby": False}, "snapshot": {"root": str(tmp_path / "shm")}})
+        cfg = deep_update(base, overrides or {})
         path = tmp_path / name
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
@@ -210,7 +236,7 @@ def reference_tiny(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> 
 
 def _build_reference(d: Path) -> Path:
     cfg = d / "c.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"snapshot": {"root": str(d / "shm")}})))
     log = d / "worker.log"
     with open(log, "w") as f:
         p = vit_train(cfg, stdout=f)

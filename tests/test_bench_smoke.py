@@ -28,6 +28,7 @@ SCRIPTS = [
     "gpu_check",
     "step_cost",
     "data_scale",
+    "snapshot_cost",
 ]
 GB = 1e9
 

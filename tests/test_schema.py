@@ -115,13 +115,15 @@ def test_worker_cli_reports_bad_config_in_one_line_exit_2_and_writes_nothing(tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_snapshots_are_off_by_default_and_every_steps_is_checked(tmp_path: Path) -> None:
+def test_snapshots_are_on_by_default_with_auto_and_every_steps_is_checked(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, TINY))
-    assert cfg.snapshot.every_steps == 0 and cfg.snapshot.root is None
+    assert cfg.snapshot.every_steps == "auto" and cfg.snapshot.enabled and cfg.snapshot.root is None
+    assert load_config(write(tmp_path, deep_update(TINY, {"snapshot": {"every_steps": 3}}))).snapshot.every_steps == 3
+    assert not load_config(write(tmp_path, deep_update(TINY, {"snapshot": {"every_steps": 0}}))).snapshot.enabled
     assert "snapshot.every_steps is -1" in error_for(tmp_path, {"snapshot": {"every_steps": -1}})
-    # "auto" is a later step; until then it is refused like any other non-integer.
-    assert "whole number" in error_for(tmp_path, {"snapshot": {"every_steps": "auto"}})
-    assert "whole number" in error_for(tmp_path, {"snapshot": {"every_steps": 1.5}})
+    for bad in ("often", 1.5, True, "5"):
+        msg = error_for(tmp_path, {"snapshot": {"every_steps": bad}})
+        assert "snapshot.every_steps" in msg and "a whole number or auto" in msg, msg
 
 
 def test_snapshot_root_resolves_against_the_config_file(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
 
     from supervisor.schema import load_config
     from tests.test_snapshot_unit import _bytes_io, _same
-    from worker import checkpoint as ckpt
+    from worker import snapshot as snap
     from worker.fault import StopRequest
     from worker.train import compute_metrics, open_context, prepare, snapshot_store, training_arguments
     from worker.trainer import Snapshots, SupervisedTrainer, SupervisionCallback, snapshot_rng
@@ -134,24 +134,68 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
     )
     trainer.train()
     got = store.read_newest()
-    assert got is not None and got.step == 19
+    assert got is not None and got.step == 19 and got.tensors is not None
+    assert "model.safetensors" not in got.files and "optimizer.pt" not in got.files  # held raw
     own = cfg.output_dir / "checkpoint-19"
-    assert set(got.files) | {ckpt.MANIFEST} == {p.name for p in own.iterdir()}
+    mine = snap.materialize(got, tmp_path / "from-snapshot")
+    assert {p.name for p in mine.iterdir()} == {p.name for p in own.iterdir()}
     for name in ("config.json", "model.safetensors"):
-        assert got.files[name] == (own / name).read_bytes(), name
+        assert (mine / name).read_bytes() == (own / name).read_bytes(), name
+    args = (torch.load(d / "training_args.bin", weights_only=False).to_dict() for d in (mine, own))
+    assert next(args) == next(args)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        assert _same(
-            torch.load(_bytes_io(got.files[name]), weights_only=False), torch.load(own / name, weights_only=False)
-        ), name
+        assert _same(torch.load(mine / name, weights_only=False), torch.load(own / name, weights_only=False)), name
     # TrainerControl's flags are those in flight when each was written (the checkpoint's is written
     # with should_save still set); the Trainer restores them only with
     # restore_callback_states_from_checkpoint, which the worker does not set.
-    state, theirs = (
-        json.loads(b) for b in (got.files["trainer_state.json"], (own / "trainer_state.json").read_bytes())
-    )
+    state, theirs = (json.loads((d / "trainer_state.json").read_bytes()) for d in (mine, own))
     for s in (state, theirs):
         s["stateful_callbacks"].pop("TrainerControl")
     assert state == theirs
     rng = torch.load(_bytes_io(got.files["rng_state.pth"]), weights_only=False)
     assert not _same(rng, at_step_end[19]), "evaluation no longer draws from the RNG: this test proves nothing"
-    assert len(ctx.snapshots.seconds) == 1
+    assert len(ctx.snapshots.seconds) == 1 and len(ctx.snapshots.exposed) == 1
+
+
+def test_sigkill_during_the_snapshot_copy_resumes_from_the_previous_snapshot_bit_identical(
+    tmp_path: Path, reference_tiny: Path
+) -> None:
+    """The copy of step 12's snapshot is held halfway (tests/snapshot_inject.py): its slot is half
+    written, training waits at step 13's optimizer step. SIGKILL then: the header still names
+    step 11's slot, the resume takes it, and the run ends bit-identical to the uninterrupted one."""
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, worker_env
+
+    shm = tmp_path / "shm"
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {"training": {"save_steps": 100}, "snapshot": {"every_steps": 1, "root": str(shm)}}
+    )
+    out = tmp_path / "out"
+    marker = tmp_path / "copy-held"
+    p = subprocess.Popen(
+        [PYTHON, str(REPO / "tests" / "snapshot_inject.py"), "hold-copy:12", str(marker), str(cfg)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: marker.exists() or p.poll() is not None, TIMEOUT, "the held snapshot copy", interval=0.02)
+        assert p.poll() is None, "the worker ended before its copy was held"
+        held = json.loads(marker.read_text())
+        assert 0 < held["written"] < held["size"]  # inside the copy, not before or after it
+        header = snapshot_header(shm)
+        assert header["step"] == 11  # the new slot is not committed
+        torn = next(shm.glob(f"vit-supervisor-*/*/slot-{1 - header['slot']}"))
+        assert torn.stat().st_size > 0  # half of step 12 is in the other slot
+        assert (heartbeat(out).get("global_step") or 0) <= 12  # training waits for the copy
+    finally:
+        p.kill()
+        log, _ = p.communicate()
+    assert p.returncode == -9, log[-3000:]
+    assert not list(out.glob("checkpoint-*"))
+    log = run_to_end(cfg, "--resume")
+    assert "Training will resume from snapshot step 11 (newer than any disk checkpoint)" in log, log[-3000:]
+    assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0

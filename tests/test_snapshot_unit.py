@@ -6,6 +6,7 @@ capture tests build real checkpoint files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -306,11 +307,26 @@ def _forge(store: SnapshotStore, step: int, index: Any, data: bytes, magic: byte
     (store.root / HEADER).write_text(json.dumps(h))
 
 
-def _entries(*spec: tuple[Any, Any, Any]) -> dict[str, Any]:
-    return {"format": 1, "step": 5, "files": [list(e) for e in spec]}
+def _entries(*spec: tuple[Any, Any, Any], tensors: Any = None) -> dict[str, Any]:
+    return {"format": snap.CONTAINER, "step": 5, "files": [list(e) for e in spec], "tensors": tensors}
+
+
+SK = b"skeleton"
+W = bytes(range(24))  # a float32 tensor of shape [2, 3]
+
+
+def _tensors(*entries: list[Any], skeleton: Any = None, metadata: Any = None) -> dict[str, Any]:
+    """A tensor section placed after ST: the skeleton, then the entries."""
+    return {
+        "skeleton": skeleton or [len(ST), len(SK)],
+        "metadata": {"format": "pt"} if metadata is None else metadata,
+        "entries": list(entries),
+    }
 
 
 ST = state(5)
+TS = ("trainer_state.json", 0, len(ST))
+T0 = len(ST) + len(SK)  # where the first tensor starts
 HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
     ("forged_ok", _entries(("trainer_state.json", 0, len(ST))), ST),  # the control: this one is valid
     ("past_end", _entries(("trainer_state.json", 0, len(ST) + 10)), ST),
@@ -333,6 +349,27 @@ HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
     ("state_garbage", _entries(("trainer_state.json", 0, 3)), b"{[("),
     ("state_bool_step", _entries(("trainer_state.json", 0, 20)), b'{"global_step":true}'),
     ("bad_magic", b"magic", ST),
+    # the tensor section
+    ("tensors_ok", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
+    ("tensor_past_end", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 4], T0, 32])), ST + SK + W),
+    ("tensor_size_vs_shape", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 2], T0, 24])), ST + SK + W),
+    ("tensor_dtype", _entries(TS, tensors=_tensors(["model", "w", "object", [2, 3], T0, 24])), ST + SK + W),
+    ("tensor_group", _entries(TS, tensors=_tensors(["other", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
+    ("tensor_opt_name", _entries(TS, tensors=_tensors(["optimizer", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
+    ("tensor_neg_dim", _entries(TS, tensors=_tensors(["model", "w", "float32", [-2, -3], T0, 24])), ST + SK + W),
+    ("tensor_gap", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 3], T0 + 1, 24])), ST + SK + b"x" + W),
+    (
+        "tensor_repeated",
+        _entries(
+            TS,
+            tensors=_tensors(["model", "w", "float32", [2, 3], T0, 24], ["model", "w", "float32", [2, 3], T0 + 24, 24]),
+        ),
+        ST + SK + W + W,
+    ),
+    ("skeleton_gap", _entries(TS, tensors=_tensors(skeleton=[len(ST) + 1, len(SK) - 1])), ST + SK),
+    ("skeleton_float", _entries(TS, tensors=_tensors(skeleton=[len(ST), float(len(SK))])), ST + SK),
+    ("metadata_list", _entries(TS, tensors=_tensors(metadata=[1])), ST + SK),
+    ("tensors_no_entries", _entries(TS, tensors={"skeleton": [len(ST), len(SK)], "metadata": {}}), ST + SK),
 ]
 
 
@@ -340,12 +377,16 @@ HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
 def test_hostile_container_is_ignored(store: SnapshotStore, case: tuple[str, Any, bytes]) -> None:
     name, index, data = case
     if name == "bad_magic":
-        _forge(store, 5, _entries(("trainer_state.json", 0, len(ST))), ST, magic=b"NOTSNAP1")
+        _forge(store, 5, _entries(("trainer_state.json", 0, len(ST))), ST, magic=b"VITSNAP1")  # format 1: not read
     else:
         _forge(store, 5, index, data)
     got = store.read_newest()
     if name == "forged_ok":
-        assert got is not None and got.files == {"trainer_state.json": ST}
+        assert got is not None and got.files == {"trainer_state.json": ST} and got.tensors is None
+    elif name == "tensors_ok":
+        assert got is not None and got.files == {"trainer_state.json": ST} and got.tensors is not None
+        assert got.tensors.specs == (snap.TensorSpec("model", "w", "float32", (2, 3), 24),)
+        assert bytes(got.tensors.buffers[0]) == W and got.tensors.skeleton == SK
     else:
         assert got is None
 
@@ -631,7 +672,19 @@ def _boundary(step: int, epoch: float, stopping: bool = False) -> Any:
     from types import SimpleNamespace
 
     control = SimpleNamespace(should_epoch_stop=False, should_training_stop=stopping)
-    return SimpleNamespace(state=SimpleNamespace(global_step=step, epoch=epoch), control=control)
+    state = SimpleNamespace(global_step=step, epoch=epoch)
+    return SimpleNamespace(state=state, control=control, args=SimpleNamespace(process_index=0))
+
+
+def _fake_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captures of small files only (no model): the writer's timing logic without a Trainer."""
+
+    def capture(self: Any, trainer: Any) -> snap.Capture:
+        files = fake_checkpoint_files(trainer.state.global_step)
+        state = json.loads(files.pop("trainer_state.json"))
+        return snap.Capture(trainer.state.global_step, files, {}, state, {}, (), (), {})
+
+    monkeypatch.setattr(snap.Capturer, "capture", capture)
 
 
 def test_writer_waits_for_the_epoch_end_boundary_work_of_an_epochs_last_step(
@@ -639,42 +692,155 @@ def test_writer_waits_for_the_epoch_end_boundary_work_of_an_epochs_last_step(
 ) -> None:
     from worker.trainer import Snapshots
 
-    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    _fake_capture(monkeypatch)
     store = SnapshotStore(tmp_path / "shm", IDENTITY)
     w = Snapshots(store, every_steps=2)
     w.step_end(1)
     w.after_boundary_work(_boundary(1, 0.5))  # type: ignore[arg-type]
+    w.join()
     assert store.read_newest() is None  # not due
     w.step_end(2)
     w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    w.join()
     assert store.read_newest() is None  # the epoch's evaluation and save are still to come
     w.epoch_ending = True
     w.after_boundary_work(_boundary(2, 1.0))  # type: ignore[arg-type]
+    w.join()
     got = store.read_newest()
-    assert got is not None and got.step == 2 and len(w.seconds) == 1
+    assert got is not None and got.step == 2 and len(w.seconds) == 1 and len(w.exposed) == 1
     w.step_end(4)
     w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    w.join()
     assert store.read_newest().step == 2  # type: ignore[union-attr]
     w.epoch_ending = True
     w.after_boundary_work(_boundary(4, 1.4, stopping=True))  # type: ignore[arg-type]
+    w.close()
     assert store.read_newest().step == 4  # type: ignore[union-attr]
 
 
 def test_writer_failure_warns_once_and_turns_snapshots_off_without_raising(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The copy fails in its thread: the failure surfaces at the join, training goes on."""
     from worker.trainer import Snapshots
 
-    monkeypatch.setattr(snap, "capture_files", lambda trainer: fake_checkpoint_files(trainer.state.global_step))
+    _fake_capture(monkeypatch)
     (tmp_path / "file").write_text("x")  # a store under a file: every write fails with an OSError
     w = Snapshots(SnapshotStore(tmp_path / "file" / "shm", IDENTITY), every_steps=1)
     with caplog.at_level("WARNING", logger="vit_train"):
         for step in (1, 2, 3):
             w.step_end(step)
             w.after_boundary_work(_boundary(step, step / 10))  # type: ignore[arg-type]
+            w.join()
+        w.close()
     assert not w.enabled and w.due is None
     warnings = [r for r in caplog.records if "Snapshots off" in r.getMessage()]
     assert len(warnings) == 1 and "step 1" in warnings[0].getMessage()
+
+
+def test_the_optimizer_step_waits_for_the_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """join() (called in on_pre_optimizer_step) returns only once the snapshot is committed."""
+    import threading
+
+    from worker.trainer import Snapshots
+
+    _fake_capture(monkeypatch)
+    release = threading.Event()
+    real = snap.write_capture
+
+    def slow(store: SnapshotStore, capturer: Any, cap: Any) -> int:
+        release.wait(30)
+        return real(store, capturer, cap)
+
+    monkeypatch.setattr(snap, "write_capture", slow)
+    monkeypatch.setattr(snap, "SYNC_BELOW", 0)  # copied in the thread whatever its size
+    store = SnapshotStore(tmp_path / "shm", IDENTITY)
+    w = Snapshots(store, every_steps=1)
+    w.step_end(1)
+    w.after_boundary_work(_boundary(1, 0.1))  # type: ignore[arg-type]
+    assert store.read_newest() is None  # the copy is still held
+    threading.Timer(0.05, release.set).start()
+    w.join()
+    got = store.read_newest()
+    assert got is not None and got.step == 1
+    assert w.exposed[0] >= 0.04  # the wait counts as exposed cost
+
+
+# ----------------------------------------------------------------------------- every_steps: auto
+
+
+def test_auto_picks_every_step_when_the_copy_is_cheap_and_more_when_it_is_not() -> None:
+    assert snap.choose_interval(cost_s=0.001, step_s=0.1, current=1) == 1  # 1 % of a step
+    assert snap.choose_interval(cost_s=0.002, step_s=0.1, current=1) == 1  # exactly the budget
+    assert snap.choose_interval(cost_s=0.010, step_s=0.1, current=1) == 5  # 10 %: every 5th step is 2 %
+    assert snap.choose_interval(cost_s=0.5, step_s=0.01, current=1) == 2500
+    assert snap.choose_interval(cost_s=1e6, step_s=1e-6, current=1) == snap.MAX_INTERVAL
+    # Lowered only with room to spare: 1.9 % at every step is under budget but too close to it.
+    assert snap.choose_interval(cost_s=0.0019, step_s=0.1, current=2) == 2
+    assert snap.choose_interval(cost_s=0.0014, step_s=0.1, current=2) == 1
+    assert snap.choose_interval(cost_s=0.0001, step_s=0.1, current=40) == 20  # by half at most
+    assert snap.choose_interval(cost_s=0.001, step_s=0.0, current=3) == 3  # no step time yet: unchanged
+
+
+def test_auto_chooser_follows_measured_costs_and_fixed_n_keeps_multiples() -> None:
+    c = snap.IntervalChooser("auto")
+    assert c.auto and c.interval == 1
+    assert c.is_due(1, None) and c.is_due(8, 7)
+    assert not c.is_due(16, 15)  # at interval 1, one step in 16 runs without a copy (the baseline)
+    for _ in range(10):
+        c.add_step(0.100)
+    assert c.add_cost(0.001) is None and c.interval == 1  # cheap: every step
+    for _ in range(8):
+        changed = c.add_cost(0.010)  # made expensive: 10 % of a step
+    assert c.interval == 5 and changed in (None, 5)
+    assert not c.is_due(9, 5) and c.is_due(10, 5)
+    for _ in range(8):
+        c.add_cost(0.0005)  # cheap again
+    assert c.interval == 1
+    fixed = snap.IntervalChooser(3)
+    assert not fixed.auto and [s for s in range(1, 10) if fixed.is_due(s, None)] == [3, 6, 9]
+    for _ in range(5):
+        assert fixed.add_cost(10.0) is None
+    assert fixed.interval == 3
+
+
+def test_auto_starts_long_after_an_expensive_first_snapshot_and_comes_down_by_halves() -> None:
+    c = snap.IntervalChooser("auto")
+    for _ in range(5):
+        c.add_step(0.100)
+    assert c.add_cost(0.5) == 250  # 5 steps' worth: 2 % means every 250th
+    seen = [250] + [x for x in (c.add_cost(0.001) for _ in range(12)) if x is not None]  # then cheap
+    assert seen[-1] == 1 == c.interval
+    assert all(b < a <= 2 * b for a, b in itertools.pairwise(seen))  # down by half at most each time
+
+
+def test_auto_counts_the_slowdown_of_steps_run_beside_a_copy() -> None:
+    """The copy thread competes for the CPU: the exposed time (0.5 ms) says 1 % of a step, the
+    steps beside a copy take 10 ms longer (10 %), and the interval follows the 10 %."""
+    c = snap.IntervalChooser("auto")
+    c.add_cost(0.0005)  # before any step time: no choice yet, and no snapshot before one
+    assert c.interval == 1 and not c.is_due(2, 1)
+    assert c.add_step(0.100) is None and c.is_due(2, 1)  # a step time: 0.5 % of a step, every step
+    for _ in range(5):
+        c.add_step(0.100, beside_copy=False)
+        c.add_step(0.110, beside_copy=True)
+    assert c.add_cost(0.0005) == 5 and c.interval == 5
+    assert c.cost_seconds == pytest.approx(0.010) and c.step_seconds == pytest.approx(0.100)
+    for _ in range(16):
+        c.add_step(0.1005, beside_copy=True)  # the copy no longer slows steps down
+    for _ in range(8):
+        c.add_cost(0.0005)
+    assert c.interval == 1
+
+
+def test_every_steps_is_validated_when_built_in_code() -> None:
+    from supervisor.schema import ConfigError, SnapshotConfig
+
+    assert SnapshotConfig().every_steps == "auto" and SnapshotConfig().enabled
+    assert not SnapshotConfig(every_steps=0).enabled
+    for bad in ("often", -1, 2.5, True):
+        with pytest.raises(ConfigError, match=r"snapshot\.every_steps"):
+            SnapshotConfig(every_steps=bad)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- choosing what to resume

@@ -70,7 +70,8 @@ def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(
     kill_at_step(cfg, out, kill_step)
     assert not (out / "checkpoint-38").exists()
     log = run_to_end(cfg, "--resume")
-    assert "Training will resume from checkpoint" in log
+    # From the newest disk checkpoint, or (snapshots being on by default) from a newer snapshot.
+    assert "Training will resume from checkpoint" in log or "Training will resume from snapshot" in log
     assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
 
 
@@ -84,12 +85,14 @@ def test_auto_detects_checkpoint_without_resume_flag(tmp_path: Path) -> None:
 
 
 def test_broken_newest_checkpoint_is_set_aside_and_older_good_one_used(tmp_path: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 10, "save_steps": 5}})
+    # Snapshots off: the snapshot of step 10 would (rightly) be resumed instead of any disk checkpoint.
+    off = {"snapshot": {"every_steps": 0}}
+    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 10, "save_steps": 5}, **off})
     out = tmp_path / "out"
     run_to_end(cfg)
     newest = out / "checkpoint-10"
     (newest / "optimizer.pt").unlink()  # stock Trainer would silently restart the optimizer here
-    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 15}})))
+    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 15}, **off})))
     log = run_to_end(cfg, "--resume")
     assert "Set aside broken checkpoint checkpoint-10" in log and "missing optimizer.pt" in log
     assert "Training will resume from checkpoint: " + str(out / "checkpoint-5") in log

@@ -44,6 +44,18 @@ def any_rank(flag: bool, device: Any) -> bool:
     return bool(t.item())
 
 
+def any_ranks(flags: list[bool], device: Any) -> list[bool]:
+    """Each of ``flags`` true on every rank if it is true on any rank, in one collective."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[0] == 1:
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def all_gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank (small picklable values only)."""
     import torch.distributed as dist

@@ -1,12 +1,18 @@
 """Training-state snapshots in host shared memory: lose at most one step to a crash the host survives.
 
-A snapshot is exactly the file set a disk checkpoint holds (``config.json``,
-``model.safetensors``, ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``,
-``rng_state*.pth``, ``training_args.bin``, ``scaler.pt`` when there is a grad scaler),
-held as bytes in memory-backed files (``/dev/shm`` by default). Resuming from one
-means writing those files into a staging folder and committing it with the normal
-:func:`worker.checkpoint.commit` (:func:`materialize`); from there the tested exact
-resume of a disk checkpoint does the rest, and the snapshot is on disk at once.
+A snapshot holds exactly the state a disk checkpoint holds. The small files
+(``config.json``, ``scheduler.pt``, ``trainer_state.json``, ``rng_state*.pth``,
+``training_args.bin``, ``scaler.pt`` when there is a grad scaler) are held as the
+bytes of those files. The big tensors (the model's parameters and buffers, the
+optimizer's state) are held raw, one after another, with their names, dtypes and
+shapes in the index and the rest of the optimizer's state dict (param groups, step
+counts that are not tensors) as a small ``torch.save`` "skeleton": turning them into
+``model.safetensors`` and ``optimizer.pt`` costs a serialisation that only a resume
+needs, so it happens there (:func:`materialize`, which writes the files into a
+staging folder and commits it with the normal :func:`worker.checkpoint.commit`; from
+there the tested exact resume of a disk checkpoint does the rest). Capturing is then
+a copy of tensor bytes into the slot, which the worker runs while the next step's
+forward and backward run (worker/trainer.py ``Snapshots``).
 
 Layout of a store (one per run and rank, see :func:`default_root`)::
 
@@ -16,10 +22,18 @@ Layout of a store (one per run and rank, see :func:`default_root`)::
 
 Container (one file per slot)::
 
-    8 bytes   magic b"VITSNAP1"
+    8 bytes   magic b"VITSNAP2"
     8 bytes   n: length of the index, unsigned little-endian
-    n bytes   index: JSON {"format": 1, "step": S, "files": [[name, offset, length], ...]}
-    ...       the files' bytes, concatenated in index order; offsets count from the end of the index
+    n bytes   index: JSON {"format": 2, "step": S, "files": [[name, offset, length], ...],
+              "tensors": null or {"skeleton": [offset, length], "metadata": {...},
+                                  "entries": [[group, name, dtype, shape, offset, length], ...]}}
+    ...       the files' bytes, then the skeleton, then the tensors' bytes, each right after the
+              previous; offsets count from the end of the index
+
+A tensor entry's group is ``model`` (name: its key in ``model.safetensors``) or ``optimizer``
+(name: ``<param id>.<state key>`` in the optimizer's state dict); ``metadata`` is that of
+``model.safetensors``. Containers of format 1 (files only, magic ``VITSNAP1``) are not read:
+they are ignored like any other unreadable slot, and the disk checkpoint is used.
 
 Header (JSON, replaced atomically): ``format``, ``checksum`` (``"crc32"``), ``identity``
 (the run's config/data fingerprint, world size, rank, ...), ``pid``, and the *entry* of the
@@ -34,7 +48,8 @@ newest and slot B as previous:
 1. If the header has a ``previous`` entry, replace the header with one without it (the
    entry names B, the slot about to be overwritten: no header ever names a slot while it
    is being written).
-2. Write slot B in place, with plain ``write()`` calls.
+2. Write slot B in place, with plain ``write()`` calls (straight from the tensors' memory,
+   computing the CRC on the way).
 3. Replace the header: B is the newest, A the previous (A only when its step is lower than
    B's: a writer that restarted from an older checkpoint does not offer a step from the
    abandoned future).
@@ -60,7 +75,7 @@ Why two entries are enough under torchrun: every rank snapshots at the same step
 between one rank's commit of the snapshot of step s and any rank's capture of the next
 one (s + N) there is a collective every rank takes part in: the gradient all-reduce of step
 s + 1 when the snapshot is written at the boundary, and the stop vote at the boundary of
-s + N (``worker.dist.any_rank`` in ``SupervisionCallback.on_step_end``) when the commit is
+s + N (``worker.dist.any_ranks`` in ``SupervisionCallback.on_step_end``) when the commit is
 deferred into the next step's forward/backward. No rank can leave a collective before
 every rank has entered it, so when a rank commits s + N every other rank has committed s:
 ranks are at most one snapshot apart. A rank ahead holds s + N as newest and s as
@@ -92,15 +107,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import stat
+import statistics
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +130,9 @@ from worker import checkpoint as ckpt
 
 log = logging.getLogger("vit_train")
 
-FORMAT = 1
-MAGIC = b"VITSNAP1"
+FORMAT = 1  # of the header
+CONTAINER = 2  # of the slot's index
+MAGIC = b"VITSNAP2"
 _PREFIX = struct.Struct("<8sQ")
 HEADER = "header.json"
 SLOTS = ("slot-0", "slot-1")
@@ -121,25 +141,79 @@ DEFAULT_BASE = Path("/dev/shm")
 _MAX_HEADER = 64 << 10  # a header is a few hundred bytes; anything bigger is not ours
 _MAX_INDEX = 16 << 20  # thousands of names fit in far less
 _SLACK = 64 << 10  # container prefix + index, and the header, per :meth:`SnapshotStore.needed_bytes`
+_SMALL = 64 << 10  # chunks below this are joined before writing (:func:`_coalesce`)
 _READ_TRIES = 3  # a reader racing the writer sees a moving header; a corrupt slot fails every try
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")  # a plain file name: no path, no "..", no hidden file
 # Header keys that describe the store, not one snapshot: every other key belongs to the newest entry.
 _STORE_KEYS = frozenset({"format", "checksum", "identity", "pid", "previous"})
+_OPT_NAME = re.compile(r"^(0|[1-9][0-9]{0,8})\.(.{1,200})$", re.DOTALL)  # "<param id>.<state key>"
+# Bytes per element of the dtypes a snapshot holds (torch's names); the reader checks sizes without torch.
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "complex64": 8,
+    "complex128": 16,
+}
+_MAX_DIMS = 16
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One raw tensor of a snapshot: where it goes and how to read its bytes."""
+
+    group: str
+    """``model`` (``name`` is its key in model.safetensors) or ``optimizer`` (``<param id>.<state key>``)."""
+    name: str
+    dtype: str
+    """torch's dtype name without ``torch.``, one of :data:`ITEMSIZE`."""
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TensorState:
+    """A snapshot's big tensors, raw, and what :func:`materialize` needs to turn them into
+    ``model.safetensors`` and ``optimizer.pt``.
+
+    ``buffers`` hold one buffer per spec (each ``spec.nbytes`` long; views of the slot's
+    bytes when read back), or, when writing, one buffer holding all of them in order.
+    """
+
+    specs: tuple[TensorSpec, ...]
+    buffers: tuple[Any, ...]
+    skeleton: bytes
+    """``torch.save`` of the optimizer's state dict with its tensors left out."""
+    metadata: dict[str, str]
+    """model.safetensors' metadata (``{"format": "pt"}`` for a transformers model)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs) + len(self.skeleton)
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One validated snapshot: the files a checkpoint of ``step`` holds."""
+    """One validated snapshot: the small files a checkpoint of ``step`` holds, and its big
+    tensors raw in ``tensors`` (None for a snapshot written with every file as bytes)."""
 
     step: int
     files: dict[str, bytes]
     time: float
     generation: int
     slot: int
+    tensors: TensorState | None = None
 
     @property
     def size(self) -> int:
-        return sum(len(b) for b in self.files.values())
+        return sum(len(b) for b in self.files.values()) + (self.tensors.nbytes if self.tensors else 0)
 
 
 def _normalize(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,12 +238,16 @@ class SnapshotStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, step: int, files: Mapping[str, bytes | bytearray | memoryview]) -> None:
-        """Make ``files`` (the checkpoint file set of ``step``) the newest snapshot.
+    def write(
+        self, step: int, files: Mapping[str, bytes | bytearray | memoryview], tensors: TensorState | None = None
+    ) -> None:
+        """Make ``files`` (the small files of a checkpoint of ``step``, or all of them) and
+        ``tensors`` (the big ones, raw) the newest snapshot.
 
-        Raises ValueError for a file set that could never be read back (a bad name, no
-        ``trainer_state.json`` of this step) and OSError when the store cannot be written
-        (ENOSPC on a small ``/dev/shm``): the previous snapshot then still stands.
+        Raises ValueError for a snapshot that could never be read back (a bad name, no
+        ``trainer_state.json`` of this step, a buffer of the wrong size) and OSError when the
+        store cannot be written (ENOSPC on a small ``/dev/shm``): the previous snapshot then
+        still stands.
         """
         if _int(step) is None:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
@@ -180,6 +258,17 @@ class SnapshotStore:
         why = _state_mismatch(files.get("trainer_state.json"), step)
         if why:
             raise ValueError(why)
+        chunks: list[Any] = [files[n] for n in names]
+        index: list[list[Any]] = []
+        offset = 0
+        for name, chunk in zip(names, chunks, strict=True):
+            length = memoryview(chunk).nbytes
+            index.append([name, offset, length])
+            offset += length
+        tensor_index: dict[str, Any] | None = None
+        if tensors is not None:
+            tensor_index, offset = _tensor_index(tensors, offset)
+            chunks += [tensors.skeleton, *tensors.buffers]
         if self._next is None or not os.path.isdir(self.root):
             # First write, or the folder was emptied under us (someone cleaned /dev/shm): start from
             # what the header on disk says, if anything.
@@ -193,13 +282,9 @@ class SnapshotStore:
             current = {k: v for k, v in current.items() if k != "previous"}
             self._write_header(current)
             self._current = current
-        index: list[list[Any]] = []
-        offset = 0
-        for name in names:
-            length = memoryview(files[name]).nbytes
-            index.append([name, offset, length])
-            offset += length
-        index_raw = json.dumps({"format": FORMAT, "step": step, "files": index}, separators=(",", ":")).encode()
+        index_raw = json.dumps(
+            {"format": CONTAINER, "step": step, "files": index, "tensors": tensor_index}, separators=(",", ":")
+        ).encode()
         head = _PREFIX.pack(MAGIC, len(index_raw)) + index_raw
         size = len(head) + offset
         crc = 0
@@ -208,12 +293,8 @@ class SnapshotStore:
         # header does not name this slot, so no reader trusts what is in it now.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            for chunk in (head, *(files[n] for n in names)):
-                view = memoryview(chunk).cast("B")
-                crc = zlib.crc32(view, crc)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            for piece in _coalesce([head, *chunks]):
+                crc = _write_all(fd, piece, crc)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
@@ -398,36 +479,31 @@ class SnapshotStore:
             actual = os.fstat(fd).st_size
             if actual != size:
                 return None, f"{SLOTS[header['slot']]} has {actual} bytes, the header says {size} (torn or replaced)"
-            prefix = f.read(_PREFIX.size)
-            if len(prefix) != _PREFIX.size:
-                return None, "slot shorter than its prefix"
-            magic, n = _PREFIX.unpack(prefix)
-            if magic != MAGIC or n > _MAX_INDEX or _PREFIX.size + n > size:
-                return None, "slot prefix is not a snapshot container"
-            index_raw = f.read(n)
-            crc = zlib.crc32(index_raw, zlib.crc32(prefix))
-            # The index is parsed before the checksum is known, so its checks are defensive too.
-            entries, why = _parse_index(index_raw, header["step"], size - _PREFIX.size - n)
-            if entries is None:
-                return None, why
-            files: dict[str, bytes] = {}
-            for name, length in entries:
-                # One read() fills a file of up to ~2 GiB from tmpfs; more takes several (and a join).
-                data = f.read(length)
-                if len(data) < length:
-                    parts = [data]
-                    got = len(data)
-                    while got < length:
-                        more = f.read(length - got)
-                        if not more:
-                            return None, f"slot ends inside {name}"
-                        parts.append(more)
-                        got += len(more)
-                    data = b"".join(parts)
-                crc = zlib.crc32(data, crc)
-                files[name] = data
-        if crc != header["crc32"]:
+            # The whole slot, checksummed before any of it is parsed (the parse is defensive all the same).
+            raw = bytearray(size)
+            view = memoryview(raw)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    return None, "slot ends early (replaced while being read)"
+                got += n
+        if zlib.crc32(view) != header["crc32"]:
             return None, f"checksum mismatch in {SLOTS[header['slot']]} (corrupt or overwritten)"
+        magic, n = _PREFIX.unpack_from(view)
+        if magic != MAGIC or n > _MAX_INDEX or _PREFIX.size + n > size:
+            return None, "slot prefix is not a snapshot container of this version"
+        start = _PREFIX.size + n
+        layout, why = _parse_index(bytes(view[_PREFIX.size : start]), header["step"], size - start)
+        if layout is None:
+            return None, why
+        data = view[start:]
+        files = {name: bytes(data[off : off + length]) for name, off, length in layout.files}
+        tensors = None
+        if layout.tensors is not None:
+            (s_off, s_len), specs, offsets, metadata = layout.tensors
+            buffers = tuple(data[o : o + spec.nbytes] for spec, o in zip(specs, offsets, strict=True))
+            tensors = TensorState(specs, buffers, bytes(data[s_off : s_off + s_len]), metadata)
         why_state = _state_mismatch(files.get("trainer_state.json"), header["step"])
         if why_state:
             return None, why_state
@@ -437,6 +513,7 @@ class SnapshotStore:
             time=float(header["time"]),
             generation=header["generation"],
             slot=header["slot"],
+            tensors=tensors,
         ), ""
 
     # -- space and lifecycle -----------------------------------------------------------
@@ -471,6 +548,47 @@ class SnapshotStore:
 
 
 _MISSING = object()
+
+
+def _coalesce(chunks: list[Any], small: int = _SMALL) -> list[Any]:
+    """``chunks`` with runs of small ones joined into pieces of up to ``small`` bytes.
+
+    A model has many small tensors (biases, norms) and every ``write()`` lets go of the GIL
+    and has to win it back from the training thread: a few joined pieces cost less than
+    hundreds of tiny writes. Big chunks pass through as they are (no copy).
+    """
+    out: list[Any] = []
+    run: list[Any] = []
+    size = 0
+    for chunk in chunks:
+        n = memoryview(chunk).nbytes
+        if n >= small:
+            if run:
+                out.append(b"".join(run))
+                run, size = [], 0
+            out.append(chunk)
+            continue
+        if size + n > small and run:
+            out.append(b"".join(run))
+            run, size = [], 0
+        run.append(chunk)
+        size += n
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
+def _write_all(fd: int, chunk: Any, crc: int) -> int:
+    """Write all of ``chunk`` at the file's position; return ``crc`` continued over it.
+
+    Both calls release the GIL for large buffers, so the training thread runs on meanwhile.
+    """
+    view = memoryview(chunk).cast("B")
+    crc = zlib.crc32(view, crc)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return crc
 
 
 def _open_regular(path: Path) -> int:
@@ -537,18 +655,27 @@ def _header_problem(h: Any) -> str | None:
     return None
 
 
-def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[list[tuple[str, int]] | None, str]:
-    """(name, length) in order if the index covers exactly ``data_size`` bytes with contiguous plain names."""
+@dataclass(frozen=True)
+class _Layout:
+    files: list[tuple[str, int, int]]
+    """(name, offset, length) of each small file."""
+    tensors: tuple[tuple[int, int], tuple[TensorSpec, ...], list[int], dict[str, str]] | None
+    """(skeleton offset and length, specs, their offsets, model metadata), or None."""
+
+
+def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[_Layout | None, str]:
+    """The layout if the index covers exactly ``data_size`` bytes, each piece right after the
+    previous, with plain file names and tensor entries whose sizes match their dtypes and shapes."""
     try:
         index = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         return None, f"index does not parse ({exc})"
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("step") != step:
+    if not isinstance(index, dict) or index.get("format") != CONTAINER or index.get("step") != step:
         return None, "index format or step does not match the header"
     entries = index.get("files")
     if not isinstance(entries, list):
         return None, "index has no file list"
-    out: list[tuple[str, int]] = []
+    files: list[tuple[str, int, int]] = []
     seen: set[str] = set()
     offset = 0
     for e in entries:
@@ -558,11 +685,86 @@ def _parse_index(raw: bytes, step: int, data_size: int) -> tuple[list[tuple[str,
         if off != offset or length is None or name in seen:
             return None, f"index entry for {name} is out of bounds or repeated"
         seen.add(name)
-        out.append((name, length))
+        files.append((name, offset, length))
         offset += length
+    tensors = None
+    if index.get("tensors") is not None:
+        tensors, offset, why = _parse_tensor_index(index["tensors"], offset)
+        if tensors is None:
+            return None, why
     if offset != data_size:
         return None, f"index covers {offset} bytes, the slot holds {data_size}"
-    return out, ""
+    return _Layout(files, tensors), ""
+
+
+def _parse_tensor_index(
+    t: Any, offset: int
+) -> tuple[tuple[tuple[int, int], tuple[TensorSpec, ...], list[int], dict[str, str]] | None, int, str]:
+    if not isinstance(t, dict) or not isinstance(t.get("entries"), list):
+        return None, offset, "index has a tensor section without entries"
+    meta = t.get("metadata")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        return None, offset, "tensor metadata is not a mapping of strings"
+    sk = t.get("skeleton")
+    if not (isinstance(sk, list) and len(sk) == 2 and _int(sk[0]) == offset and _int(sk[1]) is not None):
+        return None, offset, "optimizer skeleton is out of bounds"
+    skeleton = (offset, sk[1])
+    offset += sk[1]
+    specs: list[TensorSpec] = []
+    offsets: list[int] = []
+    seen: set[tuple[str, str]] = set()
+    for e in t["entries"]:
+        spec = _tensor_spec(e)
+        if spec is None or (spec.group, spec.name) in seen:
+            return None, offset, f"tensor entry {str(e)[:80]!r} is malformed or repeated"
+        if _int(e[4]) != offset:
+            return None, offset, f"tensor {spec.name[:80]} is out of bounds"
+        seen.add((spec.group, spec.name))
+        specs.append(spec)
+        offsets.append(offset)
+        offset += spec.nbytes
+    return (skeleton, tuple(specs), offsets, dict(meta)), offset, ""
+
+
+def _tensor_spec(e: Any) -> TensorSpec | None:
+    """``[group, name, dtype, shape, offset, length]`` as a spec, if every part is sound."""
+    if not (isinstance(e, list) and len(e) == 6 and isinstance(e[1], str) and 0 < len(e[1]) <= 1000):
+        return None
+    group, name, dtype, shape, length = e[0], e[1], e[2], e[3], _int(e[5])
+    if group not in ("model", "optimizer") or (group == "optimizer" and not _OPT_NAME.match(name)):
+        return None
+    if dtype not in ITEMSIZE or not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        return None
+    dims = [_int(d, 0, 1 << 40) for d in shape]
+    if any(d is None for d in dims):
+        return None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if length != numel * ITEMSIZE[dtype]:
+        return None
+    return TensorSpec(group, name, dtype, tuple(shape), numel * ITEMSIZE[dtype])
+
+
+def _tensor_index(tensors: TensorState, offset: int) -> tuple[dict[str, Any], int]:
+    """The index's tensor section for ``tensors`` placed at ``offset``, and the offset after them."""
+    one = len(tensors.buffers) == 1 and len(tensors.specs) != 1  # a single buffer holding them all, in order
+    if not one and len(tensors.specs) != len(tensors.buffers):
+        raise ValueError(f"{len(tensors.specs)} tensor specs but {len(tensors.buffers)} buffers")
+    if one and memoryview(tensors.buffers[0]).nbytes != sum(spec.nbytes for spec in tensors.specs):
+        raise ValueError("the tensors' buffer does not hold exactly their bytes")
+    section: dict[str, Any] = {"skeleton": [offset, len(tensors.skeleton)], "metadata": dict(tensors.metadata)}
+    offset += len(tensors.skeleton)
+    entries = []
+    for i, spec in enumerate(tensors.specs):
+        if _tensor_spec([spec.group, spec.name, spec.dtype, list(spec.shape), 0, spec.nbytes]) is None:
+            raise ValueError(f"tensor {spec.group} {spec.name[:80]!r} could not be read back ({spec})")
+        if not one and memoryview(tensors.buffers[i]).nbytes != spec.nbytes:
+            raise ValueError(f"tensor {spec.name[:80]!r} has the wrong number of bytes (its spec says {spec.nbytes})")
+        entries.append([spec.group, spec.name, spec.dtype, list(spec.shape), offset, spec.nbytes])
+        offset += spec.nbytes
+    section["entries"] = entries
+    return section, offset
 
 
 def _state_mismatch(raw: Any, step: int) -> str | None:
@@ -607,6 +809,8 @@ def materialize(snapshot: Snapshot, output_dir: str | os.PathLike[str]) -> Path:
         for name, data in snapshot.files.items():
             with open(staging / name, "wb") as f:
                 f.write(data)
+        if snapshot.tensors is not None:
+            _write_tensor_files(snapshot.tensors, staging)
         size = ckpt.commit(staging, final, step)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -618,6 +822,38 @@ def materialize(snapshot: Snapshot, output_dir: str | os.PathLike[str]) -> Path:
         raise
     log.info("Committed snapshot of step %d as %s (%.1f MiB)", step, final.name, size / 2**20)
     return final
+
+
+def _write_tensor_files(tensors: TensorState, folder: Path) -> None:
+    """``model.safetensors`` and ``optimizer.pt`` from raw tensors, as the Trainer's own save writes them.
+
+    model.safetensors goes through the same ``safetensors.torch`` call as ``save_pretrained``
+    (same names, dtypes, shapes, bytes and metadata: the same file); optimizer.pt is
+    ``torch.save`` of the optimizer's state dict, rebuilt from the skeleton.
+    """
+    import safetensors.torch
+    import torch
+
+    model: dict[str, Any] = {}
+    optim: list[tuple[int, str, Any]] = []
+    for spec, buf in zip(tensors.specs, tensors.buffers, strict=True):
+        t = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
+        if spec.nbytes:
+            # A byte copy into a fresh tensor: its own storage, aligned whatever the slot's offset was.
+            src = buf if not memoryview(buf).readonly else bytearray(buf)  # frombuffer warns on read-only memory
+            t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(src, dtype=torch.uint8))
+        if spec.group == "model":
+            model[spec.name] = t
+        else:
+            param, _, key = spec.name.partition(".")
+            optim.append((int(param), key, t))
+    state_dict = torch.load(io.BytesIO(tensors.skeleton), weights_only=True)
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise ckpt.CheckpointInvalid("the snapshot's optimizer skeleton is not an optimizer state dict")
+    for pid, key, t in optim:
+        state_dict["state"].setdefault(pid, {})[key] = t
+    safetensors.torch.save_file(model, str(folder / "model.safetensors"), metadata=tensors.metadata)
+    torch.save(state_dict, folder / "optimizer.pt")
 
 
 # ----------------------------------------------------------------------------- capture
@@ -685,6 +921,16 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def _model_files(trainer: Any) -> dict[str, bytes]:
     import safetensors.torch
+
+    files, metadata, state = _model_parts(trainer)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    files["model.safetensors"] = safetensors.torch.save(tensors, metadata=metadata)
+    return files
+
+
+def _model_parts(trainer: Any) -> tuple[dict[str, bytes], dict[str, str], dict[str, Any]]:
+    """What ``save_pretrained`` writes, before serialising the weights: the config files, the
+    safetensors metadata and the state dict it saves (tied weights dropped, renamings reverted)."""
     from transformers import PreTrainedModel
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -692,8 +938,7 @@ def _model_files(trainer: Any) -> dict[str, bytes]:
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     if not isinstance(model, PreTrainedModel):
         # Trainer._save's fallback for a plain nn.Module: its state dict alone.
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        return {"model.safetensors": safetensors.torch.save(state, metadata={"format": "pt"})}
+        return {}, {"format": "pt"}, dict(model.state_dict())
     if getattr(model, "_hf_peft_config_loaded", False) or getattr(model, "hf_quantizer", None) is not None:
         raise NotImplementedError("snapshots of PEFT or quantised models are not supported")
     if getattr(model, "_keys_to_ignore_on_save", None):
@@ -709,13 +954,16 @@ def _model_files(trainer: Any) -> dict[str, bytes]:
     state = revert_weight_conversion(model, state)
     if sum(t.numel() * t.element_size() for t in state.values()) > 50 * 10**9:
         raise NotImplementedError("models over save_pretrained's 50 GB shard size are not supported")
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    files["model.safetensors"] = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    return files
+    return files, {"format": "pt"}, dict(state)
 
 
 def _trainer_state_json(trainer: Any) -> bytes:
     """``TrainerState.save_to_json``'s bytes after commit_checkpoint's updates, on a copy."""
+    return (json.dumps(_trainer_state_dict(trainer), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _trainer_state_dict(trainer: Any) -> dict[str, Any]:
+    """What :func:`_trainer_state_json` writes, as a deep copy (``dataclasses.asdict``)."""
     from transformers.trainer_callback import ExportableState
 
     state = trainer.state
@@ -737,7 +985,7 @@ def _trainer_state_json(trainer: Any) -> bytes:
         best_path = out / f"checkpoint-{best}"
         if best_path.exists() or best == state.global_step:
             d["best_model_checkpoint"] = str(best_path)
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+    return d
 
 
 def _rng_states(args: Any) -> dict[str, Any]:
@@ -759,3 +1007,377 @@ def _rng_states(args: Any) -> dict[str, Any]:
         else:
             states["cuda"] = torch.cuda.random.get_rng_state()
     return states
+
+
+# ----------------------------------------------------------------------------- capture, raw
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Rank 0's state at a step boundary: the big tensors as the live tensors themselves (their
+    values do not change until the next optimizer step), the small state as objects of its own
+    (copies taken at the boundary), serialised by :meth:`serialise` in the copy thread."""
+
+    step: int
+    files: dict[str, bytes]
+    """Files already as bytes (config.json, training_args.bin)."""
+    objects: dict[str, Any]
+    """File name -> object that ``torch.save`` turns into that file (RNG, scheduler, scaler)."""
+    state: dict[str, Any]
+    """trainer_state.json's content."""
+    skeleton: dict[str, Any]
+    """The optimizer's state dict without its tensors."""
+    specs: tuple[TensorSpec, ...]
+    tensors: tuple[Any, ...]
+    metadata: dict[str, str]
+    ready: Any = None
+    """On CUDA, an event recorded on the training stream at the boundary: the copies wait for it."""
+
+    def serialise(self) -> tuple[dict[str, bytes], bytes]:
+        """The small files as bytes, and the skeleton's ``torch.save`` bytes."""
+        files = dict(self.files)
+        files.update((name, _torch_bytes(obj)) for name, obj in self.objects.items())
+        files["trainer_state.json"] = (json.dumps(self.state, indent=2, sort_keys=True) + "\n").encode()
+        return files, _torch_bytes(self.skeleton)
+
+
+class Capturer:
+    """Captures rank 0's training state for a snapshot without serialising the tensors.
+
+    :meth:`capture` runs at the step boundary and takes copies of the small state (RNG,
+    scheduler, trainer state, the optimizer's param groups) and references to the tensors;
+    in the copy thread :meth:`Capture.serialise` turns the small state into files and
+    :meth:`host_buffers` gives each tensor's bytes in host memory: the tensor's own memory
+    on CPU, a pinned copy made on a side stream on CUDA.
+    What does not change within an attempt is kept between captures: ``config.json``,
+    ``training_args.bin``, the list of tensors ``save_pretrained`` would save (while the
+    model's parameters and buffers stay where they are) and the byte views of CPU tensors.
+    """
+
+    def __init__(self) -> None:
+        self._fixed: dict[str, bytes] | None = None
+        self._metadata: dict[str, str] = {}
+        self._model_key: list[tuple[dict[str, Any], str, Any, int]] | None = None
+        self._model: list[tuple[str, Any]] = []
+        self._views_key: tuple[tuple[int, int], ...] | None = None
+        self._views: list[Any] = []
+        self._stage: Any = None  # the host buffer the CPU tensors are gathered into
+        self._staging: _CudaStaging | None = None
+        self._specs_key: tuple[int, ...] | None = None
+        self._specs: tuple[TensorSpec, ...] = ()
+        self._specs_of: tuple[Any, ...] = ()  # keeps the tensors whose ids make the key alive
+        self._cuda = False
+
+    def capture(self, trainer: Any) -> Capture:
+        import copy
+
+        import torch
+
+        args = trainer.args
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+            raise NotImplementedError("snapshots of DeepSpeed or FSDP jobs are not supported")
+        if self._fixed is None:
+            fixed, self._metadata, _ = _model_parts(trainer)
+            fixed["training_args.bin"] = _torch_bytes(args)
+            self._fixed = fixed
+        # Objects that the next step changes are copied now; their serialisation waits for the thread.
+        # (The RNG getters return fresh copies; a scheduler's state dict shares its lists.)
+        objects: dict[str, Any] = {"scheduler.pt": copy.deepcopy(trainer.lr_scheduler.state_dict())}
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        if scaler is not None:
+            objects["scaler.pt"] = copy.deepcopy(scaler.state_dict())
+        ctx = getattr(trainer, "ctx", None)
+        rng = getattr(ctx, "rng_override", None) or _rng_states(args)
+        objects["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = rng
+        named = self._model_tensors(trainer)
+        skeleton, optim = _optimizer_parts(trainer.optimizer)
+        tensors = tuple(t for _, t in itertools.chain(named, optim))
+        key = tuple(map(id, tensors))  # the same tensor objects (kept alive here) have the same specs
+        if key != self._specs_key:
+            specs = tuple([_spec("model", k, t) for k, t in named] + [_spec("optimizer", k, t) for k, t in optim])
+            if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+                raise NotImplementedError("snapshots of tensors outside CPU and CUDA memory are not supported")
+            self._specs_key, self._specs, self._specs_of = key, specs, tensors
+            self._cuda = any(t.is_cuda for t in tensors)
+        ready = None
+        if self._cuda:
+            # Where the copy may start: when the training stream's work queued so far (this step) is done.
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        return Capture(
+            step=trainer.state.global_step,
+            files=self._fixed,
+            objects=objects,
+            state=_trainer_state_dict(trainer),
+            skeleton=skeleton,
+            specs=self._specs,
+            tensors=tensors,
+            metadata=self._metadata,
+            ready=ready,
+        )
+
+    def _model_tensors(self, trainer: Any) -> list[tuple[str, Any]]:
+        """What save_pretrained would save, kept while the model's parameters and buffers stay
+        the same tensors at the same addresses (checked on the modules' own dicts: cheap)."""
+        if self._model_key is not None and all(
+            d.get(name) is t and t is not None and t.data_ptr() == ptr for d, name, t, ptr in self._model_key
+        ):
+            return self._model
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        entries = [
+            (d, name, t, t.data_ptr())
+            for m in model.modules()
+            for d in (m._parameters, m._buffers)
+            for name, t in d.items()
+            if t is not None
+        ]
+        _, _, state = _model_parts(trainer)
+        named = list(state.items())
+        storages = {t.untyped_storage().data_ptr() for _, _, t, _ in entries}
+        # Kept only when every tensor to save is (a view of) a parameter or buffer: the optimizer
+        # updates those in place. A renaming that builds new tensors must be redone each time.
+        shared = all(t.untyped_storage().data_ptr() in storages for _, t in named)
+        self._model_key, self._model = (entries, named) if shared else (None, [])
+        return named
+
+    def host_buffers(self, cap: Capture) -> tuple[Any, ...]:
+        """The tensors' bytes in host memory, in ``cap.specs`` order, as one buffer (runs in
+        the copy thread).
+
+        One buffer, filled by one ``torch.cat`` (CPU) or one batch of copies on a side stream
+        (CUDA), so that the thread lets go of the GIL and wins it back from the training thread
+        a handful of times per snapshot, not twice per tensor: on a busy CPU each hand-off can
+        cost the training thread a scheduler slice. The price is one host copy of the state.
+        """
+        import torch
+
+        if cap.ready is not None:  # some on CUDA
+            if self._staging is None or not self._staging.fits(cap.tensors):
+                self._staging = _CudaStaging(cap.tensors)
+            return (self._staging.fill(cap.tensors, cap.ready),)
+        flat = self._flat_views(cap.tensors)
+        total = sum(t.numel() for t in flat)
+        if self._stage is None or self._stage.numel() != total:
+            self._stage = torch.empty(total, dtype=torch.uint8)
+        if flat:
+            torch.cat(flat, out=self._stage)
+        return (memoryview(self._stage.numpy().data),)
+
+    def _flat_views(self, tensors: tuple[Any, ...]) -> list[Any]:
+        """Each CPU tensor as a flat uint8 view (kept while the tensors stay where they are)."""
+        key = tuple((t.data_ptr(), t.nbytes) for t in tensors)
+        if key == self._views_key:
+            return self._views
+        views = [_flat_bytes(t) for t in tensors]
+        # A non-contiguous tensor's view is a copy of this moment: never kept.
+        if all(t.is_contiguous() for t in tensors):
+            self._views_key, self._views = key, views
+        return views
+
+
+def _flat_bytes(t: Any) -> Any:
+    """The bytes of tensor ``t`` as a flat uint8 tensor, without a copy when it is contiguous."""
+    import torch
+
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+class _CudaStaging:
+    """Pinned host memory for a capture's tensors, filled on a side stream.
+
+    Not exercised on this project's CPU test machines: kept small on purpose. The copies
+    wait for the training stream's work up to the boundary (an event recorded there), run on
+    their own stream while the next step's forward and backward run, and the copy thread
+    waits for them before it reads the pinned memory. The source tensors (parameters and
+    optimizer state) are neither freed nor changed before the next optimizer step, which
+    waits for the copy thread, so no ``record_stream`` is needed. Tensors on the CPU (an
+    optimizer's step counts) are copied into the same buffer, in order.
+    """
+
+    def __init__(self, tensors: tuple[Any, ...]) -> None:
+        import torch
+
+        devices = {t.device for t in tensors if t.is_cuda}
+        if len(devices) != 1:
+            raise NotImplementedError(
+                f"snapshots of tensors on several GPUs are not supported ({sorted(map(str, devices))})"
+            )
+        self.device = devices.pop()
+        self.sizes = [t.nbytes for t in tensors]
+        self.buffer = torch.empty(sum(self.sizes), dtype=torch.uint8, pin_memory=True)
+        self.views = []
+        offset = 0
+        for n in self.sizes:
+            self.views.append(self.buffer[offset : offset + n])
+            offset += n
+        self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+
+    def fits(self, tensors: tuple[Any, ...]) -> bool:
+        return [t.nbytes for t in tensors] == self.sizes and all(t.device == self.device for t in tensors if t.is_cuda)
+
+    def fill(self, tensors: tuple[Any, ...], ready: Any) -> memoryview:
+        import torch
+
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for t, view in zip(tensors, self.views, strict=True):
+                view.copy_(_flat_bytes(t), non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(self.stream)
+        done.synchronize()
+        return memoryview(self.buffer.numpy().data)
+
+
+def _spec(group: str, name: str, t: Any) -> TensorSpec:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in ITEMSIZE:
+        raise NotImplementedError(f"snapshots of {dtype} tensors are not supported ({name})")
+    return TensorSpec(group, name, dtype, tuple(t.shape), t.numel() * ITEMSIZE[dtype])
+
+
+def _optimizer_parts(optimizer: Any) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The optimizer's state dict without its tensors (a skeleton: param groups, non-tensor
+    state) and those tensors, named ``<param id>.<state key>``.
+
+    ``state_dict()`` builds new dicts and lists; a scheduler assigns new values into the live
+    param groups, never into these, so the skeleton needs no deeper copy.
+    """
+    import torch
+
+    sd = optimizer.state_dict()
+    state: dict[Any, Any] = {}
+    tensors: list[tuple[str, Any]] = []
+    for pid, per_param in sd["state"].items():
+        rest: dict[Any, Any] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and type(pid) is int and isinstance(key, str) and 0 < len(key) <= 200:
+                tensors.append((f"{pid}.{key}", value))
+            else:
+                rest[key] = value
+        state[pid] = rest
+    return {**sd, "state": state}, tensors
+
+
+# ----------------------------------------------------------------------------- how often
+
+
+BUDGET = 0.02
+"""The share of training time that ``every_steps: auto`` lets snapshots cost."""
+MAX_INTERVAL = 10_000
+
+
+def choose_interval(cost_s: float, step_s: float, current: int, budget: float = BUDGET) -> int:
+    """The smallest interval N at which a snapshot costing ``cost_s`` of exposed time every N
+    steps of ``step_s`` stays within ``budget`` of training time.
+
+    Raised at once when over budget; lowered only when the lower interval fits with a quarter
+    of the budget to spare, and by at most half at a time, so that noise does not flip it
+    back and forth.
+    """
+    if step_s <= 0 or cost_s < 0 or not math.isfinite(cost_s / step_s):
+        return current
+    need = max(1, math.ceil(cost_s / (budget * step_s) - 1e-9))
+    if need >= current:
+        return min(need, MAX_INTERVAL)
+    roomy = max(1, math.ceil(cost_s / (0.75 * budget * step_s) - 1e-9))
+    return min(current, max(roomy, (current + 1) // 2))
+
+
+class IntervalChooser:
+    """``snapshot.every_steps``: a fixed N (due at multiples of N), or ``auto``.
+
+    ``auto`` starts at every step and re-chooses after each snapshot. The cost of a snapshot
+    is what training loses to it: at least its exposed time (the synchronous part plus any
+    wait for the copy), and more where the copy thread competes with training for the CPU
+    or the GIL (a small model on few cores). That part shows only as slower steps, so the
+    chooser keeps two sets of step times, the steps that ran beside a copy and those that
+    did not, and takes the larger of the exposed time and the difference of their medians.
+    At an interval of 1 every 16th step goes without a snapshot to keep the second set
+    current (then up to 2 steps can be lost). Medians, not means: an evaluation or a disk
+    save inside a step, or a snapshot slowed by a save's I/O, is an outlier that must not
+    set the interval. The first snapshot's cost counts, one-time parts (the copy thread, the
+    config files, the list of tensors) included: an expensive state gets a long interval at
+    once rather than after a few costly snapshots, and the interval comes down from there (by
+    half at a time at most, see :func:`choose_interval`).
+    """
+
+    WARMUP = 0
+    SAMPLE = 16
+
+    def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
+        self.auto = every_steps == "auto"
+        self.interval = 1 if self.auto else int(every_steps)
+        self.budget = budget
+        self._with: deque[float] = deque(maxlen=16)  # step times beside a copy
+        self._without: deque[float] = deque(maxlen=16)
+        self._costs: deque[float] = deque(maxlen=8)
+        self._seen = 0
+        self._undecided = False  # a cost came before any step time: the choice waits for one
+
+    def is_due(self, step: int, last: int | None) -> bool:
+        """Whether ``step`` gets a snapshot, the last one having been of step ``last``."""
+        if not self.auto:
+            return self.interval > 0 and step % self.interval == 0
+        if self._undecided:
+            return False  # a snapshot's cost is known but no step time yet: no second one before a choice
+        if self.interval == 1 and step % self.SAMPLE == 0:
+            return False  # a step without a copy, for the baseline step time
+        return last is None or step - last >= self.interval
+
+    def add_step(self, seconds: float, beside_copy: bool = False) -> int | None:
+        """Record the time between two step ends, and whether a snapshot copy ran in it;
+        return the new interval when a choice that waited for a step time changes it."""
+        (self._with if beside_copy else self._without).append(seconds)
+        return self._choose() if self._undecided else None
+
+    def add_cost(self, seconds: float) -> int | None:
+        """Record one snapshot's exposed cost; return the new interval when it changes."""
+        self._seen += 1
+        if not self.auto or self._seen <= self.WARMUP:
+            return None
+        self._costs.append(seconds)
+        return self._choose()
+
+    def _choose(self) -> int | None:
+        step, cost = self.step_seconds, self.cost_seconds
+        self._undecided = step is None
+        if step is None or cost is None:
+            return None
+        new = choose_interval(cost, step, self.interval, self.budget)
+        if new == self.interval:
+            return None
+        self.interval = new
+        return new
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Median step time without a copy (with one, until there are a few without)."""
+        if len(self._without) >= 3 or not self._with:
+            return statistics.median(self._without) if self._without else None
+        return statistics.median([*self._with, *self._without])
+
+    @property
+    def cost_seconds(self) -> float | None:
+        """What a snapshot costs training: see the class docstring."""
+        if not self._costs:
+            return None
+        exposed = statistics.median(self._costs)
+        if len(self._with) >= 3 and len(self._without) >= 3:
+            return max(exposed, statistics.median(self._with) - statistics.median(self._without))
+        return exposed
+
+
+SYNC_BELOW = 8 << 20
+"""Snapshots with fewer tensor bytes than this are copied at the boundary, not in the thread:
+handing a copy of a few hundred kilobytes to a thread costs more (GIL hand-offs with the
+training thread, a busy CPU) than the copy itself, and done in place its cost is all exposed,
+so ``auto`` sees it whole."""
+
+
+def write_capture(store: SnapshotStore, capturer: Capturer, cap: Capture) -> int:
+    """Serialise ``cap``'s small state, copy its tensors into ``store`` and commit it (the copy
+    thread's job); return the snapshot's size in bytes."""
+    files, skeleton = cap.serialise()
+    tensors = TensorState(cap.specs, capturer.host_buffers(cap), skeleton, cap.metadata)
+    store.write(cap.step, files, tensors)
+    return sum(len(b) for b in files.values()) + tensors.nbytes

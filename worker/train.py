@@ -84,7 +84,7 @@ def snapshot_store(cfg: Config, fingerprint: str) -> snapshot.SnapshotStore | No
     step depends on them; after an OOM the supervisor changes the batch, and the snapshot of
     the old batch is then rightly ignored).
     """
-    if cfg.snapshot.every_steps <= 0:
+    if not cfg.snapshot.enabled:
         return None
     t = cfg.training
     identity = {

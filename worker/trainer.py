@@ -14,7 +14,9 @@ import logging
 import os
 import random
 import shutil
+import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,8 @@ from supervisor.schema import Config
 from worker import checkpoint as ckpt
 from worker import snapshot
 from worker.disk import DiskGuard
-from worker.dist import any_rank, barrier
+from worker.dist import any_ranks, barrier
 from worker.fault import HeartbeatWriter, ParentWatch, StopRequest, attempt, set_memory_headroom_from_env
-from worker.fault import rank as fault_rank
 from worker.fault import world_size as fault_world_size
 from worker.rng import BoundaryRng
 
@@ -59,7 +60,8 @@ class RunContext:
 
 
 class Snapshots:
-    """Synchronous shared-memory snapshots of the training state every ``every_steps`` steps (each rank its part).
+    """Shared-memory snapshots of the training state (under torchrun each rank its part), the big
+    copy overlapped with the next step.
 
     A snapshot must hold the state training continues from, which is the state *after* the
     step's boundary work: ``on_step_end`` runs before the Trainer logs, evaluates and saves
@@ -68,22 +70,60 @@ class Snapshots:
     as due, and the capture happens after the last ``_maybe_log_save_evaluate`` of that step:
     the one in the step loop, or, when the loop leaves the epoch after this step, the one
     after ``on_epoch_end`` (epoch evaluation and epoch saves happen there).
+
+    The capture has two parts. The small state (RNG, trainer state, scheduler, scaler) is
+    copied there and then (and serialised with the copy). The big tensors (weights, optimizer state) are only
+    referenced, and a thread copies their bytes into the store's free slot and commits it
+    while the next step's forward and backward run: the weights and the optimizer state do
+    not change until the next optimizer step, and :meth:`join`, called in
+    ``on_pre_optimizer_step``, makes that step wait for the copy. Everything else that
+    changes the weights or ends training joins first too (:meth:`SupervisedTrainer.train`
+    and ``_load_best_model``). A kill during the copy leaves the previous snapshot: the
+    header names the new slot only once it is complete. A small state (under
+    :data:`snapshot.SYNC_BELOW`) is copied at the boundary instead: cheaper than a hand-off.
+
+    The interval is ``snapshot.every_steps``, or with ``auto`` chosen as training goes by
+    :class:`snapshot.IntervalChooser` from the exposed cost (the synchronous part plus any
+    wait in :meth:`join`) and the slowdown of steps run beside a copy, against the step time.
     """
 
-    def __init__(self, store: snapshot.SnapshotStore, every_steps: int) -> None:
+    def __init__(self, store: snapshot.SnapshotStore, every_steps: int | str) -> None:
         self.store = store
         self.every_steps = every_steps
+        self.chooser = snapshot.IntervalChooser(every_steps)
         self.enabled = True
         self.due: int | None = None
         self.epoch_ending = False
-        self.seconds: list[float] = []  # capture + write time of each snapshot, for cost reports
+        self.seconds: list[float] = []  # capture start -> committed, per snapshot
+        self.exposed: list[float] = []  # what training waited for, per snapshot
+        self.size = 0  # bytes of the newest snapshot
+        self._capturer = snapshot.Capturer()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._pending_step = 0
+        self._sync_s = 0.0
+        self._last_step: int | None = None
+        self._last_step_end: float | None = None
 
-    def step_end(self, step: int) -> None:
-        if self.enabled and step % self.every_steps == 0:
+    def step_end(self, step: int) -> bool:
+        """Record a step end; whether this rank's interval wants a snapshot of ``step``."""
+        now = time.monotonic()
+        if self._last_step_end is not None:
+            # A snapshot of the previous step was copied during this one (or it ran without).
+            new = self.chooser.add_step(now - self._last_step_end, beside_copy=self._last_step == step - 1)
+            if new is not None:
+                self._log_interval(new)
+        self._last_step_end = now
+        return self.enabled and self.chooser.is_due(step, self._last_step)
+
+    def mark_due(self, step: int) -> None:
+        """Snapshot this step (under torchrun: because some rank's interval says so, so that every
+        rank snapshots the same steps whatever interval each one's own measurements chose)."""
+        if self.enabled:
             self.due = step
 
     def after_boundary_work(self, trainer: SupervisedTrainer) -> None:
-        """Called after every ``_maybe_log_save_evaluate``; writes the due snapshot after the last one."""
+        """Called after every ``_maybe_log_save_evaluate``; starts the due snapshot after the last one."""
         epoch_end_call, self.epoch_ending = self.epoch_ending, False
         state, control = trainer.state, trainer.control
         if self.due is None or self.due != state.global_step:
@@ -92,21 +132,96 @@ class Snapshots:
         if not epoch_end_call and (leaves_epoch or control.should_training_stop):
             return  # on_epoch_end and its _maybe_log_save_evaluate still belong to this step
         self.due = None
+        self.join()
+        if not self.enabled:
+            return
+        t0 = time.monotonic()
+        step = state.global_step
+        try:
+            if trainer.args.process_index > 0:
+                # Ranks > 0 hold no weights of their own to save: their small part, synchronously.
+                capture_rank = getattr(snapshot, "capture_rank_files", snapshot.capture_files)
+                self.store.write(step, capture_rank(trainer))
+                self._done(step, t0, time.monotonic() - t0)
+                return
+            cap = self._capturer.capture(trainer)
+            if sum(s.nbytes for s in cap.specs) < snapshot.SYNC_BELOW:
+                self._copy(cap, t0)  # small: cheaper here than handed to the thread
+                self._last_step = step
+                self._done(step, None, time.monotonic() - t0)
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-copy")
+            self._pending = self._pool.submit(self._copy, cap, t0)
+        except Exception as exc:  # a snapshot is an optimisation: it must never end training
+            self._off(step, exc)
+            return
+        self._pending_step = step
+        self._sync_s = time.monotonic() - t0
+        self._last_step = step
+
+    def _copy(self, cap: snapshot.Capture, t0: float) -> None:
+        self.size = snapshot.write_capture(self.store, self._capturer, cap)
+        self.seconds.append(time.monotonic() - t0)
+
+    def join(self) -> None:
+        """Wait for the snapshot being copied, if any (before anything changes the weights)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
         t0 = time.monotonic()
         try:
-            # Under torchrun rank 0 holds the whole state and every other rank its own part.
-            files = snapshot.capture_files(trainer) if fault_rank() == 0 else snapshot.capture_rank_files(trainer)
-            self.store.write(state.global_step, files)
-        except Exception as exc:  # a snapshot is an optimisation: it must never end training
-            self.enabled = False
-            log.warning(
-                "Snapshots off for this attempt: the snapshot of step %d failed (%s: %s); disk checkpoints still apply",
-                state.global_step,
-                type(exc).__name__,
-                exc,
-            )
+            pending.result()
+        except Exception as exc:
+            self._off(self._pending_step, exc)
             return
-        self.seconds.append(time.monotonic() - t0)
+        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0)
+
+    def _done(self, step: int, t0: float | None, exposed: float) -> None:
+        if t0 is not None:
+            self.seconds.append(time.monotonic() - t0)
+        self.exposed.append(exposed)
+        new = self.chooser.add_cost(exposed)
+        if new is not None:
+            self._log_interval(new)
+
+    def _log_interval(self, new: int) -> None:
+        log.info(
+            "Snapshot interval now %d step%s (auto: %.1f ms per snapshot, %.1f ms per step)",
+            new,
+            "" if new == 1 else "s",
+            1e3 * (self.chooser.cost_seconds or 0.0),
+            1e3 * (self.chooser.step_seconds or 0.0),
+        )
+
+    def _off(self, step: int, exc: BaseException) -> None:
+        self.enabled = False
+        self.due = None
+        log.warning(
+            "Snapshots off for this attempt: the snapshot of step %d failed (%s: %s); disk checkpoints still apply",
+            step,
+            type(exc).__name__,
+            exc,
+        )
+
+    def close(self) -> None:
+        """Wait for the last copy, stop the thread and log what the snapshots cost."""
+        self.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self.exposed:
+            log.info(
+                "Snapshots: %d taken, newest of step %s, %.2f MiB; copy median %.1f ms, exposed median %.2f ms; "
+                "interval %d (%s)",
+                len(self.exposed),
+                self._last_step,
+                self.size / 2**20,
+                1e3 * statistics.median(self.seconds) if self.seconds else 0.0,
+                1e3 * statistics.median(self.exposed),
+                self.chooser.interval,
+                "auto" if self.chooser.auto else "fixed",
+            )
 
 
 class _IgnoreStopSignals:
@@ -232,6 +347,15 @@ class SupervisedTrainer(Trainer):
         name = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
         torch.save(self.ctx.rng_override, os.path.join(output_dir, name))
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # However training ends (done, stopped, crashed, out of memory), the copy in flight is
+            # finished before anything else happens: an emergency checkpoint, the exit report, the exit.
+            if self.ctx.snapshots is not None:
+                self.ctx.snapshots.close()
+
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
         super()._maybe_log_save_evaluate(*args, **kwargs)
         if self.ctx.snapshots is not None:
@@ -257,6 +381,8 @@ class SupervisedTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best is None:
             return  # transformers only calls this with a best checkpoint; nothing to load otherwise
+        if self.ctx.snapshots is not None:
+            self.ctx.snapshots.join()  # the copy reads the weights this replaces
         log.info("Loading best model from %s (%s %s)", best, self.args.metric_for_best_model, self.state.best_metric)
         ckpt.load_weights_strict(self.model, Path(best))
 
@@ -308,14 +434,15 @@ class SupervisionCallback(TrainerCallback):
             self._t_step = time.monotonic()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
+        if self.ctx.snapshots is not None:
+            self.ctx.snapshots.join()  # the snapshot's copy reads the weights this step changes
         self.ctx.phase = "optimizer"
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kw: Any) -> None:
         ctx = self.ctx
         ctx.phase = "boundary"
         ctx.rng.capture()
-        if ctx.snapshots is not None:
-            ctx.snapshots.step_end(state.global_step)
+        due = ctx.snapshots.step_end(state.global_step) if ctx.snapshots is not None else False
         now = time.monotonic()
         if self._t_step is not None:
             dt = max(now - self._t_step, 1e-6)
@@ -324,7 +451,12 @@ class SupervisionCallback(TrainerCallback):
         self._t_step = now
         if ctx.parent.parent_gone():
             ctx.stop.request("the supervisor process is gone")
-        if any_rank(ctx.stop.requested, args.device) and not ctx.stop.requested:
+        # One collective for both votes (a no-op in a single process): every rank stops at the same
+        # step, and every rank snapshots the same steps (some rank's interval wants this one).
+        stop_any, due_any = any_ranks([ctx.stop.requested, due], args.device)
+        if due_any and ctx.snapshots is not None:
+            ctx.snapshots.mark_due(state.global_step)
+        if stop_any and not ctx.stop.requested:
             ctx.stop.request("another rank was asked to stop")
         if ctx.stop.requested:
             log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
