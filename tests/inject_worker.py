@@ -143,9 +143,9 @@ def install(fault: str, at: int) -> None:
 
         real_write = snapshot.SnapshotStore.write
 
-        def write(self: Any, step: int, files: Any) -> None:
+        def write(self: Any, step: int, files: Any, *rest: Any) -> None:
             if not hit():
-                return real_write(self, step, files)
+                return real_write(self, step, files, *rest)
             real_os_write = os.write
             writes = {"n": 0}
 
@@ -157,7 +157,7 @@ def install(fault: str, at: int) -> None:
                 return real_os_write(fd, data)
 
             snapshot.os.write = torn_write  # type: ignore[attr-defined]
-            real_write(self, step, files)
+            real_write(self, step, files, *rest)
             raise SystemExit("inject: the snapshot write finished without being killed")
 
         snapshot.SnapshotStore.write = write  # type: ignore[method-assign]

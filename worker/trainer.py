@@ -236,12 +236,26 @@ class _IgnoreStopSignals:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.parent = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
+        import ctypes
         import signal
+        import sys
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A DataLoader worker is forked with the main process's descriptors, the run's locks
+        # among them: when the main process is killed (SIGKILL, a segfault, the OOM killer) it
+        # must die at once rather than at torch's next parent check (up to 5 s), or a restart
+        # finds the run still locked by an orphan.
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+        if os.getppid() != self.parent:  # died before the prctl
+            os._exit(1)
         if self.inner is not None:
             self.inner(worker_id)
 
