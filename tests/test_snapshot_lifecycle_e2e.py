@@ -60,7 +60,8 @@ def test_a_completed_run_leaves_no_store_and_status_showed_the_snapshot_while_it
     assert finish(proc, run, STALL) == 0, run.describe()
     assert run.state()["state"] == "completed"
     assert shm.run_stores(run.out, base) == [], "a completed run left its snapshot store behind"
-    assert '"action": "removed"' in run.log() and "the run completed" in run.log()
+    # The worker removes its own store when it completes (a `vit-train` by hand has no supervisor);
+    # the supervisor's removal covers what a worker could not (tests/test_state_machine.py).
     after = run.cli("status", "--run-dir", str(run.out), "--json")
     assert json.loads(after.stdout)["snapshot"] is None
 

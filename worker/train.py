@@ -351,7 +351,12 @@ def run_attempt(ctx: RunContext, *, resume: bool, checkpoint: Path | None, prepa
         callbacks=[SupervisionCallback(ctx), EpochCallback(prepared.splits.train)],
         ctx=ctx,
     )
-    return train(trainer, target)
+    outcome = train(trainer, target)
+    if outcome.reason == protocol.REASON_COMPLETED and store is not None:
+        # A finished run resumes from nothing: its snapshot would only hold memory. The supervisor
+        # removes a completed run's stores too; a `vit-train` by hand has no supervisor to do it.
+        store.remove()
+    return outcome
 
 
 def _progress(trainer: SupervisedTrainer) -> dict[str, Any]:
