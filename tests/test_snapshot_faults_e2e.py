@@ -97,8 +97,13 @@ def kill_after(cfg: Path, out: Path, step: int, delay: float, *args: str) -> str
     """Start a worker, SIGKILL it ``delay`` seconds after its heartbeat reached ``step``; its output."""
     p = vit_train(cfg, *args)
     try:
+        # This worker's heartbeat, not the one a killed predecessor left behind (on a fast machine the
+        # predecessor ran past the next target before its kill landed).
         wait_for(
-            lambda: (heartbeat(out).get("global_step") or 0) >= step or p.poll() is not None,
+            lambda: (
+                (heartbeat(out).get("pid") == p.pid and (heartbeat(out).get("global_step") or 0) >= step)
+                or p.poll() is not None
+            ),
             TIMEOUT,
             f"step {step}",
             interval=0.002,
@@ -147,6 +152,8 @@ def test_sigkill_at_seeded_random_instants_loses_at_most_one_step_each(tmp_path:
     died_at: list[int] = []
     logs: list[str] = []  # of each run: the resume line of run n+1 answers for kill n
     for n, target in enumerate(targets):
+        if died_at:
+            target = max(target, died_at[-1] + 2)  # a step this worker must train itself
         logs.append(kill_after(cfg, out, target, rng.uniform(0.0, 0.1), *(["--resume"] if n else [])))
         died_at.append(reached(out))
     logs.append(run_to_end(cfg, "--resume"))
