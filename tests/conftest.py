@@ -66,9 +66,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from worker.snapshot import default_root
 
     for folder, _, _ in os.walk(base):
-        store = default_root(folder)
-        if store.is_dir():
-            shutil.rmtree(store, ignore_errors=True)
+        for rank in range(8):  # the torchrun tests' other ranks have stores of their own
+            store = default_root(folder, rank)
+            if store.is_dir():
+                shutil.rmtree(store, ignore_errors=True)
 
 
 _running: list[pytest.Item] = []  # the test being set up or run (fixtures of any scope included)
