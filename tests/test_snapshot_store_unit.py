@@ -357,7 +357,7 @@ def test_sigkill_at_random_instants_leaves_the_newest_and_at_most_the_one_before
     store = SnapshotStore(root, {"run": "kill-test"})
     rnd = random.Random(21)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with_previous = 0
+    with_previous = last = 0
     for _ in range(15):
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
@@ -369,9 +369,13 @@ def test_sigkill_at_random_instants_leaves_the_newest_and_at_most_the_one_before
         proc.send_signal(signal.SIGKILL)
         rest = proc.stdout.read()
         proc.wait()
+        assert proc.returncode == -signal.SIGKILL
         done = int((first + rest).split()[-1])  # the last write the child saw complete
         steps = store.available_steps()
         assert steps and steps[0] in (done, done + 1), (steps, done)
+        newest = store.read_newest()  # the single-process resume path reads the same newest step
+        assert newest is not None and newest.step == steps[0] > last  # each child resumed and moved on
+        last = newest.step
         assert steps == store.listed_steps()  # nothing the header names is torn
         assert steps in ([steps[0]], [steps[0], steps[0] - 1])
         with_previous += len(steps) == 2

@@ -10,12 +10,7 @@ import itertools
 import json
 import logging
 import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -456,55 +451,6 @@ def test_space_accounting_and_remove(store: SnapshotStore) -> None:
     assert not store.root.exists() and store.read_newest() is None
     store.write(3, files_of(3))  # usable again after a remove
     assert store.read_newest().step == 3  # type: ignore[union-attr]
-
-
-# ----------------------------------------------------------------------------- a real SIGKILL
-
-CHILD = textwrap.dedent(
-    """
-    import json, sys
-    from worker.snapshot import SnapshotStore
-    store = SnapshotStore(sys.argv[1], {"run": "kill-test"})
-    found = store.read_newest()
-    step = found.step if found else 0
-    body = bytearray(3 << 20)
-    while True:
-        step += 1
-        body[:16] = step.to_bytes(16, "little")
-        body[-16:] = step.to_bytes(16, "little")
-        store.write(step, {"trainer_state.json": json.dumps({"global_step": step}).encode(), "model.safetensors": bytes(body)})
-        sys.stdout.write(f"{step}\\n")
-        sys.stdout.flush()
-    """
-)
-
-
-def test_sigkill_at_random_instants_leaves_the_last_or_the_one_before(tmp_path: Path) -> None:
-    root = tmp_path / "shm"
-    store = SnapshotStore(root, {"run": "kill-test"})
-    rnd = random.Random(12)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    previous = 0
-    for _ in range(20):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(root)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
-        )
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # at least one write of this child completed
-        assert first.strip(), "the child wrote nothing"
-        time.sleep(rnd.uniform(0, 0.03))
-        proc.send_signal(signal.SIGKILL)
-        rest = proc.stdout.read()
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        done = int((first + rest).split()[-1])  # the last write the child saw complete
-        got = store.read_newest()
-        assert got is not None, "a kill lost the snapshot"
-        assert got.step in (done, done + 1), (got.step, done)  # the last started or the one before
-        body = got.files["model.safetensors"]
-        assert int.from_bytes(body[:16], "little") == got.step == int.from_bytes(body[-16:], "little")
-        assert got.step > previous  # each child resumed from the newest and moved on
-        previous = got.step
 
 
 # ----------------------------------------------------------------------------- to disk
