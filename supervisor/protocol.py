@@ -299,7 +299,8 @@ def _accepts(tp: Any, value: Any) -> bool:
         (arg,) = typing.get_args(tp) or (Any,)
         return isinstance(value, list) and all(_accepts(arg, v) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        _, varg = typing.get_args(tp) or (str, Any)
+        return isinstance(value, dict) and all(isinstance(k, str) and _accepts(varg, v) for k, v in value.items())
     return False
 
 

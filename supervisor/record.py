@@ -85,6 +85,8 @@ class RunRecord:
     backoff_until: float | None = None
     standby: StandbyRecord | None = None
     standby_count: int = 0
+    goodput: dict[str, float] = field(default_factory=dict)
+    """Seconds of wall time per :data:`supervisor.goodput.BUCKETS` name, over every attempt and supervisor start."""
 
     @property
     def current(self) -> AttemptRecord | None:
