@@ -180,7 +180,7 @@ def test_sigterm_under_slurm_stops_without_requeue(tmp_path: Path) -> None:
 
 
 def test_a_scancel_before_the_signal_wins_and_a_repeated_signal_does_not_force(tmp_path: Path) -> None:
-    sup, fake, asked, _ = _supervise(tmp_path, [signal.SIGTERM, signal.SIGUSR1], JOB)
+    _, fake, asked, _ = _supervise(tmp_path, [signal.SIGTERM, signal.SIGUSR1], JOB)
     assert asked == [] and [s for s, _, _ in fake.children[0].signals] == [signal.SIGTERM]
     _, fake, asked, _ = _supervise(tmp_path / "again", [signal.SIGUSR1, signal.SIGUSR1], JOB)
     assert asked == [JOB] and [s for s, _, _ in fake.children[0].signals] == [signal.SIGTERM]
