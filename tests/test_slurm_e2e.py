@@ -6,7 +6,8 @@ happened. The jobs mostly wait, so they share the node:
 
 - ``limit``: a 1-minute job with ``--signal=B:USR1@30`` whose training needs longer: SLURM's
   signal cuts it, it checkpoints, requeues itself, and the next allocation completes the run;
-- ``array``: the same as a two-task job array, each task its own run (config ``{task}``);
+- ``array``: the same as a two-task job array, each task its own run (config ``{task}``); task 1's
+  first worker runs out of memory first, and the batch the supervisor lowered must survive the requeue;
 - ``cancel``: a job that ``scancel`` stops mid-training.
 
 The training is paced in the first allocation only (a sitecustomize sleeps in each training
@@ -55,6 +56,10 @@ if (
     and os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
 ):
     import time
+    if os.environ.get("SLURM_ARRAY_TASK_ID") == "1" and os.environ.get("VIT_ATTEMPT") == "1":
+        from tests.inject_worker import install
+
+        install("oom-forward", 3)  # the supervisor halves the batch; the requeued job must keep it
     from worker import model as _model
 
     _build, _pace = _model.build, float(os.environ["VIT_TEST_PACE_S"])
@@ -203,8 +208,8 @@ def _stop_then_resume(r: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     assert r.info.get("JobState") == "COMPLETED", r.describe()
     assert st.get("state") == "completed", r.describe()
     attempts = st["attempts"]
-    assert len(attempts) >= 2, r.describe()
-    assert attempts[0]["reason"] == "stopped", r.describe()
+    assert len(attempts) >= 2 and attempts[-1]["reason"] == "completed", r.describe()
+    assert any(a["reason"] == "stopped" for a in attempts), r.describe()
     assert int(r.info["Restarts"]) >= 1 and st["slurm"]["restart_count"] == int(r.info["Restarts"]), r.describe()
     log = r.log.read_text()
     # --open-mode=append: every allocation's lines are in the one job log.
@@ -220,6 +225,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_bit_identical(
     r: Run = slurm_runs["limit"]
     st, attempts = _stop_then_resume(r)
     cut = attempts[0]
+    assert cut["reason"] == "stopped", r.describe()
     assert cut["step_reached"] is not None and 1 <= cut["step_reached"] < 38, (
         f"the signal did not cut training: {r.describe()}"
     )
@@ -237,7 +243,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_bit_identical(
     assert all(w.name.endswith(run_id) for w in wandb_runs), wandb_runs
 
 
-def test_array_tasks_requeue_under_their_own_ids_and_complete(slurm_runs: dict[str, Any]) -> None:
+def test_array_tasks_requeue_under_their_own_ids_complete_and_keep_a_lowered_batch(slurm_runs: dict[str, Any]) -> None:
     array_id = slurm_runs["array_id"]
     outs = set()
     for task, r in enumerate(slurm_runs["tasks"]):
@@ -247,6 +253,13 @@ def test_array_tasks_requeue_under_their_own_ids_and_complete(slurm_runs: dict[s
         assert (r.out / "checkpoint-38").is_dir(), r.describe()
         outs.add(st["output_dir"])
     assert len(outs) == 2
+    oom_task = slurm_runs["tasks"][1].state()
+    assert oom_task["attempts"][0]["reason"] == "oom", slurm_runs["tasks"][1].describe()
+    # The lowered batch came back with the requeued job (from run/state.json), not the config's 16 x 1.
+    assert [(a["per_device_train_batch_size"], a["gradient_accumulation_steps"]) for a in oom_task["attempts"]] == [
+        (16, 1),
+        *[(8, 2)] * (len(oom_task["attempts"]) - 1),
+    ], slurm_runs["tasks"][1].describe()
 
 
 def test_scancel_stops_at_a_checkpoint_without_requeue(slurm_runs: dict[str, Any]) -> None:
