@@ -266,3 +266,13 @@ def test_the_same_stop_signal_twice_before_the_step_end_is_one_request(monkeypat
     other._handle(signal.SIGTERM, None)
     other._handle(signal.SIGINT, None)  # a different signal is a second request, as before
     assert killed == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_stop_from_another_host_points_at_the_host_and_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from supervisor import cli
+
+    _write_state(tmp_path, host="gpu-node-17", slurm=TASK)
+    assert cli.main(["stop", "--run-dir", str(tmp_path)]) == 1
+    assert "the supervisor runs on gpu-node-17: stop it there, or `scancel 4242_3`" in capsys.readouterr().err
