@@ -78,10 +78,12 @@ def test_every_kind_has_its_released_unique_128_bit_message_id() -> None:
     assert {k.name: k.message_id for k in KINDS} == RELEASED
 
 
-def test_readme_table_lists_every_kind_with_its_message_id() -> None:
+def test_readme_table_and_the_unit_give_the_released_message_ids() -> None:
     text = (REPO / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z-]+)` \| `([0-9a-f]{32})` \|", text, re.M))
     assert rows == RELEASED
+    unit = (REPO / "systemd" / "vit-supervisor@.service").read_text()
+    assert f"MESSAGE_ID={RELEASED['restart']}" in unit and f"R={RELEASED['restart']}" in text
 
 
 @pytest.mark.parametrize(
