@@ -58,7 +58,9 @@ def _install_systemd() -> str:
             if shutil.which("apt-get") is None:
                 pytest.skip("systemd-journald is not installed and there is no apt-get to install it")
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "systemd"]):
+            wait = ["-o", "DPkg::Lock::Timeout=600"]  # another test's install (its own lock) may hold dpkg's
+            install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *wait, "systemd"]
+            for cmd in (["apt-get", "update", "-q", *wait], install):
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
                 if r.returncode != 0:
                     pytest.skip(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()[-500:]}")
