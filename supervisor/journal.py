@@ -170,9 +170,8 @@ def kind_of(ev: Mapping[str, Any]) -> Kind:
     """The kind of one event dict (structlog's: ``event`` plus the call's fields)."""
     event = ev.get("event")
     if event == "state":
-        if ev.get("old") is None:
-            return BY_NAME["supervisor-started"]
-        return BY_NAME[_STATE_KINDS.get(str(ev.get("new")), "state-changed")]
+        first = "supervisor-started" if ev.get("old") is None else "state-changed"
+        return BY_NAME[_STATE_KINDS.get(str(ev.get("new")), first)]
     if event == "exit":
         if "decision" not in ev:  # serve()'s last line: the supervisor's own exit
             return BY_NAME["supervisor-exited"]

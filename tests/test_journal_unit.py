@@ -90,6 +90,7 @@ def test_readme_table_and_the_unit_give_the_released_message_ids() -> None:
     ("ev", "kind"),
     [
         ({"event": "state", "old": None, "new": "starting"}, "supervisor-started"),
+        ({"event": "state", "old": None, "new": "failed"}, "failed"),
         ({"event": "state", "old": "starting", "new": "running"}, "state-changed"),
         ({"event": "state", "old": "running", "new": "backoff"}, "state-changed"),
         ({"event": "state", "old": "starting", "new": "waiting"}, "waiting-for-disk"),
