@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -385,3 +386,42 @@ def test_a_journal_that_does_not_read_never_blocks_the_supervisor(receiver: tupl
     assert len(lines) >= 3, "the queue never filled up"
     assert "BlockingIOError" in lines[0] and json.loads(lines[1])["event"] == "state"
     assert slowest < 2.0  # a blocking send would hang here for good
+
+
+# ----------------------------------------------------------------------------- the supervisor's own events
+
+
+def _entries(log: Any) -> list[dict[str, str]]:
+    return [dict(journal.entry({"event": event, **kw})) for event, kw in log.events]
+
+
+def test_an_oom_restart_and_its_lowered_batch_are_entries_of_their_own(tmp_path: Path) -> None:
+    from tests.test_state_machine import completes, oom, run, script_of
+
+    _, _, log, _ = run(tmp_path, script_of(oom, completes))
+    entries = _entries(log)
+    kinds = [e["VIT_KIND"] for e in entries]
+    assert kinds.count("restart") == 1 and kinds.count("batch-changed") == 1
+    restart = entries[kinds.index("restart")]
+    batch = entries[kinds.index("batch-changed")]
+    assert (restart["VIT_ATTEMPT"], restart["VIT_REASON"], restart["VIT_STEP"]) == ("1", "oom", "0")
+    assert (batch["VIT_PER_DEVICE"], batch["VIT_ACCUMULATION"], batch["VIT_ATTEMPT"]) == ("8", "2", "1")
+    assert "per-device batch 16 -> 8" in batch["VIT_WHY"] and batch["PRIORITY"] == "4"
+    assert kinds[0] == "supervisor-started" and kinds[-1] == "completed"
+
+
+def test_a_hang_names_its_attempt_and_step_then_restarts(tmp_path: Path) -> None:
+    from tests.test_state_machine import FakeChild, completes, hangs_at, run, script_of
+
+    def frozen(child: FakeChild, sig: int) -> None:  # only SIGKILL ends it
+        if sig == signal.SIGKILL:
+            child.code = -9
+
+    _, _, log, _ = run(tmp_path, script_of(hangs_at(7), completes), setup=lambda f: setattr(f, "kill_hook", frozen))
+    entries = _entries(log)
+    kinds = [e["VIT_KIND"] for e in entries]
+    hang = entries[kinds.index("hang")]
+    assert (hang["VIT_ATTEMPT"], hang["VIT_STEP"]) == ("1", "7") and "hang_timeout_s" in hang["MESSAGE"]
+    assert kinds.index("hang") < kinds.index("sigkill") < kinds.index("restart")
+    restart = entries[kinds.index("restart")]
+    assert (restart["VIT_REASON"], restart["VIT_STEP"], restart["VIT_EXIT"]) == ("hang", "7", "killed by SIGKILL")
