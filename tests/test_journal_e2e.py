@@ -205,6 +205,9 @@ def test_supervised_run_with_a_sigkill_leaves_one_restart_entry_journalctl_finds
     st = run.state()
     assert st["state"] == "completed" and st["restart_count"] == 1
     mine = (f"VIT_RUN={run.out.resolve()}", f"_PID={sup.pid}")
+    # journald takes datagrams in order but in its own time: once the last one is in, all are.
+    last = f"MESSAGE_ID={RELEASED['supervisor-exited']}"
+    wait_for(lambda: journald.query(last, *mine), 30, "the supervisor's last entry in the journal")
 
     # journalctl MESSAGE_ID=<restart>: one entry per restart, with the attempt, reason and step.
     restarts = journald.query(f"MESSAGE_ID={RELEASED['restart']}", *mine)
