@@ -114,11 +114,14 @@ def _output_dir(args: argparse.Namespace) -> Path | None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)  # ConfigError -> exit 2 before anything is written
+    from supervisor import journal
+
+    journal.setting(os.environ)  # a bad VIT_SUPERVISOR_JOURNAL too (before --detach's log file)
     if args.detach:
         return _start_detached(cfg, args.detach_timeout)
     from supervisor import daemon, logs
 
-    logs.setup(sys.stderr)
+    logs.setup(sys.stderr, fields={"run": cfg.training.output_dir, "config": cfg.source_path})
     return daemon.serve(cfg, log_path=os.environ.get(ENV_LOG_FILE))
 
 

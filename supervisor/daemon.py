@@ -327,7 +327,7 @@ class Supervisor:
             cfg=self.cfg.supervisor,
         )
         if hung:
-            self.log.warning("hang", pid=w.pid, why=hung)
+            self.log.warning("hang", pid=w.pid, attempt=w.attempt, step=w.step_reached, why=hung)
             self.rec.last_error = f"worker hung: {hung}"
             w.hang_killed = True
             w.kill_deadline = now + self.cfg.supervisor.term_grace_s
@@ -566,8 +566,11 @@ class Supervisor:
             progressed=seen.progressed,
             decision=decision.action,
         )
-        self.batch = decision.per_device_train_batch_size or self.batch
-        self.accum = decision.gradient_accumulation_steps or self.accum
+        batch = decision.per_device_train_batch_size or self.batch
+        accum = decision.gradient_accumulation_steps or self.accum
+        if (batch, accum) != (self.batch, self.accum):
+            self.log.warning("batch", per_device=batch, accumulation=accum, attempt=w.attempt, why=decision.message)
+        self.batch, self.accum = batch, accum
         self.rec.failures_without_progress = decision.failures_without_progress
         self.worker = None
         self.rec.worker_pid = self.rec.worker_create_time = None
