@@ -460,3 +460,11 @@ def test_every_alert_fires_on_its_case_and_a_healthy_run_raises_none(tmp_path: P
     spec.write_text(yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}))
     r = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_lists_every_metric_and_every_alert() -> None:
+    readme = (REPO / "README.md").read_text()
+    for name, (kind, _) in metrics.HELP.items():
+        assert f"| `{metrics.PREFIX}_{name}` | {kind} |" in readme, name
+    for alert in _rules():
+        assert f"| `{alert}` |" in readme, alert
