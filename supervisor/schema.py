@@ -697,13 +697,14 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         check_model_path(cfg)
         check_data_paths(cfg)
         check_output_dir(cfg)
-        check_metrics_textfile(cfg)
     return cfg
 
 
 def check_metrics_textfile(cfg: Config) -> None:
     """``supervisor.metrics.textfile``'s folder must exist and be writable (node_exporter's textfile
-    directory is made by its package or by hand, never by us)."""
+    directory is made by its package or by hand, never by us). Checked by ``vit-supervisor start``
+    only: a worker must never fail over the supervisor's metrics (the supervisor logs a textfile it
+    cannot write and carries on)."""
     path = cfg.supervisor.metrics.textfile
     if path is None:
         return

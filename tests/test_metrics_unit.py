@@ -25,7 +25,7 @@ from supervisor import metrics, protocol, shm
 from supervisor.goodput import BUCKETS
 from supervisor.metrics import Exporter, facts_of
 from supervisor.record import AttemptRecord, RunRecord, StandbyRecord
-from supervisor.schema import ConfigError, from_dict, load_config, parse_listen
+from supervisor.schema import ConfigError, check_metrics_textfile, from_dict, load_config, parse_listen
 from supervisor.states import State
 from tests import debtools
 from tests.conftest import REPO, TINY, deep_update
@@ -133,10 +133,25 @@ def test_textfile_is_relative_to_the_config_and_its_folder_must_exist(tmp_path: 
     path.write_text(yaml.safe_dump(deep_update(TINY, {"supervisor": {"metrics": {"textfile": "tf/vit.prom"}}})))
     assert load_config(path).supervisor.metrics.textfile == str(tmp_path / "tf" / "vit.prom")
     path.write_text(yaml.safe_dump(deep_update(TINY, {"supervisor": {"metrics": {"textfile": "nope/vit.prom"}}})))
+    cfg = load_config(path)  # the worker loads it: the supervisor's metrics are none of its business
     with pytest.raises(ConfigError) as e:
-        load_config(path)
+        check_metrics_textfile(cfg)
     assert "\n" not in str(e.value) and f"the folder {tmp_path / 'nope'} does not exist" in str(e.value)
-    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_start_refuses_a_textfile_folder_that_does_not_exist_before_writing_anything(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(deep_update(TINY, {"supervisor": {"metrics": {"textfile": "nope/vit.prom"}}})))
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "start", str(path), "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"vit-supervisor: error: supervisor.metrics.textfile {tmp_path / 'nope' / 'vit.prom'}")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- numbers from the run record
