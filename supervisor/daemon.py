@@ -783,7 +783,7 @@ class Supervisor:
         """Hand the metrics a consistent copy of what the loop knows (a scrape reads only that copy);
         the textfile is rewritten at once on a state change, else when it is due."""
         if self.exporter is not None:
-            self.exporter.observe(self.rec, self.state, self.last_heartbeat, self.batch, self.accum)
+            self.exporter.observe(self.rec, self.state, self.last_heartbeat, self.batch, self.accum, force=changed)
             self.exporter.refresh(force=changed)
 
     def _write_state(self) -> None:

@@ -117,6 +117,11 @@ RESTART_REASONS: tuple[str, ...] = (
 """Reasons exported at 0 before they first happen, so ``increase()`` sees the first restart."""
 
 
+OBSERVE_INTERVAL_S = 0.2
+"""Least time between two copies of the loop's facts (besides state changes): the loop turns at every
+heartbeat write, a scrape comes every 15 s or so, and a run with a thousand attempts takes ~2 ms to copy."""
+
+
 class MetricsError(Exception):
     """The metrics endpoint cannot start; one line naming the setting, the cause and the fix."""
 
@@ -244,6 +249,7 @@ class Exporter:
         self._thread: threading.Thread | None = None
         self.address: str | None = None
         """``host:port`` the endpoint listens on (the real port when the config said 0)."""
+        self._observe_due = 0.0  # monotonic
         self._textfile_due = 0.0  # monotonic
         self._textfile_problem: str | None = None
 
@@ -269,9 +275,21 @@ class Exporter:
         self.log.info("metrics", listen=self.address, path="/metrics", run=self.run)
 
     def observe(
-        self, rec: RunRecord, state: State | None, heartbeat: protocol.Heartbeat | None, batch: int, accum: int
+        self,
+        rec: RunRecord,
+        state: State | None,
+        heartbeat: protocol.Heartbeat | None,
+        batch: int,
+        accum: int,
+        *,
+        force: bool = False,
     ) -> None:
-        """Take a consistent copy of what the loop knows now (called from the loop only)."""
+        """Take a consistent copy of what the loop knows now (called from the loop only): at once when
+        ``force`` (a state change), else at most every :data:`OBSERVE_INTERVAL_S`."""
+        now = time.monotonic()
+        if not force and now < self._observe_due:
+            return
+        self._observe_due = now + OBSERVE_INTERVAL_S
         step = heartbeat.global_step if heartbeat is not None else None
         if step is not None and step != self._prev_step:
             self._prev_step = step

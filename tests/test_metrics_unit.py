@@ -38,6 +38,12 @@ def promtool() -> str:
     return debtools.require("promtool")
 
 
+@pytest.fixture(autouse=True)
+def every_observe_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests hand over facts back to back; the loop's throttle has its own test."""
+    monkeypatch.setattr(metrics, "OBSERVE_INTERVAL_S", 0.0)
+
+
 class Log:
     """Records what the exporter logs (structlog's call shape)."""
 
@@ -271,6 +277,18 @@ def test_last_step_time_moves_only_when_the_step_changes(tmp_path: Path) -> None
     assert x.facts().last_step_time == 5000.0
     x.observe(RunRecord(), State.RUNNING, protocol.Heartbeat(pid=1, state="training", time=7000.0, global_step=4), 8, 1)
     assert x.facts().last_step_time == 7000.0
+
+
+def test_facts_are_copied_at_most_every_interval_but_always_on_a_state_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "OBSERVE_INTERVAL_S", 3600.0)
+    x = Exporter(config(tmp_path), Log())
+    x.observe(RunRecord(), State.STARTING, None, 8, 1)
+    x.observe(RunRecord(), State.RUNNING, None, 8, 1)  # within the interval: skipped
+    assert x.facts().state == "starting"
+    x.observe(RunRecord(), State.RUNNING, None, 8, 1, force=True)
+    assert x.facts().state == "running"
 
 
 # ----------------------------------------------------------------------------- the endpoint and the textfile
