@@ -844,15 +844,8 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
             lock.release()
             return SUPERVISOR_USAGE
     real = RealHost()
-    sup = Supervisor(
-        cfg,
-        real,
-        log=log,
-        notifier=Notifier(),
-        self_create_time=self_create_time(),
-        log_file=log_path,
-        exporter=exporter,
-    )
+    sup = Supervisor(cfg, real, log=log, notifier=Notifier(), self_create_time=self_create_time(), log_file=log_path)
+    sup.exporter = exporter
     old_handlers = {s: signal.signal(s, sup.on_signal) for s in HANDLED_SIGNALS}
     install_signal_wakeup(real.wake_fd)
     watch = RunDirWatch(Path(cfg.training.output_dir), real.wake)

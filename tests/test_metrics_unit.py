@@ -355,6 +355,35 @@ def test_textfile_is_rewritten_when_due_or_forced_and_a_failure_is_logged_once(t
     assert path.is_file() and log.lines[-1] == ("info", "metrics", {"textfile": str(path), "action": "written again"})
 
 
+def test_the_loop_rewrites_the_textfile_at_every_state_change_and_keeps_the_final_one(tmp_path: Path) -> None:
+    """The daemon's hooks, driven through the fake OS seam of test_state_machine.py (no process)."""
+    from supervisor.daemon import Supervisor
+    from tests.test_state_machine import FakeOS, RecordingLog, completes, crashes_after, make_cfg, script_of
+
+    folder = tmp_path / "tf"
+    folder.mkdir()
+    cfg = make_cfg(tmp_path, metrics={"textfile": str(folder / "vit.prom"), "textfile_interval_s": 300})
+    fake = FakeOS(Path(cfg.training.output_dir), script_of(crashes_after(10), completes))
+    log = RecordingLog()
+    exporter = Exporter(cfg, log)
+    written: list[str | None] = []
+    real_write = exporter.write_textfile
+
+    def write() -> None:
+        real_write()
+        written.append(exporter.facts().state)
+
+    exporter.write_textfile = write  # type: ignore[method-assign]
+    sup = Supervisor(cfg, fake, log=log, exporter=exporter)
+    assert sup.run() == 0
+    states = [s for i, s in enumerate(written) if i == 0 or s != written[i - 1]]
+    assert states == ["starting", "running", "starting", "running", "completed"]
+    final = (folder / "vit.prom").read_text()
+    assert value(final, "vit_supervisor_state", state="completed") == 1.0
+    assert value(final, "vit_supervisor_restarts_total", reason="crash") == 1
+    assert value(final, "vit_supervisor_training_step") == 50
+
+
 def test_daemon_without_metrics_does_not_import_prometheus_client() -> None:
     code = "import supervisor.cli, supervisor.daemon, sys; assert 'prometheus_client' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
