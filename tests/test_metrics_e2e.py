@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from filelock import FileLock
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import debtools
@@ -67,10 +69,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def observed(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def observed(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Any]:
+    """What :func:`observe` saw, once per test session: under xdist the first process to get here
+    runs it and the other reads its record (the module's tests may be spread over both)."""
+    if worker_id == "master":
+        return observe(tmp_path_factory.mktemp("metrics_run"))
+    shared = tmp_path_factory.getbasetemp().parent / "metrics-run"
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "observed.json"
+        if not done.is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a half-done one from a process that failed
+            shared.mkdir()
+            done.write_text(json.dumps(observe(shared)))
+        seen: dict[str, Any] = json.loads(done.read_text())
+        return seen
+
+
+def observe(tmp: Path) -> dict[str, Any]:
     """One supervised run with metrics on: scraped while attempt 1 trains, SIGKILLed, scraped while
-    attempt 2 trains past attempt 1's last step, then stopped. Yields what each stage saw."""
-    tmp = tmp_path_factory.mktemp("metrics_run")
+    attempt 2 trains past attempt 1's last step, then stopped. Returns what each stage saw."""
     textfiles = tmp / "textfile"
     textfiles.mkdir()
     prom = textfiles / "vit.prom"
@@ -86,7 +103,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     }
     cfg.write_text(yaml.safe_dump(deep_update(TINY, overrides)))
     run = Run(tmp, cfg)
-    seen: dict[str, Any] = {"run": run, "prom": prom}
+    seen: dict[str, Any] = {"prom": str(prom)}
     try:
         proc = run.start()
         address = run.wait_for(lambda: listen_address(run), 60, "the supervisor's metrics line")
@@ -118,7 +135,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Any:
         proc.send_signal(signal.SIGTERM)
         seen["exit"] = finish(proc, run)
         seen["textfile_final"] = prom.read_text()
-        yield seen
+        return seen
     finally:
         run.cleanup()
 
@@ -187,7 +204,7 @@ def test_textfile_follows_the_run_and_keeps_the_final_state(observed: Any) -> No
     assert value(running, "vit_supervisor_state", state="running") == 1.0
     assert value(final, "vit_supervisor_state", state="stopped") == 1.0
     assert value(final, "vit_supervisor_restarts_total", reason="crash") == 1
-    assert [p.name for p in observed["prom"].parent.iterdir()] == ["vit.prom"]  # no temporary file left
+    assert [p.name for p in Path(observed["prom"]).parent.iterdir()] == ["vit.prom"]  # no temporary file left
 
 
 def test_endpoint_closes_when_the_supervisor_exits(observed: Any) -> None:
@@ -206,7 +223,7 @@ def test_node_exporter_serves_the_textfile(observed: Any, tmp_path: Path) -> Non
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--collector.disable-defaults",
                 "--collector.textfile",
-                f"--collector.textfile.directory={observed['prom'].parent}",
+                f"--collector.textfile.directory={Path(observed['prom']).parent}",
             ],
             stdout=f,
             stderr=subprocess.STDOUT,
