@@ -327,6 +327,9 @@ class Exporter:
         path = self.mcfg.textfile
         if path is None:
             return
+        # node_exporter runs as another user: the file must be readable whatever the service's UMask=
+        # (0027 in our unit). Only this thread creates files in this process, so the umask can be swapped.
+        old_umask = os.umask(0o022)
         try:
             write_to_textfile(path, self.registry)
         except Exception as exc:  # never fatal: a full disk or a removed folder must not stop supervision
@@ -335,6 +338,8 @@ class Exporter:
                 self.log.warning("metrics", textfile=path, error=problem, action="keeps supervising; retries")
             self._textfile_problem = problem
             return
+        finally:
+            os.umask(old_umask)
         if self._textfile_problem is not None:
             self.log.info("metrics", textfile=path, action="written again")
         self._textfile_problem = None

@@ -6,8 +6,10 @@ on a healthy run)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -353,6 +355,18 @@ def test_textfile_is_rewritten_when_due_or_forced_and_a_failure_is_logged_once(t
     folder.mkdir()
     x.refresh(force=True)
     assert path.is_file() and log.lines[-1] == ("info", "metrics", {"textfile": str(path), "action": "written again"})
+
+
+def test_textfile_is_readable_by_node_exporters_user_under_a_strict_umask(tmp_path: Path) -> None:
+    path = tmp_path / "vit.prom"
+    x = Exporter(config(tmp_path, textfile=str(path)), Log())
+    old = os.umask(0o077)
+    try:
+        x.write_textfile()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.umask(old) == old  # the process's umask is back
 
 
 def test_the_loop_rewrites_the_textfile_at_every_state_change_and_keeps_the_final_one(tmp_path: Path) -> None:
