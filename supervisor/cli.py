@@ -30,7 +30,7 @@ from pathlib import Path
 from supervisor import protocol, record, runlock
 from supervisor.host import is_supervisor_process, poll_until
 from supervisor.record import RunRecord
-from supervisor.schema import Config, ConfigError, load_config
+from supervisor.schema import Config, ConfigError, check_metrics_textfile, load_config
 from supervisor.states import FINAL_STATES, State
 
 ENV_LOG_FILE = "VIT_SUPERVISOR_LOG_FILE"  # set by --detach for its child: where its own log goes
@@ -117,6 +117,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from supervisor import journal
 
     journal.setting(os.environ)  # a bad VIT_SUPERVISOR_JOURNAL too (before --detach's log file)
+    check_metrics_textfile(cfg)  # the supervisor's own concern (the worker does not check it)
     if args.detach:
         return _start_detached(cfg, args.detach_timeout)
     from supervisor import daemon, logs
