@@ -112,7 +112,7 @@ def one_round(cluster: Any, src: Path, d: Path, train_s: float, stall: float) ->
     def hb() -> dict[str, Any]:
         return read_json(out / "run" / "heartbeat.json") or {}
 
-    first = poll_until(lambda: state().get("attempts", [{}])[0].get("first_step_at"), stall, interval=0.05)
+    first = poll_until(lambda: (state().get("attempts") or [{}])[0].get("first_step_at"), stall, interval=0.05)
     if not first:
         raise SystemExit(f"no first step within {stall:.0f}s; see {log}")
     time.sleep(max(0.0, first + train_s - time.time()))
@@ -181,6 +181,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train-s", type=float, default=5.0, help="train this long before the signal (default 5)")
     ap.add_argument("--stall", type=float, default=180.0, help="give up a wait after this many seconds")
+    ap.add_argument(
+        "--workdir", type=Path, help="keep the runs and the cluster's logs here (default: a temporary folder)"
+    )
     args = ap.parse_args()
     from tests.slurm_cluster import SlurmCluster, ensure_installed
 
@@ -193,16 +196,18 @@ def main() -> int:
     banner("SLURM time-limit signal: checkpoint, requeue, resume")
     load_before = os.getloadavg()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vit-bench-slurm-") as tmp:
-        cluster = SlurmCluster(Path(tmp) / "cluster")
-        try:
-            cluster.start()
-            for n in range(args.rounds):
-                r = one_round(cluster, args.config.resolve(), Path(tmp) / f"round-{n}", args.train_s, args.stall)
-                say(f"round {n + 1}: {r}")
-                rows.append(r)
-        finally:
-            cluster.stop()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = str(args.workdir.resolve() if args.workdir else tempfile.mkdtemp(prefix="vit-bench-slurm-"))
+    cluster = SlurmCluster(Path(tmp) / "cluster")
+    try:
+        cluster.start()
+        for n in range(args.rounds):
+            r = one_round(cluster, args.config.resolve(), Path(tmp) / f"round-{n}", args.train_s, args.stall)
+            say(f"round {n + 1}: {r}")
+            rows.append(r)
+    finally:
+        cluster.stop()
     load_after = os.getloadavg()
     cols = (
         "seen_s",
@@ -242,8 +247,10 @@ def main() -> int:
             [["", *(statistics.median(r[c] for r in rows) for c in cols)]],
         )
     )
-    print(f"\nseconds; steps lost to the cut: {[r['stop_step'] - r['resume_step'] for r in rows]}")
-    return 0
+    lost = [r["stop_step"] - r["resume_step"] for r in rows]
+    print(f"\nseconds; steps lost to the cut: {lost}")
+    print(f"runs and the cluster's logs: {tmp}")
+    return 0 if all(n == 0 for n in lost) else 1
 
 
 if __name__ == "__main__":
