@@ -20,6 +20,9 @@ SLURM acts on time limits every 30 s and counts them in minutes, so this module 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +30,12 @@ from typing import Any
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from bench.common import TINY, deep_update, run_progress
 from supervisor.protocol import read_json
 from tests.conftest import PYTHON, REPO, tail, wait_for, worker_env
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture
+from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture, asked for by name
 
 pytestmark = pytest.mark.e2e
 
@@ -87,6 +91,13 @@ class Run:
     """``scontrol show job`` at the end."""
     cancelled_at_step: int | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "dir": str(self.dir), "log": str(self.log)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Run:
+        return cls(**{**raw, "dir": Path(raw["dir"]), "log": Path(raw["log"])})
+
     @property
     def out(self) -> Path:
         return self.dir / "out"
@@ -141,8 +152,33 @@ def _drive(cluster: SlurmCluster, runs: list[Run], cancel: Run) -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
-    base = tmp_path_factory.mktemp("slurm-runs")
+def slurm_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> dict[str, Any]:
+    """Every job's end, once per test session: under xdist the first process to get here starts the
+    cluster and runs the jobs, the other reads its record (worksteal may spread the tests over both,
+    and twice the jobs at once would slow every start-up past the signal)."""
+    if worker_id == "master":
+        raw = _run_all(request.getfixturevalue("slurm_cluster"), tmp_path_factory.mktemp("slurm-runs"))
+    else:
+        shared = tmp_path_factory.getbasetemp().parent / "slurm-runs"
+        with FileLock(str(shared) + ".lock"):
+            done = shared / "runs.json"
+            if not done.is_file():
+                shutil.rmtree(shared, ignore_errors=True)  # a half-done one from a process that failed
+                shared.mkdir()
+                done.write_text(json.dumps(_run_all(request.getfixturevalue("slurm_cluster"), shared)))
+            raw = json.loads(done.read_text())
+    return {
+        "limit": Run.from_json(raw["limit"]),
+        "tasks": [Run.from_json(t) for t in raw["tasks"]],
+        "array_id": raw["array_id"],
+        "cancel": Run.from_json(raw["cancel"]),
+    }
+
+
+def _run_all(cluster: SlurmCluster, base: Path) -> dict[str, Any]:
+    """Submit every job through the template, drive them to their ends; what happened, as JSON."""
     site = base / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -151,14 +187,14 @@ def slurm_runs(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFac
         VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
         VIT_TEST_PACE_S=str(PACE_S),
         XDG_STATE_HOME=str(base / "xdg"),
-        SLURM_CONF=str(slurm_cluster.conf),
+        SLURM_CONF=str(cluster.conf),
     )
     env.pop("STATE_DIRECTORY", None)
     for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         del env[name]
 
     def submit(name: str, config: Path, *args: str) -> str:
-        return slurm_cluster.sbatch(
+        return cluster.sbatch(
             TEMPLATE, *args, f"--chdir={base}", "--cpus-per-task=1", f"--job-name={name}", args=[str(config)], env=env
         )
 
@@ -188,12 +224,12 @@ def slurm_runs(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFac
 
     started = time.monotonic()
     runs = [limit, *tasks, cancel]
-    _drive(slurm_cluster, runs, cancel)
+    _drive(cluster, runs, cancel)
     return {
-        "limit": limit,
-        "tasks": tasks,
+        "limit": limit.to_json(),
+        "tasks": [t.to_json() for t in tasks],
         "array_id": array_id,
-        "cancel": cancel,
+        "cancel": cancel.to_json(),
         "wall_s": time.monotonic() - started,
     }
 
