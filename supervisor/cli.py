@@ -113,7 +113,12 @@ def _output_dir(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor import launch
+
     cfg = load_config(args.config)  # ConfigError -> exit 2 before anything is written
+    cfg, placed = launch.resolve(cfg, os.environ)  # distributed.from_slurm: this node's place in the SLURM job
+    if placed is not None:
+        print(f"vit-supervisor: {placed.describe()}", file=sys.stderr, flush=True)
     if args.detach:
         return _start_detached(cfg, args.detach_timeout)
     from supervisor import daemon, logs
