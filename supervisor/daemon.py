@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from supervisor import launch, logs, policy, protocol, record, runlock, shm
+from supervisor import slurm as slurm_mod
 from supervisor.host import Host, RealHost, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.notify import Notifier
 from supervisor.record import AttemptRecord, RunRecord
@@ -56,11 +59,13 @@ SUPERVISOR_ERROR = 1  # could not even begin (e.g. the lock file could not be cr
 SUPERVISOR_USAGE = 2  # bad config or command line: nothing was written
 SUPERVISOR_FAILED = 3  # gave up, or a non-retryable worker error
 SUPERVISOR_LOCKED = 4  # another supervisor holds this run directory
+SUPERVISOR_REQUEUE_NEEDED = slurm_mod.EXIT_REQUEUE_NEEDED  # 75: stopped for SLURM's signal, could not requeue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 """A graceful stop; the same signal again forces it. SIGQUIT too: a daemon has no core to dump for the user."""
 STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-"""Log one status line and carry on."""
+"""Log one status line and carry on. Under SLURM, ``slurm.requeue_signal`` (SIGUSR1 by default) is
+instead the time-limit signal: a graceful stop, then ``scontrol requeue`` (see :mod:`supervisor.slurm`)."""
 IGNORED_SIGNALS = (signal.SIGHUP,)
 """Logged and ignored: a daemon has no terminal to lose, and the log needs no reopening (stderr or O_APPEND)."""
 HANDLED_SIGNALS = (*STOP_SIGNALS, *STATUS_SIGNALS, *IGNORED_SIGNALS)
@@ -121,6 +126,9 @@ class Supervisor:
     self_create_time: float | None = None
     log_file: str | None = None
     """The supervisor's own log file (``--detach``), recorded for ``status``."""
+    slurm_job: slurm_mod.SlurmJob | None = field(default_factory=slurm_mod.from_env)
+    """The SLURM job this supervisor runs in (None outside SLURM)."""
+    requeuer: Callable[[slurm_mod.SlurmJob], slurm_mod.RequeueResult] = slurm_mod.requeue
 
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
@@ -129,7 +137,12 @@ class Supervisor:
         self.state: State | None = None
         self.signals: list[int] = []  # appended by the handler, consumed by the loop
         self.stop_requested = False
+        self.stop_why: str | None = None  # what the STOPPING state says (default: a plain stop request)
         self.force = False
+        self.requeue_signal = (
+            slurm_mod.signal_number(self.cfg.slurm.requeue_signal) if self.slurm_job is not None else None
+        )
+        self.requeue_asked = False  # SLURM's time-limit signal came: requeue the job once stopped
         self.abort_reason: str | None = None  # the run cannot go on (output dir deleted): ends FAILED
         self.worker: _Worker | None = None
         self.until: float | None = None  # monotonic end of BACKOFF / next disk check in WAITING
@@ -187,6 +200,7 @@ class Supervisor:
             if self.state == before and self.state not in FINAL_STATES:
                 self.host.wait(self._timeout())
         self.pool.drain()
+        self._slurm_requeue()
         if self.save_pending:
             self._write_state()
         return self.exit_code
@@ -316,7 +330,9 @@ class Supervisor:
         if w.kill_deadline is None:
             w.kill_deadline = now + self.cfg.supervisor.term_grace_s
         # RUNNING -> STOPPING
-        self._transition(State.STOPPING, self.abort_reason or "stop requested: worker saves a checkpoint and exits")
+        self._transition(
+            State.STOPPING, self.abort_reason or self.stop_why or "stop requested: worker saves a checkpoint and exits"
+        )
 
     def _check_hang(self, w: _Worker, now: float) -> None:
         hung = policy.hang_check(
@@ -342,6 +358,8 @@ class Supervisor:
             name = signal.Signals(signum).name
             if signum in IGNORED_SIGNALS:
                 self.log.info("signal", signal=name, action="ignored (send SIGTERM to stop)")
+            elif signum == self.requeue_signal:
+                self._slurm_signal(name)
             elif signum in STATUS_SIGNALS:
                 w = self.worker
                 self.log.info(
@@ -360,6 +378,38 @@ class Supervisor:
             else:
                 self.force = True
                 self.log.warning("signal", signal=name, action="forced stop: the worker gets SIGKILL")
+
+    def _slurm_signal(self, name: str) -> None:
+        """SLURM's time-limit (or preemption) signal: stop as for SIGTERM, and requeue the job once stopped."""
+        job = self.slurm_job
+        if self.stop_requested:  # a second one, or a scancel before it: never a forced stop, never a requeue
+            self.log.info("signal", signal=name, action="ignored: already stopping", requeue=self.requeue_asked)
+            return
+        self.stop_requested = self.requeue_asked = True
+        self.stop_why = (
+            f"SLURM {name} (time limit or preemption of {job.describe() if job else 'the job'}): the worker "
+            "saves a checkpoint, then the job is requeued"
+        )
+        self.log.warning("signal", signal=name, action="checkpoint, requeue the SLURM job, exit", why=self.stop_why)
+
+    def _slurm_requeue(self) -> None:
+        """As the run ends: requeue the SLURM job if its time-limit signal stopped the run."""
+        job = self.slurm_job
+        if job is None or not slurm_mod.should_requeue(job, signalled=self.requeue_asked, final_state=str(self.state)):
+            if self.requeue_asked:
+                self.log.info("slurm", action="not requeued", state=str(self.state), task=job.proc_id if job else None)
+            return
+        result = self.requeuer(job)
+        self.rec.slurm_requeued = result.ok
+        self.rec.state_reason = (
+            f"{self.rec.state_reason}; {result.message}" if self.rec.state_reason else result.message
+        )
+        if result.ok:
+            self.log.info("slurm", action="requeued", job=job.requeue_id, why=result.message)
+        else:
+            self.exit_code = SUPERVISOR_REQUEUE_NEEDED
+            self.log.error("slurm", action="not requeued", why=result.message, exit=self.exit_code)
+        self._write_state()
 
     def _check_output_dir(self) -> None:
         """The output directory deleted (or replaced) under the run: stop, and end FAILED."""
@@ -644,6 +694,14 @@ class Supervisor:
         rec.tracker_run_id, rec.last_error = prev.tracker_run_id, prev.last_error
         rec.effective_batch = self.cfg.training.effective_batch
         rec.supervisor_pid, rec.supervisor_create_time = os.getpid(), self.self_create_time
+        rec.host, rec.slurm, rec.slurm_requeued = socket.gethostname(), self.slurm_job, False
+        if self.slurm_job is not None:
+            self.log.info(
+                "slurm",
+                job=self.slurm_job.describe(),
+                requeue_signal=self.cfg.slurm.requeue_signal,
+                resumes=prev.state is not None,
+            )
         rec.log = self.log_file or prev.log
         rec.step_high_water = prev.step_high_water
         rec.standby_count = max(prev.standby_count, 0)

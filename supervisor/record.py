@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor import protocol
+from supervisor.slurm import SlurmJob
 
 
 @dataclass
@@ -66,6 +67,13 @@ class RunRecord:
     config: str | None = None
     supervisor_pid: int | None = None
     supervisor_create_time: float | None = None
+    host: str | None = None
+    """The supervisor's host name: its pids mean something only there (a run on shared storage
+    is looked at from other machines too, e.g. a cluster's login node)."""
+    slurm: SlurmJob | None = None
+    """The SLURM job the supervisor runs in (None outside SLURM)."""
+    slurm_requeued: bool = False
+    """The supervisor requeued its SLURM job as it stopped (the time-limit signal)."""
     log: str | None = None
     """The supervisor's own log file (``--detach``); None: stderr / the journal."""
     worker_pid: int | None = None
@@ -99,7 +107,7 @@ class RunRecord:
         return dataclasses.asdict(self)
 
 
-_NESTED = ("attempts", "standby")
+_NESTED = ("attempts", "standby", "slurm")
 
 
 def from_dict(raw: Any) -> RunRecord | None:
@@ -112,6 +120,7 @@ def from_dict(raw: Any) -> RunRecord | None:
     if isinstance(attempts, list):
         rec.attempts = [a for a in (protocol.parse_record(AttemptRecord, x) for x in attempts) if a is not None]
     rec.standby = protocol.parse_record(StandbyRecord, raw.get("standby"))
+    rec.slurm = protocol.parse_record(SlurmJob, raw.get("slurm"))
     return rec
 
 

@@ -20,6 +20,9 @@ directory under a running supervisor cannot free it: the flock alone could be
 defeated that way (a new directory holds a new, unlocked file). The flock
 alone still guards a run directory shared between network namespaces, where
 abstract sockets are not shared.
+
+The lock file records the holder's pid *and host name*: a run directory on shared storage (a
+SLURM cluster) may be locked from another machine, where that pid means nothing here.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ _FILE = {"run": "supervisor.lock", "worker": "worker.lock"}
 class LockHeld(Exception):
     """Another live process holds the lock; the message names it and what to do."""
 
-    def __init__(self, kind: Kind, output_dir: Path, pid: int | None) -> None:
+    def __init__(self, kind: Kind, output_dir: Path, pid: int | None, host: str | None = None) -> None:
         self.kind = kind
         self.output_dir = output_dir
         self.pid = pid
+        self.host = host
         who = f"pid {pid}" if pid else "another process"
+        if host and host != socket.gethostname():
+            who += f" on host {host}"
         if kind == "run":
             msg = (
                 f"another supervisor or vit-train ({who}) is already running {output_dir}; "
@@ -106,7 +112,7 @@ def acquire(output_dir: str | os.PathLike[str], kind: Kind, node_rank: int = 0) 
         sock.close()
         if exc.errno != errno.EADDRINUSE:
             raise
-        raise LockHeld(kind, out, _pid_in_file(lock_dir(out, node_rank) / _FILE[kind])) from None
+        raise LockHeld(kind, out, *_holder_in_file(lock_dir(out, node_rank) / _FILE[kind])) from None
     try:
         fd = _flock(lock_dir(out, node_rank) / _FILE[kind], kind, out)
     except BaseException:
@@ -136,7 +142,7 @@ def _flock(path: Path, kind: Kind, out: Path) -> int:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise LockHeld(kind, out, _pid_in_file(path)) from None
+            raise LockHeld(kind, out, *_holder_in_file(path)) from None
         # Locked an inode that was unlinked or replaced meanwhile: lock the file now at the path.
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -145,7 +151,7 @@ def _flock(path: Path, kind: Kind, out: Path) -> int:
         if same:
             try:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
             except OSError:
                 pass  # a full disk: the lock holds all the same, only the pid is not recorded
             return fd
@@ -153,10 +159,14 @@ def _flock(path: Path, kind: Kind, out: Path) -> int:
     raise OSError(errno.EAGAIN, f"{path} keeps being replaced while it is locked")
 
 
-def _pid_in_file(path: Path) -> int | None:
+def _holder_in_file(path: Path) -> tuple[int | None, str | None]:
+    """The holder's pid and host name as the lock file records them (either None when unreadable;
+    files of older versions hold the pid alone)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(32).decode("ascii", "replace").strip()
+            words = f.read(300).decode("ascii", "replace").split()
     except OSError:
-        return None
-    return int(raw) if raw.isdigit() else None
+        return None, None
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    host = words[1] if len(words) > 1 and words[1].isprintable() else None
+    return pid, host

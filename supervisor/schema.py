@@ -494,6 +494,16 @@ class DistributedConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Inside a SLURM allocation (``SLURM_JOB_ID`` set); ignored elsewhere (see supervisor/slurm.py)."""
+
+    requeue_signal: Literal["USR1", "USR2"] = "USR1"
+    """What ``#SBATCH --signal=B:<signal>@N`` sends before the time limit or a preemption: the worker
+    checkpoints at the end of its step, the job is requeued (``scontrol requeue``), the supervisor
+    exits. The other of the two keeps logging a status line, as outside SLURM."""
+
+
+@dataclass
 class Config:
     """A whole run: what to train, where, and how to keep it alive."""
 
@@ -515,6 +525,8 @@ class Config:
     """``python``: one worker process; ``torchrun``: one process per GPU (and node), see ``distributed``."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """torchrun settings."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Running under SLURM: the time-limit signal."""
     source_path: str = ""
     """Absolute path of the YAML file this was read from (set by the loader, not a YAML key)."""
 

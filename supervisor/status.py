@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -93,15 +94,25 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
             note=f"no supervisor state in {protocol.state_path(output_dir, node_rank)}",
         )
         return v
-    alive = supervisor_alive(rec.supervisor_pid, rec.supervisor_create_time)
     active = rec.state in _ACTIVE
-    running = active and alive
-    note = f"supervisor not running (pid {rec.supervisor_pid} died)" if active and not alive else None
+    hb = protocol.read_record(protocol.Heartbeat, protocol.heartbeat_path(output_dir))
+    hb_age = max(0.0, time.time() - hb.time) if hb is not None and hb.time is not None else None
+    remote = rec.host is not None and rec.host != socket.gethostname()
+    if remote:
+        # Its pids mean nothing here (a login node looking at shared storage): trust the record, show the ages.
+        alive: bool | None = None
+        running = active
+        note = f"running on {rec.host} (not checked from here)" if active else None
+        if note and hb_age is not None:
+            note += f"; heartbeat {_duration(hb_age)} ago"
+    else:
+        alive = supervisor_alive(rec.supervisor_pid, rec.supervisor_create_time)
+        running = active and alive
+        note = f"supervisor not running (pid {rec.supervisor_pid} died)" if active and not alive else None
     try:
         free: int | None = shutil.disk_usage(output_dir).free
     except OSError:
         free = None
-    hb = protocol.read_record(protocol.Heartbeat, protocol.heartbeat_path(output_dir))
     hb_current = hb is not None and (
         hb.pid == rec.worker_pid or not running or (hb.attempt is not None and hb.attempt == rec.attempt)
     )
@@ -115,6 +126,10 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
         config=rec.config,
         supervisor_pid=rec.supervisor_pid,
         supervisor_alive=alive,
+        host=rec.host,
+        remote=remote,
+        heartbeat_age_s=hb_age,
+        slurm=_slurm_view(rec),
         worker_pid=rec.worker_pid if running else None,
         attempt=rec.attempt or len(attempts),
         restart_count=rec.restart_count,
@@ -140,6 +155,19 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
     )
     v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
     return v
+
+
+def _slurm_view(rec: record.RunRecord) -> dict[str, Any] | None:
+    job = rec.slurm
+    if job is None:
+        return None
+    return {
+        "job_id": job.requeue_id,
+        "restart_count": job.restart_count,
+        "node": job.node,
+        "requeued": rec.slurm_requeued,
+        "text": job.describe() + (", requeued" if rec.slurm_requeued else ""),
+    }
 
 
 def snapshot_view(output_dir: Path, config_path: str | None, now: float | None = None) -> dict[str, Any] | None:
@@ -240,12 +268,16 @@ def render(v: dict[str, Any]) -> str:
         return "\n".join(lines)
     state = v["state"]
     who = f"supervisor pid {v['supervisor_pid']}" if v.get("supervisor_alive") else (v.get("note") or "")
+    if v.get("supervisor_alive") and v.get("host"):
+        who += f" on {v['host']}"
     lines.append(
         f"  state:       {state}"
         + (f" ({who})" if who and state in {s.value for s in ACTIVE_STATES} else "")
         + (f": {v['state_reason']}" if v.get("state_reason") else "")
     )
-    if v.get("note") and not v.get("supervisor_alive") and state in {s.value for s in ACTIVE_STATES}:
+    if v.get("slurm"):
+        lines.append(f"  slurm:       {v['slurm']['text']}")
+    if v.get("note") and v.get("supervisor_alive") is False and state in {s.value for s in ACTIVE_STATES}:
         lines.append(f"  warning:     {v['note']}; run `vit-supervisor start {v.get('config') or 'CONFIG'}` to resume")
     if v.get("worker_pid"):
         lines.append(f"  worker:      pid {v['worker_pid']}, attempt {v.get('attempt')}")

@@ -27,12 +27,24 @@ class StopRequest:
     A second one restores the default action and re-raises it: the process dies
     by that signal, which is safe because a checkpoint is only ever committed by
     a rename.
+
+    The same signal again before the training loop has taken the stop (at the step end), and
+    within :attr:`SAME_REQUEST_S`, is the same request delivered twice, not a second one: SLURM
+    (a cancel, the time limit) signals every process of the job, and the supervisor forwards
+    the same stop a moment later.
     """
+
+    SAME_REQUEST_S = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.reason: str | None = None
         self.received_at: float | None = None
+        self.taken = False
+
+    def take(self) -> None:
+        """The training loop acts on the stop now (saves, then exits): a repeat from now on forces."""
+        self.taken = True
 
     @property
     def requested(self) -> bool:
@@ -51,6 +63,12 @@ class StopRequest:
             self.received_at = time.monotonic()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if (
+            self.signum == signum
+            and not self.taken
+            and time.monotonic() - (self.received_at or 0.0) < self.SAME_REQUEST_S
+        ):
+            return  # the same stop delivered twice (see the class docstring)
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

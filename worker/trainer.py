@@ -473,6 +473,7 @@ class SupervisionCallback(TrainerCallback):
         if stop_any and not ctx.stop.requested:
             ctx.stop.request("another rank was asked to stop")
         if ctx.stop.requested:
+            ctx.stop.take()
             log.warning("%s: saving a checkpoint at step %d, then exiting", ctx.stop.describe(), state.global_step)
             control.should_save = True
             control.should_training_stop = True
