@@ -8,13 +8,15 @@
 Exit codes. start: 0 completed or stopped, 1 could not begin (e.g. no disk
 space for the lock file), 2 bad config, 3 failed (gave up, non-retryable
 worker error, output directory deleted under the run), 4 another supervisor
-or vit-train runs this directory (also after it was deleted and recreated).
+or vit-train runs this directory (also after it was deleted and recreated),
+75 stopped by SLURM's time-limit signal but the job could not requeue itself.
 status: 0 running, 3 not running (stopped, completed, failed, supervisor dead),
 4 unknown. stop: 0 stopped (or was not running), 1 did not stop in time.
 
 Signals to a running supervisor: SIGTERM, SIGINT and SIGQUIT ask for a graceful
 stop (the worker checkpoints; the same signal again kills it); SIGUSR1 and
-SIGUSR2 log one status line; SIGHUP is logged and ignored.
+SIGUSR2 log one status line (inside a SLURM job SIGUSR1 is the time-limit
+signal: checkpoint, requeue the job, exit); SIGHUP is logged and ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +229,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"vit-supervisor: no run in {out}")
         return 0
     pid = rec.supervisor_pid
+    if rec.host and rec.host != socket.gethostname() and _state(rec) not in FINAL_STATES:
+        # A run on shared storage, supervised elsewhere: its pid means nothing on this machine.
+        how = f", or `scancel {rec.slurm.requeue_id}`" if rec.slurm is not None else ""
+        print(f"vit-supervisor: the supervisor runs on {rec.host}: stop it there{how}", file=sys.stderr)
+        return 1
     # Never signal a pid the state file names unless it is provably that supervisor (pid reuse).
     if pid is None or not is_supervisor_process(pid, rec.supervisor_create_time):
         print(f"vit-supervisor: not running (state {rec.state})")

@@ -263,11 +263,16 @@ class SlurmCluster:
     def node_state(self) -> str:
         return self._quiet(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"]).strip()
 
-    def sbatch(self, script: Path, *args: str, env: dict[str, str] | None = None) -> str:
-        """Submit ``script`` (its ``#SBATCH`` lines apply, ``args`` come first); return the job id."""
+    def sbatch(self, script: Path, *options: str, args: Sequence[str] = (), env: dict[str, str] | None = None) -> str:
+        """Submit ``script`` with its ``args`` (``options`` override its ``#SBATCH`` lines); return the
+        job id (an array's id for ``--array``). ``env`` is what the job inherits (sbatch's default)."""
         job_env = dict(env if env is not None else self.env, SLURM_CONF=str(self.conf))
         done = subprocess.run(
-            ["sbatch", "--parsable", *args, str(script)], env=job_env, capture_output=True, text=True, timeout=60
+            ["sbatch", "--parsable", *options, str(script), *args],
+            env=job_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if done.returncode != 0:
             raise RuntimeError(f"sbatch {script} exited {done.returncode}: {done.stderr.strip()}")
