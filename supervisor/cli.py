@@ -33,7 +33,7 @@ from pathlib import Path
 from supervisor import protocol, record, runlock
 from supervisor.host import is_supervisor_process, poll_until
 from supervisor.record import RunRecord
-from supervisor.schema import Config, ConfigError, load_config
+from supervisor.schema import Config, ConfigError, check_metrics_textfile, load_config
 from supervisor.states import FINAL_STATES, State
 
 ENV_LOG_FILE = "VIT_SUPERVISOR_LOG_FILE"  # set by --detach for its child: where its own log goes
@@ -122,11 +122,15 @@ def cmd_start(args: argparse.Namespace) -> int:
     cfg, placed = launch.resolve(cfg, os.environ)  # distributed.from_slurm: this node's place in the SLURM job
     if placed is not None:
         print(f"vit-supervisor: {placed.describe()}", file=sys.stderr, flush=True)
+    from supervisor import journal
+
+    journal.setting(os.environ)  # a bad VIT_SUPERVISOR_JOURNAL too (before --detach's log file)
+    check_metrics_textfile(cfg)  # the supervisor's own concern (the worker does not check it)
     if args.detach:
         return _start_detached(cfg, args.detach_timeout)
     from supervisor import daemon, logs
 
-    logs.setup(sys.stderr)
+    logs.setup(sys.stderr, fields={"run": cfg.training.output_dir, "config": cfg.source_path})
     return daemon.serve(cfg, log_path=os.environ.get(ENV_LOG_FILE))
 
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor import launch, logs, policy, protocol, record, runlock, shm
 from supervisor import slurm as slurm_mod
@@ -51,6 +51,9 @@ from supervisor.record import AttemptRecord, RunRecord
 from supervisor.schema import Config
 from supervisor.standby_pool import StandbyPool
 from supervisor.states import FINAL_STATES, WORKER_STATES, State, check_transition
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from supervisor.metrics import Exporter
 
 # Exit codes of `vit-supervisor start` (listed in the README and in cli.py's docstring; the systemd
 # unit's RestartPreventExitStatus lists the deliberate ones).
@@ -129,6 +132,8 @@ class Supervisor:
     slurm_job: slurm_mod.SlurmJob | None = field(default_factory=slurm_mod.from_env)
     """The SLURM job this supervisor runs in (None outside SLURM)."""
     requeuer: Callable[[slurm_mod.SlurmJob], slurm_mod.RequeueResult] = slurm_mod.requeue
+    exporter: Exporter | None = None
+    """Prometheus metrics (:mod:`supervisor.metrics`), when ``supervisor.metrics`` turns them on."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
@@ -145,6 +150,7 @@ class Supervisor:
         self.requeue_asked = False  # SLURM's time-limit signal came: requeue the job once stopped
         self.abort_reason: str | None = None  # the run cannot go on (output dir deleted): ends FAILED
         self.worker: _Worker | None = None
+        self.last_heartbeat: protocol.Heartbeat | None = None  # the newest one of a worker of ours (metrics)
         self.until: float | None = None  # monotonic end of BACKOFF / next disk check in WAITING
         self.disk_needed: int | None = None  # bytes a disk_low worker said one checkpoint needs
         self.orphan: _Orphan | None = None
@@ -197,6 +203,7 @@ class Supervisor:
             if self.save_pending:
                 self._write_state()  # a write that failed (full disk): try again every turn
             self.notifier.watchdog()  # only a loop that got here is healthy
+            self._publish()
             if self.state == before and self.state not in FINAL_STATES:
                 self.host.wait(self._timeout())
         self.pool.drain()
@@ -222,6 +229,7 @@ class Supervisor:
             attempt=self.worker.attempt if self.worker else self.rec.attempt,
         )
         self._write_state()
+        self._publish(changed=True)
         status = f"{new}: {why}"
         if new in (State.RUNNING, State.WAITING):
             self.notifier.ready(status)  # READY once the service does its job (or waits for disk to do it)
@@ -343,7 +351,7 @@ class Supervisor:
             cfg=self.cfg.supervisor,
         )
         if hung:
-            self.log.warning("hang", pid=w.pid, why=hung)
+            self.log.warning("hang", pid=w.pid, attempt=w.attempt, step=w.step_reached, why=hung)
             self.rec.last_error = f"worker hung: {hung}"
             w.hang_killed = True
             w.kill_deadline = now + self.cfg.supervisor.term_grace_s
@@ -438,6 +446,7 @@ class Supervisor:
         hb = self._heartbeat(w)
         if hb is None:
             return
+        self.last_heartbeat = hb
         step = hb.global_step
         key = (hb.state, step)
         if key != w.hb_key:
@@ -616,8 +625,11 @@ class Supervisor:
             progressed=seen.progressed,
             decision=decision.action,
         )
-        self.batch = decision.per_device_train_batch_size or self.batch
-        self.accum = decision.gradient_accumulation_steps or self.accum
+        batch = decision.per_device_train_batch_size or self.batch
+        accum = decision.gradient_accumulation_steps or self.accum
+        if (batch, accum) != (self.batch, self.accum):
+            self.log.warning("batch", per_device=batch, accumulation=accum, attempt=w.attempt, why=decision.message)
+        self.batch, self.accum = batch, accum
         self.rec.failures_without_progress = decision.failures_without_progress
         self.worker = None
         self.rec.worker_pid = self.rec.worker_create_time = None
@@ -828,6 +840,13 @@ class Supervisor:
             kept=done.kept or None,
         )
 
+    def _publish(self, *, changed: bool = False) -> None:
+        """Hand the metrics a consistent copy of what the loop knows (a scrape reads only that copy);
+        the textfile is rewritten at once on a state change, else when it is due."""
+        if self.exporter is not None:
+            self.exporter.observe(self.rec, self.state, self.last_heartbeat, self.batch, self.accum, force=changed)
+            self.exporter.refresh(force=changed)
+
     def _write_state(self) -> None:
         """The one save path. A failed write (full disk, read-only remount) never stops supervision:
         it is logged once and retried on every loop turn until it succeeds."""
@@ -874,8 +893,20 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
     except OSError as exc:  # e.g. a full disk: nothing started yet, so systemd may simply try again
         print(f"vit-supervisor: error: cannot take the run lock in {cfg.training.output_dir}: {exc}", file=sys.stderr)
         return SUPERVISOR_ERROR
+    exporter = None
+    if cfg.supervisor.metrics.enabled:
+        from supervisor import metrics
+
+        exporter = metrics.Exporter(cfg, log)
+        try:
+            exporter.listen()  # after the lock (a second start still says "already running"), before all else
+        except metrics.MetricsError as exc:
+            print(f"vit-supervisor: error: {exc}", file=sys.stderr)
+            lock.release()
+            return SUPERVISOR_USAGE
     real = RealHost()
     sup = Supervisor(cfg, real, log=log, notifier=Notifier(), self_create_time=self_create_time(), log_file=log_path)
+    sup.exporter = exporter
     old_handlers = {s: signal.signal(s, sup.on_signal) for s in HANDLED_SIGNALS}
     install_signal_wakeup(real.wake_fd)
     watch = RunDirWatch(Path(cfg.training.output_dir), real.wake)
@@ -899,4 +930,6 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         real.close()
+        if exporter is not None:
+            exporter.close()
         lock.release()

@@ -10,9 +10,10 @@ an out-of-range value is an error that names the key, the value and what would
 be valid. Errors are :class:`ConfigError` with a one-line message; the entry
 points print it and exit with code 2 before anything is written.
 
-Relative paths in the file (``training.output_dir``, ``data.path``) are resolved
-against the directory of the config file, so the same file means the same run
-whatever the current directory is (a shell, a systemd unit, ``status``).
+Relative paths in the file (``training.output_dir``, ``data.path``, ``snapshot.root``,
+``supervisor.metrics.textfile``) are resolved against the directory of the config
+file, so the same file means the same run whatever the current directory is (a
+shell, a systemd unit, ``status``).
 """
 
 from __future__ import annotations
@@ -357,6 +358,74 @@ class DiskConfig:
         _check_range("disk.recheck_s", self.recheck_s, 0.05, 3600.0)
 
 
+LOOPBACK = "127.0.0.1"
+"""Where ``supervisor.metrics.listen`` binds when it names only a port."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``:port`` or a port alone (loopback) as (host, port); ConfigError otherwise."""
+    text = value.strip()
+    example = "e.g. 9400 (loopback), 127.0.0.1:9400, 0.0.0.0:9400 or [::1]:9400"
+    if text.isdigit():
+        host, port = LOOPBACK, text
+    elif text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or not inside or not rest.startswith(":"):
+            raise ConfigError(f"supervisor.metrics.listen {value!r} is not [IPv6]:port; {example}")
+        host, port = inside, rest[1:]
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(f"supervisor.metrics.listen {value!r} is not host:port or a port; {example}")
+        host = host or LOOPBACK
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"supervisor.metrics.listen {value!r} has no usable host; {example}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"supervisor.metrics.listen {value!r}: the port must be a number from 0 to 65535 "
+            f"(0: any free port, logged at start); {example}"
+        )
+    return host, int(port)
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus metrics of the supervisor (:mod:`supervisor.metrics`); both outputs are off by default."""
+
+    listen: str | None = None
+    """``host:port`` of an HTTP endpoint serving ``/metrics`` (a port alone binds to loopback only;
+    ``0.0.0.0:PORT`` for every interface). A port that cannot be bound stops ``start`` with exit 2."""
+    textfile: str | None = None
+    """A ``.prom`` file for node_exporter's textfile collector, rewritten atomically every
+    ``textfile_interval_s`` and at each state change; its folder must exist and be writable."""
+    textfile_interval_s: float = 5.0
+    """How often the textfile is rewritten while nothing changes state."""
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            parse_listen(self.listen)
+        if self.textfile is not None:
+            if not self.textfile.strip():
+                raise ConfigError("supervisor.metrics.textfile is empty: give a path ending in .prom, or leave it out")
+            name = Path(self.textfile).name
+            if not name.endswith(".prom") or name == ".prom":
+                raise ConfigError(
+                    f"supervisor.metrics.textfile {self.textfile!r} must be a file name ending in .prom "
+                    "(node_exporter's textfile collector reads only those), e.g. "
+                    "/var/lib/prometheus/node-exporter/vit-NAME.prom"
+                )
+        _check_range("supervisor.metrics.textfile_interval_s", self.textfile_interval_s, 0.5, 300.0)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP endpoint; None when it is off."""
+        return parse_listen(self.listen) if self.listen is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
+
 @dataclass
 class SupervisorConfig:
     """Restart policy of ``vit-supervisor`` (the worker ignores this section)."""
@@ -390,6 +459,8 @@ class SupervisorConfig:
     standby: bool = True
     """Keep a pre-warmed standby worker (imported, data and model prepared, no GPU memory) that takes
     over at once when the active worker dies. Single-process launcher only."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Prometheus metrics: an HTTP endpoint and/or a textfile for node_exporter (both off by default)."""
 
     def __post_init__(self) -> None:
         _check_min("supervisor.backoff_initial_s", self.backoff_initial_s, 0.0)
@@ -659,6 +730,8 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         cfg.data.image_root = str(_resolve(base, cfg.data.image_root))
     if cfg.snapshot.root:
         cfg.snapshot.root = str(_resolve(base, cfg.snapshot.root))
+    if cfg.supervisor.metrics.textfile:
+        cfg.supervisor.metrics.textfile = str(_resolve(base, cfg.supervisor.metrics.textfile))
     if cfg.model.model_name != SCRATCH and (
         cfg.model.model_name.startswith((".", "/", "~")) or (base / cfg.model.model_name).is_dir()
     ):
@@ -669,6 +742,29 @@ def load_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> Co
         check_data_paths(cfg)
         check_output_dir(cfg)
     return cfg
+
+
+def check_metrics_textfile(cfg: Config) -> None:
+    """``supervisor.metrics.textfile``'s folder must exist and be writable (node_exporter's textfile
+    directory is made by its package or by hand, never by us). Checked by ``vit-supervisor start``
+    only: a worker must never fail over the supervisor's metrics (the supervisor logs a textfile it
+    cannot write and carries on)."""
+    path = cfg.supervisor.metrics.textfile
+    if path is None:
+        return
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise ConfigError(f"supervisor.metrics.textfile {path} is a folder: give a file name ending in .prom")
+    if not folder.is_dir():
+        raise ConfigError(
+            f"supervisor.metrics.textfile {path}: the folder {folder} does not exist; create it, or point the "
+            "setting at node_exporter's --collector.textfile.directory"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"supervisor.metrics.textfile {path}: the folder {folder} is not writable by this user; "
+            "fix its permissions (under systemd: add it to ReadWritePaths=)"
+        )
 
 
 def check_model_path(cfg: Config) -> None:

@@ -6,9 +6,9 @@ Use it from a test module with ``from tests.slurm_cluster import slurm_cluster  
 What the fixture does:
 
 1. Installs the Debian packages (``slurmctld slurmd slurm-client munge``) with ``apt-get`` when
-   a program is missing, under a file lock so that two xdist processes do not run apt at once.
-   Where that is impossible (not root, no apt-get, no package source) the test is skipped with
-   the reason; nothing else skips.
+   a program is missing (:mod:`tests.debtools`: one lock for every test process, no service
+   started by the packages). Where that is impossible (not root, no apt-get, no package source)
+   the test is skipped with the reason; nothing else skips.
 2. Writes a private cluster into a temporary folder: a munge key and socket, a ``slurm.conf``
    with ports chosen free on localhost, its own state, spool, pid and log files. Nothing in
    ``/etc`` is used or changed, so several clusters (other test processes, other checkouts)
@@ -40,13 +40,17 @@ import pytest
 from filelock import FileLock
 
 from supervisor.host import poll_until
+from tests import debtools
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 NODE = "vitnode"
 NODE_CPUS = 8
+CRED_EXPIRE_S = 10
+"""SLURM holds a requeued job back for the job credential's lifetime (+1 s; default 120 s): the node
+refuses to start a job whose previous run's credential it revoked ("Job credential revoked").
+Shortened so that a requeued job starts again about 11 s after its requeue, by SLURM's own rules."""
 """CPUs the node advertises (more than the machine has: the jobs here mostly wait)."""
-APT_LOCK = Path("/tmp/vit-supervisor-slurm-apt.lock")
 SLURM_CONF = """\
 ClusterName=vittest
 SlurmctldHost=localhost(127.0.0.1)
@@ -54,7 +58,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={cred_expire_s}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
@@ -69,6 +73,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
@@ -91,32 +96,19 @@ def _missing() -> list[str]:
 
 
 def ensure_installed() -> None:
-    """Install Debian's SLURM and munge when a program is missing; ``pytest.skip`` only where that is impossible."""
+    """Install Debian's SLURM and munge when a program is missing; ``pytest.skip`` only where that is impossible.
+
+    Through :mod:`tests.debtools`: its one lock for every apt-get of the test processes, and its
+    ``policy-rc.d`` that keeps the packages from starting system-wide munged/slurmctld/slurmd services.
+    """
     if not _missing():
         return
-    if os.geteuid() != 0:
-        pytest.skip(f"SLURM is not installed ({', '.join(_missing())} missing) and installing it needs root")
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"SLURM is not installed ({', '.join(_missing())} missing) and there is no apt-get")
-    with FileLock(str(APT_LOCK)):  # another test process may be installing it right now
-        if not _missing():
+    with FileLock(str(debtools._LOCK), timeout=debtools._APT_TIMEOUT_S):
+        if not _missing():  # another test process installed them meanwhile
             return
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (
-            ["apt-get", "update"],
-            ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-        ):
-            try:
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                pytest.skip(f"SLURM could not be installed: {' '.join(cmd)}: {exc}")
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                pytest.skip(
-                    f"SLURM could not be installed: {' '.join(cmd)} exited {done.returncode}: {' | '.join(tail)}"
-                )
+        why = debtools._install(list(PACKAGES))
     if _missing():
-        pytest.skip(f"SLURM installed but {', '.join(_missing())} still missing from PATH")
+        pytest.skip(f"SLURM is missing ({', '.join(_missing())}) and could not be installed: {why or 'not on PATH'}")
 
 
 def _free_port() -> int:
@@ -156,6 +148,7 @@ class SlurmCluster:
                 ctld_port=_free_port(),
                 slurmd_port=_free_port(),
                 munge_socket=self.munge_socket,
+                cred_expire_s=CRED_EXPIRE_S,
                 node=NODE,
                 hostname=socket.gethostname(),
                 cpus=NODE_CPUS,
@@ -286,7 +279,9 @@ class SlurmCluster:
         return dict(re.findall(r"(\w+)=(\S*)", line))
 
     def start_now(self, job_id: str) -> None:
-        """Skip the requeue delay (SLURM holds a requeued job back for a while)."""
+        """``scontrol update StartTime=now``: not needed here (:data:`CRED_EXPIRE_S` keeps the requeue
+        delay short), and racy right after a requeue: the node may still refuse the job ("Job
+        credential revoked") and SLURM then fails it."""
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 

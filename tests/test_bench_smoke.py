@@ -29,6 +29,7 @@ SCRIPTS = [
     "step_cost",
     "data_scale",
     "snapshot_cost",
+    "slurm",
 ]
 GB = 1e9
 

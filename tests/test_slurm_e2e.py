@@ -84,8 +84,6 @@ class Run:
     log: Path
     info: dict[str, str] = field(default_factory=dict)
     """``scontrol show job`` at the end."""
-    started_now: int = 0
-    """Requeues whose delay the test skipped."""
     cancelled_at_step: int | None = None
 
     @property
@@ -115,15 +113,12 @@ def _config(d: Path, overrides: dict[str, Any] | None = None) -> Path:
 
 
 def _drive(cluster: SlurmCluster, runs: list[Run], cancel: Run) -> None:
-    """Skip each requeue's delay, scancel ``cancel`` once it trains, and wait until every job has ended."""
+    """scancel ``cancel`` once it trains, and wait until every job has ended (a requeued job starts
+    again by itself after the cluster's short credential lifetime, tests/slurm_cluster.py)."""
 
     def step() -> bool:
         for r in runs:
             r.info = cluster.job(r.job)
-            restarts = int(r.info.get("Restarts", "0") or 0)
-            if r.info.get("JobState") == "PENDING" and restarts > r.started_now:
-                cluster.start_now(r.job)
-                r.started_now = restarts
         hb = read_json(cancel.out / "run" / "heartbeat.json") or {}
         if cancel.cancelled_at_step is None and hb.get("state") == "training" and (hb.get("global_step") or 0) >= 2:
             cancel.cancelled_at_step = hb["global_step"]

@@ -87,14 +87,22 @@ def test_supervisor_package_never_imports_torch_transformers_or_wandb() -> None:
     subprocess.run([PY, "-c", code], check=True, cwd=REPO, timeout=30)
 
 
-def test_status_answers_in_well_under_a_second(tmp_path: Path) -> None:
+def test_status_imports_nothing_heavy(tmp_path: Path) -> None:
+    """What keeps `status` quick: none of the heavy or optional modules is imported to answer. Its latency
+    itself is a figure of bench/footprint.py (a timed assertion here would fail on a busy machine)."""
     write_state(tmp_path / "out")
-    cli("status", "--run-dir", str(tmp_path / "out"))  # warm the page cache
-    t = time.monotonic()
-    r = cli("status", "--run-dir", str(tmp_path / "out"))
-    elapsed = time.monotonic() - t
-    assert r.returncode == 0, r.stderr
-    assert elapsed < 1.0, f"status took {elapsed:.2f}s"
+    r = subprocess.run(
+        [PY, "-X", "importtime", "-m", "supervisor.cli", "status", "--run-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "supervisor.status" in imported  # the probe sees our own modules
+    heavy = ("torch", "transformers", "wandb", "numpy", "prometheus_client", "logging_journald", "watchdog")
+    assert not imported & set(heavy), sorted(imported & set(heavy))
 
 
 def test_status_of_a_running_run_shows_progress_batch_checkpoint_disk_tracker_and_restarts(tmp_path: Path) -> None:
