@@ -15,9 +15,9 @@ the time left is at most N + 30 s (measured on SLURM 22.05: ``--time=2 --signal=
 once both nodes train, the test lowers it to leave 30-90 s: the signal comes at the next check,
 mid-training, and the kill no earlier than 30 s after it. The first allocation is paced (a
 sitecustomize sleeps in each training forward while ``SLURM_RESTART_COUNT`` is 0; sleeping changes
-no number) so that training outlasts that wait; before the requeued job starts, the test raises the
-limit again and skips SLURM's requeue delay. About a minute and a half, most of it waiting: the
-reference run trains meanwhile.
+no number) so that training outlasts that wait; while the requeued job waits to start again (about
+11 s with the fixture's credential lifetime), the test raises the limit again. About a minute and a
+half, most of it waiting: the reference run trains meanwhile.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
     )
     log = tmp_path / f"slurm-{job}.out"
     info: dict[str, str] = {}
-    started_now = [0]
+    raised = [0]  # requeues after which the test raised the time limit again
     lowered: list[int] = []  # the step at which the test lowered the time limit
 
     def describe() -> str:
@@ -172,10 +172,11 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
             minutes = math.ceil((_seconds(info["RunTime"]) + 30) / 60)
             slurm_cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
             lowered.append(hb["global_step"])
-        if info.get("JobState") == "PENDING" and restarts > started_now[0]:
-            slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")  # the next allocation runs out
-            slurm_cluster.start_now(job)  # skip the requeue's own delay
-            started_now[0] = restarts
+        if restarts > raised[0]:
+            # The next allocation trains to the end: SLURM holds a requeued job back ~11 s (the
+            # fixture's credential lifetime), time enough to raise the limit before it starts again.
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+            raised[0] = restarts
         return info.get("JobState") in FINAL
 
     def progress() -> object:
