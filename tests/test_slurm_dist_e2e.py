@@ -17,14 +17,18 @@ mid-training, and the kill no earlier than 30 s after it. The first allocation i
 sitecustomize sleeps in each training forward while ``SLURM_RESTART_COUNT`` is 0; sleeping changes
 no number) so that training outlasts that wait; while the requeued job waits to start again (about
 11 s with the fixture's credential lifetime), the test raises the limit again. About a minute and a
-half, most of it waiting: the reference run trains meanwhile.
+half, most of it waiting: the reference run trains meanwhile (from the first paced steps on, so that it
+does not slow the job's start).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +124,24 @@ def _state(out: Path, node: int) -> dict[str, Any]:
     return read_json(out / "run" / ("state.json" if node == 0 else f"node-{node}/state.json")) or {}
 
 
+@pytest.fixture
+def refs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Background reference runs; a failed test must not leave one training behind."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # its own session: torchrun and its ranks
+            p.wait()
+
+
 def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit_identical(
     slurm_cluster: SlurmCluster,  # noqa: F811 - the fixture
+    refs: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    ref = _reference(ref_dir)
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -172,6 +187,7 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
             minutes = math.ceil((_seconds(info["RunTime"]) + 30) / 60)
             slurm_cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
             lowered.append(hb["global_step"])
+            refs.append(_reference(ref_dir))  # now: the job's paced ranks leave the CPU free
         if restarts > raised[0]:
             # The next allocation trains to the end: SLURM holds a requeued job back ~11 s (the
             # fixture's credential lifetime), time enough to raise the limit before it starts again.
@@ -221,6 +237,6 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
     )
     assert [e["action"] for e in slurm_events].count("requeued") == 1, slurm_events
 
-    code = wait_exit(ref, STALL_S, "the reference run", progress=lambda: run_progress(ref_dir / "out"))
+    code = wait_exit(refs[0], STALL_S, "the reference run", progress=lambda: run_progress(ref_dir / "out"))
     assert code == 0, tail(ref_dir / "torchrun.log")
     assert max_abs_diff(out / f"checkpoint-{STEPS}", ref_dir / "out" / f"checkpoint-{STEPS}") == 0.0
