@@ -16,9 +16,9 @@ once both nodes train, the test lowers it to leave 30-90 s: the signal comes at 
 mid-training, and the kill no earlier than 30 s after it. The first allocation is paced (a
 sitecustomize sleeps in each training forward while ``SLURM_RESTART_COUNT`` is 0; sleeping changes
 no number) so that training outlasts that wait; while the requeued job waits to start again (about
-11 s with the fixture's credential lifetime), the test raises the limit again. About a minute and a
-half, most of it waiting: the reference run trains meanwhile (from the first paced steps on, so that it
-does not slow the job's start).
+11 s with the fixture's credential lifetime), the test raises the limit again. It takes 100-145 s on
+this 2-core machine at load 4-8, most of it waiting: the reference run trains meanwhile (from the
+first paced steps on, so that it does not slow the job's start).
 """
 
 from __future__ import annotations
@@ -53,8 +53,16 @@ LIMIT = ("--time=10", "--signal=USR1@60")
 """No signal before the test lowers the limit (SLURM signals when at most 60 + 30 s are left)."""
 CUT_AT_STEP = 2
 """Lower the limit once node 0's heartbeat is past this step (both nodes train in lockstep)."""
-TORCHRUN_2 = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
-TORCHRUN_2 += ["-m", "worker"]
+TORCHRUN_2 = (
+    PYTHON,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "--max-restarts=0",
+    "-m",
+    "worker",
+)
 """The reference: 2 ranks on one node, no SLURM, no supervisor."""
 STEPS = 20
 """2 ranks x 16 samples per step over 300 training images, 2 epochs."""
