@@ -116,11 +116,16 @@ def _output_dir(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor import launch
+
     cfg = load_config(args.config)  # ConfigError -> exit 2 before anything is written
+    cfg, placed = launch.resolve(cfg, os.environ)  # distributed.from_slurm: this node's place in the SLURM job
     from supervisor import journal
 
     journal.setting(os.environ)  # a bad VIT_SUPERVISOR_JOURNAL too (before --detach's log file)
     check_metrics_textfile(cfg)  # the supervisor's own concern (the worker does not check it)
+    if placed is not None:
+        print(f"vit-supervisor: {placed.describe()}", file=sys.stderr, flush=True)
     if args.detach:
         return _start_detached(cfg, args.detach_timeout)
     from supervisor import daemon, logs

@@ -5,11 +5,12 @@ No processes here; :mod:`supervisor.daemon` spawns what these return through its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor import protocol
+from supervisor import protocol, slurm_env
 from supervisor.schema import Config
 
 CLEAN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -28,6 +29,47 @@ def _base_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def resolve(
+    cfg: Config,
+    environ: Mapping[str, str],
+    look: slurm_env.Lookups = slurm_env.REAL,
+) -> tuple[Config, slurm_env.Placement | None]:
+    """The config as this node runs it, and where SLURM placed the node (None without ``from_slurm``).
+
+    With ``distributed.from_slurm`` the ``distributed`` section is filled from SLURM's variables
+    (:mod:`supervisor.slurm_env`). Called once, before the supervisor takes its lock, so that the
+    node rank also picks the node's own state, logs and locks (``run/node-K/``), exactly as a config
+    that gives ``node_rank`` does. Raises ConfigError (one line) outside SLURM or on inconsistent
+    variables, before anything is written.
+    """
+    if not cfg.distributed.from_slurm:
+        return cfg, None
+    placed = slurm_env.placement(environ, cfg.distributed, look)
+    dist = dataclasses.replace(
+        cfg.distributed,
+        # Resolved: the values below are SLURM's, and they now stand in the config like given ones.
+        from_slurm=False,
+        nnodes=placed.nnodes,
+        node_rank=placed.node_rank,
+        nproc_per_node=placed.nproc_per_node,
+        rdzv_endpoint=placed.rdzv_endpoint,
+        rdzv_id=placed.job,
+    )
+    return dataclasses.replace(cfg, distributed=dist), placed
+
+
+IGNORE_USR1 = (
+    "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+"""Starts torchrun with SIGUSR1 ignored (the disposition survives ``exec``; same pid, same command line).
+
+SLURM's pre-timeout signal without ``B:`` (``--signal=USR1@N``) reaches every process of the step:
+the supervisor acts on it, the ranks take it as a stop at the step end (their own handler), but
+torchrun has no handler and would die of it, orphaning ranks that are still saving. The ranks
+install their handler at start; until then they inherit the ignore, which is harmless."""
+
+
 def launcher_argv(cfg: Config, python: str) -> list[str]:
     """``python -m worker``, or torchrun around it with its own restarts off (one policy decides)."""
     if cfg.launcher != "torchrun":
@@ -35,6 +77,8 @@ def launcher_argv(cfg: Config, python: str) -> list[str]:
     d = cfg.distributed
     argv = [
         python,
+        "-c",
+        IGNORE_USR1,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={d.nproc_per_node}",

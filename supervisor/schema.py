@@ -503,6 +503,9 @@ class SnapshotConfig:
         return self.every_steps != 0
 
 
+DEFAULT_RDZV_ENDPOINT = "127.0.0.1:29500"
+
+
 @dataclass
 class DistributedConfig:
     """Multi-GPU and multi-node training through torchrun (with ``launcher: torchrun``)."""
@@ -513,12 +516,19 @@ class DistributedConfig:
     """Machines in the job; each runs its own supervisor with its own ``node_rank``."""
     node_rank: int = 0
     """This machine's index, 0 .. nnodes-1 (node 0 hosts global rank 0: heartbeat, checkpoints, tracker)."""
-    rdzv_endpoint: str = "127.0.0.1:29500"
-    """host:port of node 0, where the ranks meet (multi-node only; one node uses a free local port)."""
+    rdzv_endpoint: str = DEFAULT_RDZV_ENDPOINT
+    """host:port of node 0, where the ranks meet (multi-node only; one node uses a free local port).
+    With ``from_slurm`` only the port is read (the host is the job's first node), and left at the
+    default the port is one derived from the job id, so that jobs sharing a node do not collide."""
     rdzv_id: str | None = None
     """Job id shared by all nodes (default: the output directory's name)."""
+    from_slurm: bool = False
+    """Inside a SLURM job (one ``srun`` task per node): take nnodes, node_rank, the rendezvous host and id,
+    and on GPU nodes the process count, from SLURM's variables (see :mod:`supervisor.slurm_env`)."""
 
     def __post_init__(self) -> None:
+        if self.from_slurm:
+            self._check_from_slurm()
         _check_min("distributed.nproc_per_node", self.nproc_per_node, 1)
         _check_min("distributed.nnodes", self.nnodes, 1)
         if not 0 <= self.node_rank < self.nnodes:
@@ -530,6 +540,23 @@ class DistributedConfig:
         if not host or not port.isdigit():
             raise ConfigError(
                 f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} must be host:port, e.g. 10.0.0.1:29500"
+            )
+
+    def _check_from_slurm(self) -> None:
+        """SLURM places the node: a value the config also gives would be silently overridden."""
+        given = [
+            f"{name} ({value})"
+            for name, value, default in (
+                ("nnodes", self.nnodes, 1),
+                ("node_rank", self.node_rank, 0),
+                ("rdzv_id", self.rdzv_id, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise ConfigError(
+                f"distributed.from_slurm is true and the config also sets distributed.{', '.join(given)}: "
+                "SLURM gives these; drop them from the config (or set from_slurm: false)"
             )
 
     @property
@@ -598,6 +625,11 @@ class Config:
         if self.data.image_column_b is not None and self.data.source != "hf_dataset":
             raise ConfigError(
                 f"data.image_column_b is set but data.source is {self.data.source}: it is read only for hf_dataset"
+            )
+        if self.launcher == "python" and self.distributed.from_slurm:
+            raise ConfigError(
+                "distributed.from_slurm is true but launcher is python: set launcher: torchrun "
+                "(a single-process run under SLURM needs no placement; drop from_slurm)"
             )
         if self.launcher == "python" and self.distributed.world_size > 1:
             raise ConfigError(
