@@ -95,10 +95,22 @@ def _parser() -> argparse.ArgumentParser:
 def _target(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="the run's YAML config")
     p.add_argument("--run-dir", type=Path, help="the run's output directory (instead of CONFIG)")
+    p.add_argument(
+        "--node",
+        type=int,
+        metavar="K",
+        help="node K of a multi-node run (default: CONFIG's distributed.node_rank, else 0; "
+        "with distributed.from_slurm the node is known only inside the job, so name it here)",
+    )
 
 
 def _node_rank(args: argparse.Namespace) -> int:
-    """The node whose supervisor CONFIG names (multi-node torchrun); --run-dir means node 0."""
+    """``--node``, else the node whose supervisor CONFIG names (multi-node torchrun); --run-dir means node 0."""
+    node = getattr(args, "node", None)
+    if node is not None:
+        if node < 0:
+            raise SystemExit(f"vit-supervisor: error: --node is {node}; it must be 0 or more")
+        return int(node)
     if args.run_dir is None and args.config:
         return load_config(args.config, check_paths=False).node_rank
     return 0

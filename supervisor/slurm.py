@@ -154,7 +154,10 @@ def requeue(
             f"{EXIT_REQUEUE_NEEDED} so that a RequeueExit={EXIT_REQUEUE_NEEDED} policy or the batch script can "
             f"requeue it (`scontrol requeue {job.requeue_id}`)",
         )
-    argv = [exe, "requeue", job.requeue_id]
+    # The requeue ends the job's current allocation: SLURM then SIGTERMs every process of the job,
+    # this scontrol included, sometimes before it has exited with the answer (seen as exit -15 although
+    # the job was requeued). It is started with SIGTERM ignored (kept across exec) so it can answer.
+    argv = ["/bin/sh", "-c", 'trap "" TERM; exec "$0" "$@"', exe, "requeue", job.requeue_id]
     try:
         done = run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

@@ -93,7 +93,19 @@ def test_requeue_runs_scontrol_with_the_array_task_id() -> None:
         return subprocess.CompletedProcess(argv, 0, "", "")
 
     result = slurm.requeue(TASK, which=lambda name: f"/usr/bin/{name}", run=run)
-    assert result.ok and calls == [["/usr/bin/scontrol", "requeue", "4242_3"]]
+    assert result.ok and len(calls) == 1 and calls[0][-3:] == ["/usr/bin/scontrol", "requeue", "4242_3"]
+
+
+def test_scontrol_outlives_the_sigterm_its_own_requeue_brings(tmp_path: Path) -> None:
+    """The requeue ends the allocation and SLURM SIGTERMs every process of the job, scontrol too,
+    sometimes before it exits with its answer: it runs with SIGTERM ignored (a stand-in scontrol that
+    gets SIGTERM in the middle of its work, as the real one did, must still answer 0)."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\nkill -TERM $$\necho "$@" > "$0.args"\n')
+    fake.chmod(0o755)
+    result = slurm.requeue(TASK, which=lambda name: str(fake))
+    assert result.ok, result.message
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242_3"]
 
 
 def test_no_scontrol_says_so_and_names_the_exit_code() -> None:

@@ -249,3 +249,17 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), r.stderr + r.stdout
+
+
+def test_status_node_names_one_node_of_a_multi_node_run(tmp_path: Path) -> None:
+    """Each node of a multi-node run keeps its own state (run/node-K/); ``--node K`` reads node K's,
+    which a ``from_slurm`` config cannot name outside its job."""
+    out = tmp_path / "out"
+    protocol.atomic_write_json(protocol.state_path(out, 1), {"state": "completed", "restart_count": 3})
+    node1 = cli("status", "--run-dir", str(out), "--node", "1", "--json")
+    assert node1.returncode == status.STATUS_NOT_RUNNING, node1.stderr
+    assert json.loads(node1.stdout)["restart_count"] == 3
+    node0 = cli("status", "--run-dir", str(out), "--json")  # node 0 has no state here
+    assert node0.returncode == status.STATUS_UNKNOWN and json.loads(node0.stdout).get("restart_count") != 3
+    bad = cli("status", "--run-dir", str(out), "--node", "-1")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("it must be 0 or more")
