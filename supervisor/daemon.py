@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from supervisor import launch, logs, policy, protocol, record, runlock, shm
+from supervisor import goodput, launch, logs, policy, protocol, record, runlock, shm
 from supervisor.host import Host, RealHost, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.notify import Notifier
 from supervisor.record import AttemptRecord, RunRecord
@@ -136,6 +136,7 @@ class Supervisor:
         self.disk_needed: int | None = None  # bytes a disk_low worker said one checkpoint needs
         self.orphan: _Orphan | None = None
         self.rec = RunRecord()
+        self.ledger = goodput.Ledger()  # where the wall time goes (replaced by the previous totals on load)
         self.save_pending = False
         self.out_identity: tuple[int, int] | None = None
         self.exit_code = SUPERVISOR_OK
@@ -200,6 +201,7 @@ class Supervisor:
         for key, value in fields.items():
             setattr(self.rec, key, value)
         self.rec.state_reason = why
+        self._account(new)
         self.log.info(
             "state",
             old=str(old) if old else None,
@@ -215,6 +217,18 @@ class Supervisor:
             self.notifier.stopping(status)
         else:
             self.notifier.status(status)
+
+    def _account(self, new: State) -> None:
+        """Tell the goodput ledger which phase the run is in now (:mod:`supervisor.goodput`)."""
+        now = self.host.monotonic()
+        if new in FINAL_STATES:
+            self.ledger.end(now)
+        elif new == State.STOPPING:
+            self.ledger.stop_requested(now)
+        elif new == State.STARTING and self.orphan is not None:
+            self.ledger.phase(now, "stopping")  # the previous supervisor's worker saves and exits first
+        else:
+            self.ledger.phase(now, _PHASE_OF.get(new, goodput.WORKER))
 
     # ------------------------------------------------------------------ state handlers
 
@@ -327,6 +341,7 @@ class Supervisor:
             cfg=self.cfg.supervisor,
         )
         if hung:
+            self.ledger.hang(now)
             self.log.warning("hang", pid=w.pid, why=hung)
             self.rec.last_error = f"worker hung: {hung}"
             w.hang_killed = True
@@ -389,6 +404,7 @@ class Supervisor:
         if hb is None:
             return
         step = hb.global_step
+        self.ledger.observe(now, hb.state, step, hb.reason)
         key = (hb.state, step)
         if key != w.hb_key:
             w.hb_key = key
@@ -540,8 +556,17 @@ class Supervisor:
             stop_requested=self.stop_requested,
             disk_needed_bytes=_positive_int(seen.report.disk_needed_bytes if seen.report is not None else None),
         )
+        self._account_exit(seen)
         self._record_exit(w, seen, outcome, decision)
         self._apply(outcome, decision, seen.report.reason if seen.report is not None else None)
+
+    def _account_exit(self, seen: _Observed) -> None:
+        """Close the worker's time in the ledger; a failure's time after its exit report is detection."""
+        report = seen.report
+        dead_for = 0.0
+        if report is not None and report.time is not None and report.reason not in goodput.CLEAN_EXITS:
+            dead_for = self.host.time() - report.time
+        self.ledger.exited(self.host.monotonic(), seen.reached, dead_for)
 
     def _record_exit(self, w: _Worker, seen: _Observed, outcome: policy.Outcome, decision: policy.Decision) -> None:
         if seen.reached is not None:
@@ -646,6 +671,7 @@ class Supervisor:
         rec.supervisor_pid, rec.supervisor_create_time = os.getpid(), self.self_create_time
         rec.log = self.log_file or prev.log
         rec.step_high_water = prev.step_high_water
+        self.ledger = goodput.Ledger(totals=prev.goodput, high_water=prev.step_high_water)
         rec.standby_count = max(prev.standby_count, 0)
         for a in rec.attempts:
             if a.end is None:
@@ -696,6 +722,7 @@ class Supervisor:
         if not self.host.is_worker(o.pid, o.create_time):
             self.log.info("orphan", pid=o.pid, why="previous worker has exited")
             self.orphan = None
+            self.ledger.phase(self.host.monotonic(), "startup")
             return True
         if self.host.monotonic() >= o.deadline and not o.killed:
             self.log.warning("escalate", pid=o.pid, signal="SIGKILL", why="previous worker did not exit in time")
@@ -777,6 +804,8 @@ class Supervisor:
         rec.state = str(self.state) if self.state else None
         rec.updated = self.host.time()
         rec.per_device_train_batch_size, rec.gradient_accumulation_steps = self.batch, self.accum
+        rec.goodput = self.ledger.booked(self.host.monotonic())
+        rec.step_high_water = max(rec.step_high_water, self.ledger.high_water)
         if self.worker is not None:
             rec.worker_pid = self.worker.pid
         try:
@@ -789,6 +818,10 @@ class Supervisor:
         if self.save_pending:
             self.log.info("state_file", action="written again")
         self.save_pending = False
+
+
+_PHASE_OF = {State.STARTING: "startup", State.BACKOFF: "backoff", State.WAITING: "disk_wait"}
+"""Goodput phase of each supervisor state without a worker (RUNNING: the worker's heartbeat decides)."""
 
 
 def _positive_int(v: object) -> int | None:
