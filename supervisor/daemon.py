@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -121,6 +122,8 @@ class Supervisor:
     self_create_time: float | None = None
     log_file: str | None = None
     """The supervisor's own log file (``--detach``), recorded for ``status``."""
+    process_age_s: float = 0.0
+    """How long this process had run when :meth:`run` began (booked as goodput ``startup``)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
@@ -163,6 +166,8 @@ class Supervisor:
 
     def run(self) -> int:
         self._load_previous()
+        # The run's wall time is this process's: its own start-up (interpreter, imports, config) counts.
+        self.ledger.phase(self.host.monotonic() - self.process_age_s, "startup")
         # None -> STARTING
         self._transition(State.STARTING, "supervisor started")
         self.out_identity = self.host.dir_identity(self.out)
@@ -831,6 +836,18 @@ def _positive_int(v: object) -> int | None:
 # ----------------------------------------------------------------------------- the process around it
 
 
+def process_age_s() -> float:
+    """Seconds since this process started, to the clock tick (psutil's create_time is only as
+    exact as the boot time's whole second); 0.0 where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return min(max(age, 0.0), 600.0)
+
+
 def serve(cfg: Config, *, log_path: str | None = None) -> int:
     """Run one supervisor in this process until the run is completed, stopped or failed.
 
@@ -851,6 +868,7 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
         return SUPERVISOR_ERROR
     real = RealHost()
     sup = Supervisor(cfg, real, log=log, notifier=Notifier(), self_create_time=self_create_time(), log_file=log_path)
+    sup.process_age_s = process_age_s()
     old_handlers = {s: signal.signal(s, sup.on_signal) for s in HANDLED_SIGNALS}
     install_signal_wakeup(real.wake_fd)
     watch = RunDirWatch(Path(cfg.training.output_dir), real.wake)
