@@ -48,7 +48,7 @@ from supervisor.notify import Notifier
 from supervisor.record import AttemptRecord, RunRecord
 from supervisor.schema import Config
 from supervisor.standby_pool import StandbyPool
-from supervisor.states import FINAL_STATES, WORKER_STATES, State, check_transition
+from supervisor.states import ACTIVE_STATES, FINAL_STATES, WORKER_STATES, State, check_transition
 
 # Exit codes of `vit-supervisor start` (listed in the README and in cli.py's docstring; the systemd
 # unit's RestartPreventExitStatus lists the deliberate ones).
@@ -65,6 +65,9 @@ STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 IGNORED_SIGNALS = (signal.SIGHUP,)
 """Logged and ignored: a daemon has no terminal to lose, and the log needs no reopening (stderr or O_APPEND)."""
 HANDLED_SIGNALS = (*STOP_SIGNALS, *STATUS_SIGNALS, *IGNORED_SIGNALS)
+GOODPUT_REFRESH_S = 5.0
+"""``state.json`` is rewritten at least this often while the supervisor lives: ``status`` sees the
+goodput totals move, and a later start can tell how long no supervisor watched the run."""
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Supervisor:
         self.rec = RunRecord()
         self.ledger = goodput.Ledger()  # where the wall time goes (replaced by the previous totals on load)
         self.save_pending = False
+        self.written_at = 0.0  # monotonic time of the last state write attempt
         self.out_identity: tuple[int, int] | None = None
         self.exit_code = SUPERVISOR_OK
         self.batch = self.cfg.training.per_device_train_batch_size
@@ -187,7 +191,7 @@ class Supervisor:
                 raise RuntimeError(f"no handler for state {self.state}")
             handler()
             self.pool.check()
-            if self.save_pending:
+            if self.save_pending or self.host.monotonic() - self.written_at >= GOODPUT_REFRESH_S:
                 self._write_state()  # a write that failed (full disk): try again every turn
             self.notifier.watchdog()  # only a loop that got here is healthy
             if self.state == before and self.state not in FINAL_STATES:
@@ -666,7 +670,8 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery after a previous supervisor
 
     def _load_previous(self) -> None:
-        prev = record.load(self.out, self.node_rank) or RunRecord()
+        loaded = record.load(self.out, self.node_rank)
+        prev = loaded or RunRecord()
         rec = self.rec  # the same object the standby pool holds
         rec.output_dir, rec.config = str(self.out), self.cfg.source_path
         rec.attempts = prev.attempts
@@ -677,6 +682,8 @@ class Supervisor:
         rec.log = self.log_file or prev.log
         rec.step_high_water = prev.step_high_water
         self.ledger = goodput.Ledger(totals=prev.goodput, high_water=prev.step_high_water)
+        if loaded is not None and prev.state in _ACTIVE_NAMES and prev.updated is not None:
+            self.ledger.unsupervised(self.host.time() - prev.updated)  # the previous supervisor died
         rec.standby_count = max(prev.standby_count, 0)
         for a in rec.attempts:
             if a.end is None:
@@ -809,7 +816,8 @@ class Supervisor:
         rec.state = str(self.state) if self.state else None
         rec.updated = self.host.time()
         rec.per_device_train_batch_size, rec.gradient_accumulation_steps = self.batch, self.accum
-        rec.goodput = self.ledger.booked(self.host.monotonic())
+        self.written_at = self.host.monotonic()
+        rec.goodput = self.ledger.booked(self.written_at)
         rec.step_high_water = max(rec.step_high_water, self.ledger.high_water)
         if self.worker is not None:
             rec.worker_pid = self.worker.pid
@@ -825,6 +833,7 @@ class Supervisor:
         self.save_pending = False
 
 
+_ACTIVE_NAMES = frozenset(str(s) for s in ACTIVE_STATES)
 _PHASE_OF = {State.STARTING: "startup", State.BACKOFF: "backoff", State.WAITING: "disk_wait"}
 """Goodput phase of each supervisor state without a worker (RUNNING: the worker's heartbeat decides)."""
 

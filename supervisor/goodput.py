@@ -10,7 +10,10 @@ so tests drive it with a fake clock) with what it sees:
 - its own state changes (:meth:`Ledger.phase`): STARTING is ``startup`` (or
   ``stopping`` while a previous supervisor's worker still saves), BACKOFF is
   ``backoff``, WAITING is ``disk_wait``, and a worker's lifetime is split by
-  its heartbeat;
+  its heartbeat. ``startup`` is the run's first start (and the first after a
+  deliberate stop); every launch after a worker's exit, and the first after a
+  supervisor that died, is ``restart`` instead, so the cost of faults is the
+  sum of the :data:`LOST` buckets;
 - each heartbeat whose (state, step) changed (:meth:`Ledger.observe`). The time
   since the previous change is *booked* then, by the state the worker was in
   (the heartbeat is rewritten at every state change, and the supervisor wakes
@@ -34,10 +37,15 @@ interval while training; a whole save or evaluation pass while one runs).
 Supervisor-only phases (backoff, disk wait, start-up before the launch) are
 booked as they pass.
 
-Time while no supervisor ran is not counted: the wall time of a run is the sum
-of the lifetimes of the supervisors that watched it (from the first state
-change of each ``vit-supervisor start`` to its last), and a second ``start``
-of the same run continues the totals read from ``state.json``.
+The wall time of a run is the sum of the lifetimes of the supervisors that
+watched it (each from its process start to its final state), and a second
+``start`` continues the totals read from ``state.json``. The time between a
+deliberate end (stopped, failed, completed) and the next ``start`` is not the
+run's and is not counted. After a supervisor that died (its state file still
+says an active state), the time from its last state write (rewritten at least
+every few seconds while it lives) to the new start is ``unsupervised``: the
+run made no supervised progress then, which is what a restart of the
+supervisor by systemd, or by hand the next morning, costs.
 """
 
 from __future__ import annotations
@@ -50,15 +58,20 @@ from typing import Any
 BUCKETS: tuple[str, ...] = (
     "training",  # optimizer steps past the run's high-water mark: new work
     "redo",  # steps done again because a fault lost them
-    "startup",  # launch -> first step of an attempt: imports, restore, standby take-over
+    "startup",  # the supervisor's and the first worker's start -> its first step: imports, restore
     "checkpoint",  # disk checkpoint saves (worker heartbeat state "saving")
     "evaluation",  # evaluation passes (heartbeat state "evaluating")
     "disk_wait",  # waiting for free disk (supervisor WAITING, worker waiting_for_disk)
     "backoff",  # the delay between a failed attempt and the next launch
     "detection",  # fault -> the supervisor noticed it (a hang's silent time)
     "stopping",  # a requested stop: the worker's final save and exit
+    "restart",  # like startup, for every launch after a worker's exit (and the first after a dead supervisor)
+    "unsupervised",  # a supervisor had died: its last state write -> the next start
 )
 """Bucket names, in the order ``status`` and the metrics list them."""
+
+LOST: tuple[str, ...] = ("redo", "restart", "detection", "backoff", "disk_wait", "unsupervised")
+"""The buckets a run without faults would not have: the cost of faults and of recovering from them."""
 
 # The worker's heartbeat states (supervisor.protocol.HB_*), spelled out: this module stays a leaf.
 _HB_BUCKET = {
@@ -97,6 +110,13 @@ def total(buckets: Mapping[str, float]) -> float:
     return sum(buckets.get(b, 0.0) for b in BUCKETS)
 
 
+def fault_free_share(buckets: Mapping[str, float]) -> float | None:
+    """1 - the :data:`LOST` buckets / total: what an uninterrupted run of the same work would
+    take, as a share of this one (the figure to set beside "reference time / faulted time")."""
+    whole = total(buckets)
+    return 1.0 - sum(buckets.get(b, 0.0) for b in LOST) / whole if whole > 0 else None
+
+
 def ratio(buckets: Mapping[str, float]) -> float | None:
     """Goodput: training / total; None before any time was booked."""
     whole = total(buckets)
@@ -125,12 +145,14 @@ class Ledger:
     """Seconds per bucket over a run's supervised wall time (see the module docstring).
 
     ``totals`` starts from a previous supervisor's figures; ``high_water`` is the highest
-    step any attempt reached (a step at or below it is redone). Times are the supervisor's
+    step any attempt reached (a step at or below it is redone); ``restarting``: start-up
+    time is ``restart``, not ``startup`` (set by every exit). Times are the supervisor's
     monotonic clock.
     """
 
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BUCKETS, 0.0))
     high_water: int = -1
+    restarting: bool = False
     _open: _Open | None = None
     _stopping: bool = False  # a stop was requested of this worker: its remaining time is "stopping"
     _hung: bool = False  # a hang verdict: the worker's remaining time is "detection"
@@ -147,6 +169,12 @@ class Ledger:
         self._close(now)
         self._stopping = self._hung = False
         self._open = _Open(now, name)
+
+    def unsupervised(self, seconds: float) -> None:
+        """Time no supervisor watched the run (a previous one died): booked as is, and the next
+        start-up is a restart."""
+        self._book("unsupervised", max(seconds, 0.0))
+        self.restarting = True
 
     def observe(self, now: float, hb_state: str | None, step: int | None, reason: str | None = None) -> None:
         """A heartbeat of the live worker; books the interval since the last change when (state, step) changed."""
@@ -187,6 +215,7 @@ class Ledger:
             self.high_water = max(self.high_water, step)
         self._book("detection", tail)
         self._open = _Open(now, WORKER, o.hb_state, o.step, o.reason)
+        self.restarting = True
 
     def end(self, now: float) -> None:
         """The supervisor stops counting (a final state): everything is booked."""
@@ -201,7 +230,7 @@ class Ledger:
         out = dict(self.totals)
         o = self._open
         if o is not None and o.phase != WORKER and now > o.since:
-            out[o.phase] += now - o.since
+            out[self._bucket_of(o.phase)] += now - o.since
         return out
 
     def unbooked(self, now: float) -> float:
@@ -215,6 +244,9 @@ class Ledger:
         if seconds > 0:
             self.totals[bucket] += seconds
 
+    def _bucket_of(self, name: str) -> str:
+        return "restart" if name == "startup" and self.restarting else name
+
     def _close(self, now: float, step: int | None = None) -> None:
         """Book the open interval up to ``now`` (and start the next one there, same phase)."""
         o = self._open
@@ -225,7 +257,7 @@ class Ledger:
         if dt <= 0:
             return
         if o.phase != WORKER:
-            self._book(o.phase, dt)
+            self._book(self._bucket_of(o.phase), dt)
         elif self._hung:
             self._book("detection", dt)
         elif self._stopping:
@@ -235,14 +267,14 @@ class Ledger:
         elif o.hb_state == "exited":
             self._book("stopping" if o.reason in CLEAN_EXITS else "detection", dt)
         else:
-            self._book(_HB_BUCKET.get(o.hb_state or "starting", "startup"), dt)
+            self._book(self._bucket_of(_HB_BUCKET.get(o.hb_state or "starting", "startup")), dt)
 
     def _book_steps(self, dt: float, start: int | None, end: int | None) -> None:
         """Training time from step ``start`` on: new steps vs steps at or below the high-water mark.
 
         ``end`` is the step reached (None: no later step known, the one in flight decides)."""
         if start is None:
-            self._book("startup", dt)
+            self._book(self._bucket_of("startup"), dt)
             return
         if end is None or end <= start:
             # No step completed in the interval: the step in flight decides.

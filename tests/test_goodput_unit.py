@@ -214,7 +214,7 @@ def test_the_supervisor_splits_a_crashed_and_restarted_run_to_its_wall_time(tmp_
     assert sup.state == State.COMPLETED
     b = _goodput(sup)
     assert _sum(b) == pytest.approx(fake.now, rel=1e-9)
-    assert b["startup"] == pytest.approx(2 + 1)
+    assert b["startup"] == pytest.approx(2) and b["restart"] == pytest.approx(1)
     assert b["redo"] == pytest.approx(2.4)  # steps 11..22 again
     assert b["training"] == pytest.approx(4.5 + 1.6 + 1.0)
     assert b["detection"] == 0 and b["backoff"] == 0  # progress: restarted at once; the crash noticed at once
@@ -242,14 +242,32 @@ def test_the_supervisor_books_backoff_and_a_hang_as_detection(tmp_path: Path) ->
 def test_a_second_start_of_the_same_run_continues_its_totals(tmp_path: Path) -> None:
     sup, fake, _, _ = run(tmp_path, script_of(crashes_after(10), completes))
     first = _goodput(sup)
-    # The state file says completed; a second start reads it like after any supervisor's end.
     st = state_file(sup)
-    st["state"] = "running"
+    st["state"] = "stopped"  # a deliberate end: the time until the next start is not the run's
     protocol.atomic_write_json(protocol.state_path(sup.out), st)
     sup2, fake2, _, _ = run(tmp_path, script_of(completes))
     second = _goodput(sup2)
     assert _sum(second) == pytest.approx(fake.now + fake2.now, rel=1e-9)
     assert all(second[k] >= first[k] for k in BUCKETS)
+    assert second["startup"] - first["startup"] == pytest.approx(5.0)  # a new start, not a restart
+    assert second["unsupervised"] == 0
     # The first run reached step 100: the second worker's steps 50..100 (5 s) are redone, not new.
     assert second["redo"] - first["redo"] == pytest.approx(5.0)
     assert second["training"] == pytest.approx(first["training"])
+
+
+def test_after_a_supervisor_that_died_the_gap_is_unsupervised_and_the_start_a_restart(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    dead = record.RunRecord(
+        state="running",
+        updated=FakeOS(out, completes).time() - 50.0,  # its last write, 50 s before the new start
+        goodput={"training": 100.0, "startup": 10.0},
+        step_high_water=40,
+    )
+    record.save(out, 0, dead)
+    sup, fake, _, _ = run(tmp_path, script_of(completes))
+    b = _goodput(sup)
+    assert b["unsupervised"] == pytest.approx(50.0)
+    assert b["restart"] == pytest.approx(5.0) and b["startup"] == pytest.approx(10.0)
+    assert _sum(b) == pytest.approx(110.0 + 50.0 + fake.now)
+    assert goodput.fault_free_share(b) == pytest.approx(1 - (55.0 + b["redo"]) / _sum(b))
