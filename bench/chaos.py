@@ -30,6 +30,13 @@ Checks, each a loud failure:
 Figures per fault type: count, detection latency (fault → supervisor acts), recovery
 time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
 time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of steps redone).
+Beside the goodput, the product's own accounting of the chaos run (``goodput`` in its
+``run/state.json``, supervisor/goodput.py): the buckets' sum against the chaos wall time
+measured here, goodput (training ÷ total), and the share not lost to faults (1 − redo,
+restart, detection, backoff, disk wait and unsupervised time ÷ total), which is the product's
+estimate of an uninterrupted supervised run's time ÷ the chaos run's. The reference here is a
+plain worker without tracking, so it is faster than an uninterrupted supervised run with
+tracking by the supervisor's and the tracker's start-up: the two figures differ by that too.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import run_progress, wait_exit, wait_for
 
-from supervisor import protocol
+from supervisor import goodput, protocol
 
 PY = sys.executable
 KINDS = [
@@ -467,6 +474,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     finish_events(events, attempts, watch)
     check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
     print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked, a.snapshots)
+    print_product(state, ref_wall, chaos_wall)
     if a.report:
         from supervisor.report import render
 
@@ -741,3 +749,21 @@ def print_table(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def print_product(state: dict[str, Any], ref_wall: float, chaos_wall: float) -> None:
+    """The product's own goodput accounting of the chaos run, beside the external figure."""
+    raw = state.get("goodput")
+    buckets = goodput.clean(raw if isinstance(raw, dict) else None)
+    whole = goodput.total(buckets)
+    if whole <= 0:
+        print("product goodput: none recorded in state.json")
+        return
+    share = goodput.fault_free_share(buckets) or 0.0
+    external = ref_wall / chaos_wall if chaos_wall else 0.0
+    spent = ", ".join(f"{b} {buckets[b]:.1f}s" for b in goodput.BUCKETS if buckets[b] > 0)
+    print(
+        f"product accounting: {whole:.1f}s booked of {chaos_wall:.1f}s wall ({whole / chaos_wall:.3f}); "
+        f"goodput {goodput.ratio(buckets):.3f}; share not lost to faults {share:.3f} vs external goodput "
+        f"{external:.3f} ({share - external:+.3f}); {spent}"
+    )

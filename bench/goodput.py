@@ -18,6 +18,14 @@ Also per round: kills, how many were taken over by the standby, steps redone (th
 worker's last heartbeat step − the step its successor resumed from; a lower bound, the
 heartbeat being written every second) and the recoveries (kill → first new step, from
 the supervisor's record).
+
+Beside that external measurement, the product's own accounting (``goodput`` in each run's
+``run/state.json``, see supervisor/goodput.py): its wall time (the buckets' sum, against the
+time measured here), its goodput (training ÷ total) for both runs, and its share of the
+faulted run not lost to faults (1 − redo, restart, detection, backoff, disk wait and
+unsupervised time ÷ total): the figure an uninterrupted run of the same work would take as a
+share of the faulted one, i.e. the product's own estimate of reference time ÷ faulted time,
+measured from the faulted run alone. "agree" is that share − the external goodput.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c
 from recovery import base_config
 
-from supervisor import protocol
+from supervisor import goodput, protocol
 
 _RESUMED = re.compile(r"resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))")
 
@@ -80,7 +88,18 @@ def run_once(cfg: Path, log: Path, environ: dict[str, str], every: float | None)
     st = protocol.read_json(protocol.state_path(out)) or {}
     if p.returncode != 0 or st.get("state") != "completed":
         raise SystemExit(f"the run in {out} ended with exit {p.returncode}, state {st.get('state')}; see {log}")
-    return {"seconds": elapsed, **_attempts(st, kills)}
+    return {"seconds": elapsed, **_attempts(st, kills), **product(st)}
+
+
+def product(st: dict[str, Any]) -> dict[str, Any]:
+    """The product's own figures from a finished run's state.json: its wall time, goodput and fault-free share."""
+    buckets = goodput.clean(st.get("goodput") if isinstance(st.get("goodput"), dict) else None)
+    return {
+        "buckets": buckets,
+        "product_s": goodput.total(buckets),
+        "product_goodput": goodput.ratio(buckets),
+        "fault_free": goodput.fault_free_share(buckets),
+    }
 
 
 def _attempts(st: dict[str, Any], kills: list[tuple[float, int, int]]) -> dict[str, Any]:
@@ -126,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     work = c.work_dir("goodput", a.workdir)
     environ = c.env(XDG_STATE_HOME=str(work / "state"))
     base = base_config(a.config)
-    rows, ratios = [], []
+    rows, ratios, gaps = [], [], []
     for rnd in range(a.rounds):
         figures = {}
         for kind, every in (("reference", None), ("faulted", a.every)):
@@ -141,18 +160,25 @@ def main(argv: list[str] | None = None) -> int:
         ref, flt = figures["reference"], figures["faulted"]
         ratio = ref["seconds"] / flt["seconds"]
         ratios.append(ratio)
+        gaps.append(flt["fault_free"] - ratio)
         rows.append(
             [
                 rnd,
                 ref["seconds"],
                 flt["seconds"],
                 ratio,
+                flt["fault_free"],
+                flt["fault_free"] - ratio,
+                f"{ref['product_goodput']:.3f} / {flt['product_goodput']:.3f}",
+                f"{ref['product_s'] / ref['seconds']:.3f} / {flt['product_s'] / flt['seconds']:.3f}",
                 f"{flt['kills']} ({flt['standby']} standby)",
                 sum(flt["redone"]),
                 c.median(flt["recovery"]),
                 f"{ref['load']:.1f} / {flt['load']:.1f}",
             ]
         )
+        lost = {b: round(flt["buckets"][b], 1) for b in goodput.BUCKETS if flt["buckets"][b] > 0}
+        c.say(f"round {rnd} faulted run, product buckets (s): {lost}")
     print(
         c.table(
             [
@@ -160,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                 "reference s",
                 "faulted s",
                 "goodput",
+                "product fault-free",
+                "agree",
+                "product goodput ref / faulted",
+                "product s / wall ref / faulted",
                 "kills",
                 "steps redone (>=)",
                 "median recovery s",
@@ -172,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\ngoodput median {c.median(ratios):.3f} over {len(ratios)} rounds (min {min(ratios):.3f}, "
         f"max {max(ratios):.3f}); config {a.config} x {a.epochs} epochs with snapshot.every_steps 1; "
         f"a kill every {a.every:.0f}s; work dir {work}"
+    )
+    print(
+        f"product fault-free share - external goodput: median {c.median(gaps):+.3f} "
+        f"(largest {max(gaps, key=abs):+.3f}); goodput = reference s / faulted s (wall time, launch -> exit); "
+        "product fault-free = 1 - lost buckets / buckets' sum, from the faulted run's state.json alone"
     )
     return 0
 

@@ -65,7 +65,7 @@ STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 IGNORED_SIGNALS = (signal.SIGHUP,)
 """Logged and ignored: a daemon has no terminal to lose, and the log needs no reopening (stderr or O_APPEND)."""
 HANDLED_SIGNALS = (*STOP_SIGNALS, *STATUS_SIGNALS, *IGNORED_SIGNALS)
-GOODPUT_REFRESH_S = 5.0
+GOODPUT_REFRESH_S = 2.0
 """``state.json`` is rewritten at least this often while the supervisor lives: ``status`` sees the
 goodput totals move, and a later start can tell how long no supervisor watched the run."""
 

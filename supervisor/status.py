@@ -145,12 +145,18 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
 
 def goodput_view(raw: dict[str, float]) -> dict[str, Any] | None:
     """Where the run's supervised wall time went (:mod:`supervisor.goodput`): every bucket in
-    seconds, their total and goodput = training / total; None before anything was booked."""
+    seconds, their total, goodput = training / total and the share not lost to faults
+    (:func:`supervisor.goodput.fault_free_share`); None before anything was booked."""
     buckets = goodput.clean(raw)
     whole = goodput.total(buckets)
     if whole <= 0:
         return None
-    return {"ratio": goodput.ratio(buckets), "total_s": whole, "buckets": buckets}
+    return {
+        "ratio": goodput.ratio(buckets),
+        "fault_free_share": goodput.fault_free_share(buckets),
+        "total_s": whole,
+        "buckets": buckets,
+    }
 
 
 def snapshot_view(output_dir: Path, config_path: str | None, now: float | None = None) -> dict[str, Any] | None:
