@@ -197,8 +197,8 @@ class Supervisor:
             if self.state == before and self.state not in FINAL_STATES:
                 self.host.wait(self._timeout())
         self.pool.drain()
-        if self.save_pending:
-            self._write_state()
+        self.ledger.end(self.host.monotonic())
+        self._write_state()  # the final goodput totals, the wind-down included
         return self.exit_code
 
     # ------------------------------------------------------------------ the one place that changes state
@@ -231,7 +231,7 @@ class Supervisor:
         """Tell the goodput ledger which phase the run is in now (:mod:`supervisor.goodput`)."""
         now = self.host.monotonic()
         if new in FINAL_STATES:
-            self.ledger.end(now)
+            self.ledger.phase(now, "stopping")  # the wind-down (a standby's exit): closed by run()
         elif new == State.STOPPING:
             self.ledger.stop_requested(now)
         elif new == State.STARTING and self.orphan is not None:

@@ -64,7 +64,7 @@ BUCKETS: tuple[str, ...] = (
     "disk_wait",  # waiting for free disk (supervisor WAITING, worker waiting_for_disk)
     "backoff",  # the delay between a failed attempt and the next launch
     "detection",  # fault -> the supervisor noticed it (a hang's silent time)
-    "stopping",  # a requested stop: the worker's final save and exit
+    "stopping",  # a requested stop: the worker's final save and exit; the supervisor's wind-down at the end
     "restart",  # like startup, for every launch after a worker's exit (and the first after a dead supervisor)
     "unsupervised",  # a supervisor had died: its last state write -> the next start
 )
