@@ -192,7 +192,8 @@ class Supervisor:
             handler()
             self.pool.check()
             if self.save_pending or self.host.monotonic() - self.written_at >= GOODPUT_REFRESH_S:
-                self._write_state()  # a write that failed (full disk): try again every turn
+                # A write that failed (full disk) is tried again every turn; otherwise the goodput is refreshed.
+                self._write_state()
             self.notifier.watchdog()  # only a loop that got here is healthy
             if self.state == before and self.state not in FINAL_STATES:
                 self.host.wait(self._timeout())
