@@ -271,3 +271,20 @@ def test_after_a_supervisor_that_died_the_gap_is_unsupervised_and_the_start_a_re
     assert b["restart"] == pytest.approx(5.0) and b["startup"] == pytest.approx(10.0)
     assert _sum(b) == pytest.approx(110.0 + 50.0 + fake.now)
     assert goodput.fault_free_share(b) == pytest.approx(1 - (55.0 + b["redo"]) / _sum(b))
+
+
+def test_status_shows_the_ratio_and_largest_buckets_and_json_carries_them_all(tmp_path: Path) -> None:
+    from supervisor import status
+
+    out = tmp_path / "out"
+    booked = {"training": 700.0, "startup": 45.0, "checkpoint": 30.0, "redo": 12.3, "restart": 3.0}
+    record.save(out, 0, record.RunRecord(state="completed", goodput=booked))
+    v = status.view(out)
+    gp = json.loads(json.dumps(v))["goodput"]
+    assert set(gp["buckets"]) == set(BUCKETS) and gp["buckets"]["training"] == 700.0
+    assert gp["ratio"] == pytest.approx(700 / 790.3) and gp["total_s"] == pytest.approx(790.3)
+    assert gp["fault_free_share"] == pytest.approx(1 - 15.3 / 790.3)
+    line = next(ln for ln in status.render(v).splitlines() if "goodput:" in ln)
+    assert line == "  goodput:     88.6% training of 13m10s supervised; startup 45s, checkpoint 30s, redo 12s"
+    record.save(out, 0, record.RunRecord(state="completed"))
+    assert status.view(out)["goodput"] is None and "goodput:" not in status.render(status.view(out))
