@@ -210,7 +210,10 @@ _BUCKET_COLOURS = (
     "tab:gray",
     "tab:red",
     "tab:olive",
+    "tab:pink",
+    "black",
 )
+"""One colour per :data:`supervisor.goodput.BUCKETS` name, in its order."""
 
 
 def time_bar(ax: Any, raw: Any) -> None:

@@ -288,3 +288,16 @@ def test_status_shows_the_ratio_and_largest_buckets_and_json_carries_them_all(tm
     assert line == "  goodput:     88.6% training of 13m10s supervised; startup 45s, checkpoint 30s, redo 12s"
     record.save(out, 0, record.RunRecord(state="completed"))
     assert status.view(out)["goodput"] is None and "goodput:" not in status.render(status.view(out))
+
+
+def test_the_report_draws_every_bucket(tmp_path: Path) -> None:
+    from supervisor import report
+
+    out = tmp_path / "out"
+    attempts = [record.AttemptRecord(1, start=0.0, end=10.0, step_reached=5, reason="completed")]
+    record.save(out, 0, record.RunRecord(state="completed", attempts=attempts, goodput=dict.fromkeys(BUCKETS, 1.0)))
+    protocol.metrics_path(out).write_text('{"step": 1, "loss": 2.3, "attempt": 1}\n')
+    _png, page = report.render(out)
+    text = page.read_text()
+    assert "Where the time went" in text and all(f"<td>{b}</td>" in text for b in BUCKETS)
+    assert f"goodput {1 / len(BUCKETS):.3f}" in text
