@@ -34,8 +34,8 @@ since the worker's last heartbeat change is held back until it is known what
 it was (a hang verdict can still turn it into ``detection``), so while a worker
 runs the booked sum trails the wall time by that interval (about one heartbeat
 interval while training; a whole save or evaluation pass while one runs).
-Supervisor-only phases (backoff, disk wait, start-up before the launch) are
-booked as they pass.
+Supervisor-only phases (backoff, disk wait, start-up before the launch, the
+wind-down after the final state: a standby's exit) are booked as they pass.
 
 The wall time of a run is the sum of the lifetimes of the supervisors that
 watched it (each from its process start to its final state), and a second
