@@ -30,6 +30,14 @@ Checks, each a loud failure:
 Figures per fault type: count, detection latency (fault → supervisor acts), recovery
 time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
 time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of steps redone).
+Beside the goodput, the product's own accounting of the chaos run (``goodput`` in its
+``run/state.json``, supervisor/goodput.py): the buckets' sum against the chaos wall time
+measured here, goodput (training ÷ total), and the share not lost to faults (1 − redo,
+restart, detection, backoff, disk wait and unsupervised time ÷ total), which is the product's
+estimate of an uninterrupted supervised run's time ÷ the chaos run's. Measured here the same
+share is 1 − the sum of the faults' recovery times (fault → first new step) ÷ the chaos wall
+time. The reference ratio differs from both by more than the faults: the reference is a plain
+worker without tracking, run at another moment's machine load.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import run_progress, wait_exit, wait_for
 
-from supervisor import protocol
+from supervisor import goodput, protocol
 
 PY = sys.executable
 KINDS = [
@@ -467,6 +475,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     finish_events(events, attempts, watch)
     check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
     print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked, a.snapshots)
+    print_product(state, ref_wall, chaos_wall, events)
     if a.report:
         from supervisor.report import render
 
@@ -736,6 +745,27 @@ def print_table(
         f"(lost-work share {lost_total / (steps + lost_total):.2%}, snapshots "
         f"{f'every {snapshots} step(s); goal <= 0.1 %' if snapshots else 'off'}); exactness checked at {exact_checked} "
         f"checkpoints; most workers at once: {watch.max_workers}"
+    )
+
+
+def print_product(state: dict[str, Any], ref_wall: float, chaos_wall: float, events: list[Event]) -> None:
+    """The product's own goodput accounting of the chaos run, beside the external figures: the
+    reference ratio, and the share not lost measured here (1 - each fault -> the first new step after it)."""
+    raw = state.get("goodput")
+    buckets = goodput.clean(raw if isinstance(raw, dict) else None)
+    whole = goodput.total(buckets)
+    if whole <= 0:
+        print("product goodput: none recorded in state.json")
+        return
+    share = goodput.fault_free_share(buckets) or 0.0
+    external = ref_wall / chaos_wall if chaos_wall else 0.0
+    outside = 1 - sum(e.recovered - e.t for e in events if e.recovered is not None) / chaos_wall
+    spent = ", ".join(f"{b} {buckets[b]:.1f}s" for b in goodput.BUCKETS if buckets[b] > 0)
+    print(
+        f"product accounting: {whole:.1f}s booked of {chaos_wall:.1f}s wall ({whole / chaos_wall:.3f}); "
+        f"goodput {goodput.ratio(buckets):.3f}; share not lost to faults {share:.3f}, measured here "
+        f"{outside:.3f} ({share - outside:+.3f}: 1 - the faults' recover s / chaos wall); reference ratio "
+        f"{external:.3f} (plain worker, another moment's load); {spent}"
     )
 
 

@@ -18,6 +18,17 @@ Also per round: kills, how many were taken over by the standby, steps redone (th
 worker's last heartbeat step − the step its successor resumed from; a lower bound, the
 heartbeat being written every second) and the recoveries (kill → first new step, from
 the supervisor's record).
+
+Beside that external measurement, the product's own accounting (``goodput`` in each run's
+``run/state.json``, see supervisor/goodput.py): its wall time (the buckets' sum, against the
+time measured here), its goodput (training ÷ total) for both runs, and its share of the
+faulted run not lost to faults (1 − redo, restart, detection, backoff, disk wait and
+unsupervised time ÷ total): the figure an uninterrupted run of the same work would take as a
+share of the faulted one, i.e. the product's own estimate of reference time ÷ faulted time,
+measured from the faulted run alone. The same share is measured from outside too, without a
+reference run (whose machine load differs): 1 − the time from each kill until a new worker's
+heartbeat is back at the step reached before it ÷ the faulted wall time. "agree" is the
+product's share − that one.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as c
 from recovery import base_config
 
-from supervisor import protocol
+from supervisor import goodput, protocol
 
 _RESUMED = re.compile(r"resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))")
 
@@ -48,6 +59,7 @@ def run_once(cfg: Path, log: Path, environ: dict[str, str], every: float | None)
     p = c.spawn(c.supervisor_argv(cfg), log, environ)
     kills: list[tuple[float, int, int]] = []  # (wall time, pid, heartbeat step)
     first_seen: dict[int, int] = {}  # pid -> its first training heartbeat's step
+    seen: list[tuple[float, int, int]] = []  # every heartbeat (pid, step) change: (its write time, pid, step)
     next_kill = t0 + every if every else None
     try:
         while p.poll() is None:
@@ -55,6 +67,8 @@ def run_once(cfg: Path, log: Path, environ: dict[str, str], every: float | None)
             pid, step = hb.get("pid"), int(hb.get("global_step") or 0)
             if isinstance(pid, int) and hb.get("state") == protocol.HB_TRAINING:
                 first_seen.setdefault(pid, step)  # the step it starts training from
+                if not seen or seen[-1][1:] != (pid, step):
+                    seen.append((float(hb.get("time") or time.time()), pid, step))
             # Only a worker that has made a step of its own: a kill during a restart is another fault.
             if (
                 next_kill is not None
@@ -80,7 +94,32 @@ def run_once(cfg: Path, log: Path, environ: dict[str, str], every: float | None)
     st = protocol.read_json(protocol.state_path(out)) or {}
     if p.returncode != 0 or st.get("state") != "completed":
         raise SystemExit(f"the run in {out} ended with exit {p.returncode}, state {st.get('state')}; see {log}")
-    return {"seconds": elapsed, **_attempts(st, kills)}
+    lost = fault_cost(kills, seen)
+    return {"seconds": elapsed, "fault_s": lost, **_attempts(st, kills), **product(st)}
+
+
+def fault_cost(kills: list[tuple[float, int, int]], seen: list[tuple[float, int, int]]) -> float:
+    """Seconds the kills cost, measured from outside: from each kill until a later worker's heartbeat
+    is back at the highest step any heartbeat showed before it (cut short by the next kill)."""
+    cost, killed = 0.0, set()
+    for i, (t_kill, pid, _) in enumerate(kills):
+        killed.add(pid)
+        high = max((s for t, _, s in seen if t <= t_kill), default=0)
+        back = next((t for t, p, s in seen if t > t_kill and p not in killed and s >= high), None)
+        ends = [x for x in (back, kills[i + 1][0] if i + 1 < len(kills) else None) if x is not None]
+        cost += max(0.0, min(ends) - t_kill) if ends else 0.0
+    return cost
+
+
+def product(st: dict[str, Any]) -> dict[str, Any]:
+    """The product's own figures from a finished run's state.json: its wall time, goodput and fault-free share."""
+    buckets = goodput.clean(st.get("goodput") if isinstance(st.get("goodput"), dict) else None)
+    return {
+        "buckets": buckets,
+        "product_s": goodput.total(buckets),
+        "product_goodput": goodput.ratio(buckets),
+        "fault_free": goodput.fault_free_share(buckets),
+    }
 
 
 def _attempts(st: dict[str, Any], kills: list[tuple[float, int, int]]) -> dict[str, Any]:
@@ -126,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     work = c.work_dir("goodput", a.workdir)
     environ = c.env(XDG_STATE_HOME=str(work / "state"))
     base = base_config(a.config)
-    rows, ratios = [], []
+    rows, ratios, gaps = [], [], []
     for rnd in range(a.rounds):
         figures = {}
         for kind, every in (("reference", None), ("faulted", a.every)):
@@ -141,18 +180,27 @@ def main(argv: list[str] | None = None) -> int:
         ref, flt = figures["reference"], figures["faulted"]
         ratio = ref["seconds"] / flt["seconds"]
         ratios.append(ratio)
+        outside = 1 - flt["fault_s"] / flt["seconds"]
+        gaps.append(flt["fault_free"] - outside)
         rows.append(
             [
                 rnd,
                 ref["seconds"],
                 flt["seconds"],
                 ratio,
+                outside,
+                flt["fault_free"],
+                flt["fault_free"] - outside,
+                f"{ref['product_goodput']:.3f} / {flt['product_goodput']:.3f}",
+                f"{ref['product_s'] / ref['seconds']:.3f} / {flt['product_s'] / flt['seconds']:.3f}",
                 f"{flt['kills']} ({flt['standby']} standby)",
                 sum(flt["redone"]),
                 c.median(flt["recovery"]),
                 f"{ref['load']:.1f} / {flt['load']:.1f}",
             ]
         )
+        lost = {b: round(flt["buckets"][b], 1) for b in goodput.BUCKETS if flt["buckets"][b] > 0}
+        c.say(f"round {rnd} faulted run, product buckets (s): {lost}")
     print(
         c.table(
             [
@@ -160,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 "reference s",
                 "faulted s",
                 "goodput",
+                "fault-free outside",
+                "product fault-free",
+                "agree",
+                "product goodput ref / faulted",
+                "product s / wall ref / faulted",
                 "kills",
                 "steps redone (>=)",
                 "median recovery s",
@@ -172,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         f"\ngoodput median {c.median(ratios):.3f} over {len(ratios)} rounds (min {min(ratios):.3f}, "
         f"max {max(ratios):.3f}); config {a.config} x {a.epochs} epochs with snapshot.every_steps 1; "
         f"a kill every {a.every:.0f}s; work dir {work}"
+    )
+    print(
+        f"agree = product fault-free share - the same share measured outside: median {c.median(gaps):+.3f} "
+        f"(largest {max(gaps, key=abs):+.3f}).\n"
+        "goodput = reference s / faulted s (wall time, launch -> exit: the machine's load differs between the two);\n"
+        "fault-free outside = 1 - (each kill -> a new worker's heartbeat back at the step reached before it) / faulted s;\n"
+        "product fault-free = 1 - (redo + restart + detection + backoff + disk_wait + unsupervised) / the buckets' sum, "
+        "from the faulted run's state.json"
     )
     return 0
 

@@ -27,6 +27,14 @@ every take-over by a standby where the time went, from the standby's log: kill �
 (the supervisor notices the death and writes the go), go → tracker ready (``wandb.init``
 done), tracker ready → first new step (checkpoint load, Trainer set-up, one step).
 
+Under the supervisor, each kill's cost is also read from the product's own accounting
+(``goodput`` in ``run/state.json``, supervisor/goodput.py): the growth of its lost buckets
+(redo, restart, detection, backoff, disk wait, unsupervised) over the kill, beside the
+external cost: kill → the first heartbeat of the new worker at the killed step (it has
+redone what was lost). Per launch, the share of its wall time not lost to the kills, both
+ways: the product's 1 − lost buckets ÷ their sum, and 1 − the external costs ÷ the time
+from launching the supervisor to the last reading.
+
 With ``--after S`` each kill also measures what the restart costs training beyond the
 recovery itself: the step rate in the S seconds after the first new step (while the
 supervisor's replacement standby prepares) ÷ the rate in the 10 s before the kill (a ready,
@@ -54,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
 
-from supervisor import protocol
+from supervisor import goodput, protocol
 
 METHODS = ("supervisor", "supervisor-cold", "torchrun", "shell-loop")
 EXTRA_METHODS = ("supervisor-nice",)  # the standby prepares at nice 10 only (before SCHED_IDLE), by --methods
@@ -190,6 +198,25 @@ def rate_ratio(
     return ((a1 - first[2]) / after) / ((b1 - b0) / 10)
 
 
+def product_buckets(out: Path) -> dict[str, float]:
+    """The goodput buckets of the run's state.json (all zero when there are none yet)."""
+    raw = (protocol.read_json(protocol.state_path(out)) or {}).get("goodput")
+    return goodput.clean(raw if isinstance(raw, dict) else None)
+
+
+def lost_s(out: Path) -> float:
+    b = product_buckets(out)
+    return sum(b[k] for k in goodput.LOST)
+
+
+def caught_up(watch: c.StepWatch, wall: float, killed: int, step: int) -> float | None:
+    """Wall time of the first heartbeat after ``wall`` from a new worker at step ``step`` or later."""
+    for t, _, pid, s in list(watch.records):
+        if t >= wall and pid != killed and s >= step:
+            return t
+    return None
+
+
 def run_method(
     method: str,
     work: Path,
@@ -206,8 +233,10 @@ def run_method(
     cfg = c.write_config(work / f"{method}-{rnd}.yaml", over, base=base)
     out = c.output_dir(cfg)
     watch = c.StepWatch(out).start()
+    supervised = method.startswith("supervisor")
+    t_launch = time.time()
     p = launch(method, cfg, work / f"{method}-{rnd}.log", environ)
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         floor = 30
         for _ in range(kills):
@@ -221,6 +250,7 @@ def run_method(
             time.sleep((10.0 if after else 1.0) + rng.random())
             hb = c.heartbeat(out)
             pid, step = hb["pid"], hb["global_step"]
+            lost_before = lost_s(out) if supervised else 0.0
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
             c.wait_for(
@@ -236,6 +266,15 @@ def run_method(
                 progress=lambda: c.run_progress(out),
             )
             res: dict[str, Any] = {"recovery_s": first[0] - t_kill, "lost": step - resume, "step": step}
+            if supervised:
+                caught = c.wait_for(lambda: caught_up(watch, t_kill, pid, step), 240, f"{method}: back at step {step}")
+                c.wait_for(  # the supervisor has booked past the catch-up
+                    lambda: ((protocol.read_json(protocol.state_path(out)) or {}).get("updated") or 0) > caught + 0.2,
+                    60,
+                    "the state file after the catch-up",
+                )
+                res["external_cost_s"] = caught - t_kill
+                res["product_cost_s"] = lost_s(out) - lost_before
             if after:
                 res["rate_after"] = rate_ratio(watch, t_kill, pid, first, after)
             parts = standby_breakdown(out, first[1]) if method in ("supervisor", "supervisor-nice") else None
@@ -255,6 +294,11 @@ def run_method(
                 )
             )
             floor = first[2] + 20
+        if supervised and results:
+            b, t_end = product_buckets(out), time.time()
+            results[-1]["share_product"] = goodput.fault_free_share(b)
+            results[-1]["share_external"] = 1 - sum(r["external_cost_s"] for r in results) / (t_end - t_launch)
+            results[-1]["booked_over_wall"] = goodput.total(b) / (t_end - t_launch)
     finally:
         watch.stop()
         teardown(p)
@@ -317,6 +361,46 @@ def main(argv: list[str] | None = None) -> int:
                 ["kills", "kill -> go s", "go -> tracker ready s", "tracker ready -> first step s", "go -> step s"],
                 [[len(took), *(c.median(r[k] for r in took if k in r) for k in keys)]],
             )
+        )
+    accounted = [(m, r) for m in methods for r in res[m] if "product_cost_s" in r]
+    if accounted:
+        print("\nThe product's own accounting beside the external measurement (medians over the kills):\n")
+        rows = []
+        for m in methods:
+            rs = [r for mm, r in accounted if mm == m]
+            if not rs:
+                continue
+            runs = [r for r in rs if r.get("share_product") is not None]
+            rows.append(
+                [
+                    m,
+                    len(rs),
+                    c.median(r["external_cost_s"] for r in rs),
+                    c.median(r["product_cost_s"] for r in rs),
+                    c.median(r["product_cost_s"] - r["external_cost_s"] for r in rs),
+                    c.median(r["share_external"] for r in runs),
+                    c.median(r["share_product"] for r in runs),
+                    c.median(r["booked_over_wall"] for r in runs),
+                ]
+            )
+        print(
+            c.table(
+                [
+                    "restarted by",
+                    "kills",
+                    "external cost s",
+                    "product cost s",
+                    "product - external s",
+                    "share not lost, external",
+                    "share not lost, product",
+                    "booked / wall",
+                ],
+                rows,
+            )
+        )
+        print(
+            "external cost: kill -> the new worker's heartbeat at the killed step; product cost: growth of the "
+            "lost buckets over the kill; shares per launch (launch -> last reading), median over launches"
         )
     print(
         f"\nconfig {a.config} (+ {MEASURABLE}); seed {a.seed}; load average (1 min) during the run: "

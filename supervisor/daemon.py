@@ -37,20 +37,21 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from supervisor import launch, logs, policy, protocol, record, runlock, shm
+from supervisor import goodput, launch, logs, policy, protocol, record, runlock, shm
 from supervisor import slurm as slurm_mod
 from supervisor.host import Host, RealHost, RunDirWatch, install_signal_wakeup, self_create_time
 from supervisor.notify import Notifier
 from supervisor.record import AttemptRecord, RunRecord
 from supervisor.schema import Config
 from supervisor.standby_pool import StandbyPool
-from supervisor.states import FINAL_STATES, WORKER_STATES, State, check_transition
+from supervisor.states import ACTIVE_STATES, FINAL_STATES, WORKER_STATES, State, check_transition
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
     from supervisor.metrics import Exporter
@@ -72,6 +73,9 @@ instead the time-limit signal: a graceful stop, then ``scontrol requeue`` (see :
 IGNORED_SIGNALS = (signal.SIGHUP,)
 """Logged and ignored: a daemon has no terminal to lose, and the log needs no reopening (stderr or O_APPEND)."""
 HANDLED_SIGNALS = (*STOP_SIGNALS, *STATUS_SIGNALS, *IGNORED_SIGNALS)
+GOODPUT_REFRESH_S = 2.0
+"""``state.json`` is rewritten at least this often while the supervisor lives: ``status`` sees the
+goodput totals move, and a later start can tell how long no supervisor watched the run."""
 
 
 @dataclass
@@ -134,6 +138,8 @@ class Supervisor:
     requeuer: Callable[[slurm_mod.SlurmJob], slurm_mod.RequeueResult] = slurm_mod.requeue
     exporter: Exporter | None = None
     """Prometheus metrics (:mod:`supervisor.metrics`), when ``supervisor.metrics`` turns them on."""
+    process_age_s: float = 0.0
+    """How long this process had run when :meth:`run` began (booked as goodput ``startup``)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.cfg.training.output_dir)
@@ -155,7 +161,9 @@ class Supervisor:
         self.disk_needed: int | None = None  # bytes a disk_low worker said one checkpoint needs
         self.orphan: _Orphan | None = None
         self.rec = RunRecord()
+        self.ledger = goodput.Ledger()  # where the wall time goes (replaced by the previous totals on load)
         self.save_pending = False
+        self.written_at = 0.0  # monotonic time of the last state write attempt
         self.out_identity: tuple[int, int] | None = None
         self.exit_code = SUPERVISOR_OK
         self.batch = self.cfg.training.per_device_train_batch_size
@@ -181,6 +189,8 @@ class Supervisor:
 
     def run(self) -> int:
         self._load_previous()
+        # The run's wall time is this process's: its own start-up (interpreter, imports, config) counts.
+        self.ledger.phase(self.host.monotonic() - self.process_age_s, "startup")
         # None -> STARTING
         self._transition(State.STARTING, "supervisor started")
         self.out_identity = self.host.dir_identity(self.out)
@@ -200,16 +210,17 @@ class Supervisor:
                 raise RuntimeError(f"no handler for state {self.state}")
             handler()
             self.pool.check()
-            if self.save_pending:
-                self._write_state()  # a write that failed (full disk): try again every turn
+            if self.save_pending or self.host.monotonic() - self.written_at >= GOODPUT_REFRESH_S:
+                # A write that failed (full disk) is tried again every turn; otherwise the goodput is refreshed.
+                self._write_state()
             self.notifier.watchdog()  # only a loop that got here is healthy
             self._publish()
             if self.state == before and self.state not in FINAL_STATES:
                 self.host.wait(self._timeout())
         self.pool.drain()
         self._slurm_requeue()
-        if self.save_pending:
-            self._write_state()
+        self.ledger.end(self.host.monotonic())
+        self._write_state()  # the final goodput totals, the wind-down included
         return self.exit_code
 
     # ------------------------------------------------------------------ the one place that changes state
@@ -221,6 +232,7 @@ class Supervisor:
         for key, value in fields.items():
             setattr(self.rec, key, value)
         self.rec.state_reason = why
+        self._account(new)
         self.log.info(
             "state",
             old=str(old) if old else None,
@@ -237,6 +249,18 @@ class Supervisor:
             self.notifier.stopping(status)
         else:
             self.notifier.status(status)
+
+    def _account(self, new: State) -> None:
+        """Tell the goodput ledger which phase the run is in now (:mod:`supervisor.goodput`)."""
+        now = self.host.monotonic()
+        if new in FINAL_STATES:
+            self.ledger.phase(now, "stopping")  # the wind-down (a standby's exit): closed by run()
+        elif new == State.STOPPING:
+            self.ledger.stop_requested(now)
+        elif new == State.STARTING and self.orphan is not None:
+            self.ledger.phase(now, "stopping")  # the previous supervisor's worker saves and exits first
+        else:
+            self.ledger.phase(now, _PHASE_OF.get(new, goodput.WORKER))
 
     # ------------------------------------------------------------------ state handlers
 
@@ -351,6 +375,7 @@ class Supervisor:
             cfg=self.cfg.supervisor,
         )
         if hung:
+            self.ledger.hang(now)
             self.log.warning("hang", pid=w.pid, attempt=w.attempt, step=w.step_reached, why=hung)
             self.rec.last_error = f"worker hung: {hung}"
             w.hang_killed = True
@@ -448,6 +473,7 @@ class Supervisor:
             return
         self.last_heartbeat = hb
         step = hb.global_step
+        self.ledger.observe(now, hb.state, step, hb.reason)
         key = (hb.state, step)
         if key != w.hb_key:
             w.hb_key = key
@@ -599,8 +625,17 @@ class Supervisor:
             stop_requested=self.stop_requested,
             disk_needed_bytes=_positive_int(seen.report.disk_needed_bytes if seen.report is not None else None),
         )
+        self._account_exit(seen)
         self._record_exit(w, seen, outcome, decision)
         self._apply(outcome, decision, seen.report.reason if seen.report is not None else None)
+
+    def _account_exit(self, seen: _Observed) -> None:
+        """Close the worker's time in the ledger; a failure's time after its exit report is detection."""
+        report = seen.report
+        dead_for = 0.0
+        if report is not None and report.time is not None and report.reason not in goodput.CLEAN_EXITS:
+            dead_for = self.host.time() - report.time
+        self.ledger.exited(self.host.monotonic(), seen.reached, dead_for)
 
     def _record_exit(self, w: _Worker, seen: _Observed, outcome: policy.Outcome, decision: policy.Decision) -> None:
         if seen.reached is not None:
@@ -698,7 +733,8 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery after a previous supervisor
 
     def _load_previous(self) -> None:
-        prev = record.load(self.out, self.node_rank) or RunRecord()
+        loaded = record.load(self.out, self.node_rank)
+        prev = loaded or RunRecord()
         rec = self.rec  # the same object the standby pool holds
         rec.output_dir, rec.config = str(self.out), self.cfg.source_path
         rec.attempts = prev.attempts
@@ -716,6 +752,9 @@ class Supervisor:
             )
         rec.log = self.log_file or prev.log
         rec.step_high_water = prev.step_high_water
+        self.ledger = goodput.Ledger(totals=prev.goodput, high_water=prev.step_high_water)
+        if loaded is not None and prev.state in _ACTIVE_NAMES and prev.updated is not None:
+            self.ledger.unsupervised(self.host.time() - prev.updated)  # the previous supervisor died
         rec.standby_count = max(prev.standby_count, 0)
         for a in rec.attempts:
             if a.end is None:
@@ -766,6 +805,7 @@ class Supervisor:
         if not self.host.is_worker(o.pid, o.create_time):
             self.log.info("orphan", pid=o.pid, why="previous worker has exited")
             self.orphan = None
+            self.ledger.phase(self.host.monotonic(), "startup")
             return True
         if self.host.monotonic() >= o.deadline and not o.killed:
             self.log.warning("escalate", pid=o.pid, signal="SIGKILL", why="previous worker did not exit in time")
@@ -854,6 +894,9 @@ class Supervisor:
         rec.state = str(self.state) if self.state else None
         rec.updated = self.host.time()
         rec.per_device_train_batch_size, rec.gradient_accumulation_steps = self.batch, self.accum
+        self.written_at = self.host.monotonic()
+        rec.goodput = self.ledger.booked(self.written_at)
+        rec.step_high_water = max(rec.step_high_water, self.ledger.high_water)
         if self.worker is not None:
             rec.worker_pid = self.worker.pid
         try:
@@ -868,11 +911,28 @@ class Supervisor:
         self.save_pending = False
 
 
+_ACTIVE_NAMES = frozenset(str(s) for s in ACTIVE_STATES)
+_PHASE_OF = {State.STARTING: "startup", State.BACKOFF: "backoff", State.WAITING: "disk_wait"}
+"""Goodput phase of each supervisor state without a worker (RUNNING: the worker's heartbeat decides)."""
+
+
 def _positive_int(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 # ----------------------------------------------------------------------------- the process around it
+
+
+def process_age_s() -> float:
+    """Seconds since this process started, to the clock tick (psutil's create_time is only as
+    exact as the boot time's whole second); 0.0 where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return min(max(age, 0.0), 600.0)
 
 
 def serve(cfg: Config, *, log_path: str | None = None) -> int:
@@ -907,6 +967,7 @@ def serve(cfg: Config, *, log_path: str | None = None) -> int:
     real = RealHost()
     sup = Supervisor(cfg, real, log=log, notifier=Notifier(), self_create_time=self_create_time(), log_file=log_path)
     sup.exporter = exporter
+    sup.process_age_s = process_age_s()
     old_handlers = {s: signal.signal(s, sup.on_signal) for s in HANDLED_SIGNALS}
     install_signal_wakeup(real.wake_fd)
     watch = RunDirWatch(Path(cfg.training.output_dir), real.wake)

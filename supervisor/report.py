@@ -9,7 +9,9 @@ The picture: training loss and the eval metric against global step, one colour
 per attempt, a vertical marker at each restart labelled with why the previous
 attempt ended, and the per-device batch size in force underneath. A continuous
 curve with markers is what a healthy supervised run looks like; a gap or a
-jump back is lost work, and the table says how much.
+jump back is lost work, and the table says how much. Below it, one bar splits
+the run's supervised wall time into the goodput buckets of
+:mod:`supervisor.goodput` (the page lists them in seconds too).
 
 matplotlib is imported here only, so ``status`` stays fast.
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import protocol, record
+from supervisor import goodput, protocol, record
 
 
 @dataclass
@@ -96,7 +98,12 @@ def render(output_dir: Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"nothing to report in {output_dir}: no run/metrics.jsonl and no run/state.json")
     rows = data.rows
     atts = summary(data)
-    fig, (ax, axb) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]})
+    fig = plt.figure(figsize=(11, 7.3))
+    grid = fig.add_gridspec(3, 1, height_ratios=[4, 1, 0.55])
+    ax = fig.add_subplot(grid[0])
+    axb = fig.add_subplot(grid[1], sharex=ax)
+    ax.tick_params(labelbottom=False)
+    time_bar(fig.add_subplot(grid[2]), data.state.get("goodput"))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     attempt_ids = sorted({r.get("attempt", 0) for r in rows} | {a.get("attempt", 0) for a in atts})
     colour_of = {a: colours[i % len(colours)] for i, a in enumerate(attempt_ids)}
@@ -174,6 +181,11 @@ def render(output_dir: Path) -> tuple[Path, Path]:
         f"{Path(output_dir).name}: {st.get('state') or 'no supervisor state'}, {len(atts)} attempt(s), "
         f"{max(len(atts) - 1, 0)} restart(s), {lost:.1f}s from death to next step, {redone} step(s) redone"
     )
+    buckets = goodput.clean(st.get("goodput"))
+    gp = goodput.ratio(buckets)
+    if gp is not None:
+        title += f", goodput {gp:.3f}"
+
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     rd = protocol.run_dir(output_dir)
@@ -183,12 +195,54 @@ def render(output_dir: Path) -> tuple[Path, Path]:
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(png)
-    page = _html(title, png.read_bytes(), atts)
+    page = _html(title, png.read_bytes(), atts, buckets)
     protocol.atomic_write_bytes(rd / "report.html", page.encode())
     return png, rd / "report.html"
 
 
-def _html(title: str, png: bytes, atts: list[dict[str, Any]]) -> str:
+_BUCKET_COLOURS = (
+    "tab:green",
+    "tab:orange",
+    "tab:blue",
+    "tab:purple",
+    "tab:cyan",
+    "tab:brown",
+    "tab:gray",
+    "tab:red",
+    "tab:olive",
+    "tab:pink",
+    "black",
+)
+"""One colour per :data:`supervisor.goodput.BUCKETS` name, in its order."""
+
+
+def time_bar(ax: Any, raw: Any) -> None:
+    """One horizontal bar: the run's supervised wall time by goodput bucket (empty buckets left out)."""
+    buckets = goodput.clean(raw if isinstance(raw, dict) else None)
+    whole = goodput.total(buckets)
+    ax.set_yticks([])
+    ax.set_xlabel("supervised wall time, s (goodput = training / total)", fontsize=8)
+    if whole <= 0:
+        ax.text(0.5, 0.5, "no goodput figures recorded", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_xticks([])
+        return
+    left = 0.0
+    for name, colour in zip(goodput.BUCKETS, _BUCKET_COLOURS, strict=True):
+        width = buckets[name]
+        if width > 0:
+            ax.barh(
+                0,
+                width,
+                left=left,
+                color=colour,
+                label=f"{name} {width:.{0 if width >= 10 else 1}f}s ({100 * width / whole:.1f}%)",
+            )
+            left += width
+    ax.set_xlim(0, whole)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=5, fontsize=7, frameon=False)
+
+
+def _html(title: str, png: bytes, atts: list[dict[str, Any]], buckets: dict[str, float] | None = None) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             v = f"{v:.1f}"
@@ -216,5 +270,23 @@ def _html(title: str, png: bytes, atts: list[dict[str, Any]]) -> str:
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}</style>"
         f"<h1>{html.escape(title)}</h1><img alt='run report' src='data:image/png;base64,{img}'>"
         f"<h2>Attempts</h2><table><tr>{head}</tr>{body}</table>"
+        f"{_time_table(buckets or {})}"
         f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by vit-supervisor report.</p>"
+    )
+
+
+def _time_table(buckets: dict[str, float]) -> str:
+    """The goodput buckets as an HTML table (seconds and share of the supervised wall time)."""
+    whole = goodput.total(buckets)
+    if whole <= 0:
+        return ""
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{buckets.get(name, 0.0):.1f}</td>"
+        f"<td>{100 * buckets.get(name, 0.0) / whole:.1f}%</td></tr>"
+        for name in goodput.BUCKETS
+    )
+    return (
+        "<h2>Where the time went</h2><table><tr><th>bucket</th><th>seconds</th><th>share</th></tr>"
+        f"{rows}<tr><th>total</th><th>{whole:.1f}</th><th>goodput {goodput.ratio(buckets) or 0.0:.3f}</th></tr>"
+        "</table>"
     )

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import protocol, record, shm
+from supervisor import goodput, protocol, record, shm
 from supervisor.host import process_alive
 from supervisor.schema import load_config
 from supervisor.states import ACTIVE_STATES, State
@@ -152,6 +152,7 @@ def view(output_dir: Path, node_rank: int = 0) -> dict[str, Any]:
         standby=protocol.record_dict(rec.standby) if running and rec.standby else None,
         heartbeat={k: getattr(hb, k) for k in _HB_FIELDS} if hb is not None and hb_current else None,
         snapshot=snapshot_view(output_dir, rec.config),
+        goodput=goodput_view(rec.goodput),
     )
     v["eta_s"] = eta_seconds(v["heartbeat"], v["per_device_train_batch_size"], v["gradient_accumulation_steps"])
     return v
@@ -167,6 +168,22 @@ def _slurm_view(rec: record.RunRecord) -> dict[str, Any] | None:
         "node": job.node,
         "requeued": rec.slurm_requeued,
         "text": job.describe() + (", requeued" if rec.slurm_requeued else ""),
+    }
+
+
+def goodput_view(raw: dict[str, float]) -> dict[str, Any] | None:
+    """Where the run's supervised wall time went (:mod:`supervisor.goodput`): every bucket in
+    seconds, their total, goodput = training / total and the share not lost to faults
+    (:func:`supervisor.goodput.fault_free_share`); None before anything was booked."""
+    buckets = goodput.clean(raw)
+    whole = goodput.total(buckets)
+    if whole <= 0:
+        return None
+    return {
+        "ratio": goodput.ratio(buckets),
+        "fault_free_share": goodput.fault_free_share(buckets),
+        "total_s": whole,
+        "buckets": buckets,
     }
 
 
@@ -319,6 +336,9 @@ def render(v: dict[str, Any]) -> str:
                 f"  snapshot:    step {snap['step']}, {_duration(snap['age_s'])} ago, {_bytes(snap['size'])} "
                 f"({_bytes(snap['used_bytes'])} in {snap['where']})"
             )
+    gp = v.get("goodput")
+    if gp:
+        lines.append(f"  goodput:     {goodput_line(gp)}")
     if v.get("waiting_reason"):
         lines.append(f"  waiting:     {v['waiting_reason']}")
     if v.get("tracker_run_id"):
@@ -333,6 +353,22 @@ def render(v: dict[str, Any]) -> str:
     if v.get("log"):
         lines.append(f"  log:         {v['log']}")
     return "\n".join(lines)
+
+
+def goodput_line(gp: dict[str, Any]) -> str:
+    """'87.0% of 12m30s; startup 45s, checkpoint 30s, redo 12s': the ratio and the largest other buckets."""
+    others = [(b, s) for b, s in goodput.largest(gp["buckets"], 4) if b != "training"][:3]
+    spent = ", ".join(f"{b} {_short(s)}" for b, s in others)
+    return f"{100 * gp['ratio']:.1f}% training of {_short(gp['total_s'])} supervised" + (f"; {spent}" if spent else "")
+
+
+def _short(s: float) -> str:
+    """Seconds, compactly: '0.4s', '45s', '12m30s', '3h05m'."""
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    return _duration(s)
 
 
 def _newest_checkpoint(output_dir: str) -> str | None:
