@@ -26,11 +26,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy
 
-# Gates first, then two test processes (one per core) that steal work from each other: with whole files
-# per process (loadfile) one core sat idle for the last ~40 s.
+# Gates first, then three test processes that steal work from each other (worksteal: with whole files per
+# process one core sat idle at the end). Three on two cores: the SLURM tests spend minutes waiting for the
+# scheduler's 30 s checks, and a third process keeps both cores busy meanwhile.
 # pytest's exit 5 (no tests collected: a bad -m or PYTEST_ADDOPTS) is a failure, said so.
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests || { rc=$$?; \
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal tests || { rc=$$?; \
 	  [ $$rc -ne 5 ] || echo "make test: pytest collected no tests (exit 5); that is a failure" >&2; exit $$rc; }
 
 # The unit tests alone (no real worker or supervisor processes): seconds.
