@@ -577,12 +577,17 @@ def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path:
         callbacks=[SupervisionCallback(ctx)],
         ctx=ctx,
     )
-    # Capture at the instant the worker commits its own checkpoint of the last step, so both see the same state.
+    # Capture at the instant the worker commits its own checkpoint of the last step, so both see the same state:
+    # as whole files (capture_files), and as the worker's snapshots take it (Capturer, raw tensors, plain objects).
     captured: dict[str, bytes] = {}
+    raw_store = SnapshotStore(tmp_path / "raw-shm", IDENTITY)
     commit = trainer.commit_checkpoint
 
     def capture_then_commit() -> Path:
         captured.update(snap.capture_files(trainer))
+        capturer = snap.Capturer()
+        for _ in range(2):  # twice: the second capture reuses what the first one kept
+            snap.write_capture(raw_store, capturer, capturer.capture(trainer))
         return commit()
 
     trainer.commit_checkpoint = capture_then_commit  # type: ignore[method-assign]
@@ -621,6 +626,19 @@ def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path:
     diff = max((v - trained[k]).abs().max().item() for k, v in fresh.state_dict().items())
     assert diff == 0.0
 
+    # The raw capture, materialized: the same files as the Trainer's own save.
+    raw = raw_store.read_newest()
+    assert raw is not None and raw.step == 2 and raw.tensors is not None and snap.OBJECTS in raw.files
+    mat = snap.materialize(raw, tmp_path / "from-raw")
+    assert {p.name for p in mat.iterdir()} == {p.name for p in own.iterdir()}
+    for name in ("config.json", "model.safetensors", "trainer_state.json"):
+        assert (mat / name).read_bytes() == (own / name).read_bytes(), name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        ours = torch.load(mat / name, weights_only=False)
+        theirs = torch.load(own / name, weights_only=False)
+        assert _same(ours, theirs), name
+    raw_store.remove()
+
 
 def _bytes_io(b: bytes) -> Any:
     import io
@@ -642,6 +660,66 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def test_plain_pickle_keeps_plain_data_exactly_and_refuses_anything_else() -> None:
+    import collections
+
+    import numpy as np
+
+    data = {"lr": [0.001, float("inf")], "betas": (0.9, 0.999), "key": b"\x00\x01", "n": 2**70, "x": None, "s": {1}}
+    back = snap.plain_loads(snap.plain_dumps(data))
+    assert back == data and type(back["betas"]) is tuple
+    for bad in (np.float64(1.0), collections.OrderedDict(a=1), 1j, int):
+        with pytest.raises(TypeError, match="plain data only"):
+            snap.plain_dumps({"v": bad})
+    # A pickle that would look up a class (here os.system) is refused when loading, not run.
+    import pickle
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, ("true",))
+
+    with pytest.raises(pickle.UnpicklingError, match="plain data only"):
+        snap.plain_loads(pickle.dumps(Evil()))
+
+
+def test_trainer_state_json_keeps_the_encoded_log_history_only_while_it_is_the_same() -> None:
+    enc = snap._StateJson()
+    log: list[dict[str, Any]] = [{"loss": 1.0, "step": 1}]
+
+    def full(fields: dict[str, Any], history: list[Any]) -> dict[str, Any]:
+        return {"log_history": history, **fields}
+
+    for step in range(2, 6):
+        got = json.loads(enc.encode({"global_step": step}, log))
+        assert got == full({"global_step": step}, log)
+        log.append({"loss": 1.0 / step, "step": step})
+    replaced = [{"eval_f1": 0.5, "step": 3}]  # a resume loads a new list
+    assert json.loads(enc.encode({"global_step": 3}, replaced)) == full({"global_step": 3}, replaced)
+    shorter = replaced[:0]
+    assert json.loads(enc.encode({"global_step": 3}, shorter)) == full({"global_step": 3}, shorter)
+    same_length = [{"loss": 9.0}]  # the same list object with its last entry swapped: encoded afresh
+    enc.encode({"global_step": 1}, same_length)
+    same_length[0] = {"loss": 8.0}
+    assert json.loads(enc.encode({"global_step": 1}, same_length))["log_history"] == [{"loss": 8.0}]
+
+
+def test_a_slot_file_replaced_under_the_writer_is_mapped_afresh(store: SnapshotStore) -> None:
+    store.write(1, files_of(1, 50_000))
+    store.write(2, files_of(2, 50_000))
+    for name in SLOTS:  # someone replaced both slot files (the writer still maps the old ones)
+        (store.root / name).unlink()
+        (store.root / name).write_bytes(b"x")
+    store.write(3, files_of(3, 50_000))
+    store.write(4, files_of(4, 60_000))
+    reader = SnapshotStore(store.root, IDENTITY)
+    assert reader.available_steps() == [4, 3]
+    assert reader.read_step(3).files == files_of(3, 50_000)  # type: ignore[union-attr]
+    store.write(5, files_of(5, 10))  # shrinking: the file is cut to the snapshot's size
+    assert (store.root / SLOTS[header(store)["slot"]]).stat().st_size == header(store)["size"]
+    assert SnapshotStore(store.root, IDENTITY).read_newest().files == files_of(5, 10)  # type: ignore[union-attr]
+    store.close()
 
 
 # ----------------------------------------------------------------------------- the worker's writer
