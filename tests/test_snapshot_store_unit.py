@@ -558,3 +558,25 @@ def test_choose_checkpoint_commits_the_common_snapshot_with_every_ranks_part(
     assert ckpt.validate(target)["global_step"] == 6
     assert (target / "rng_state_1.pth").read_bytes() == b"rank 1"
     assert "Training will resume from snapshot step 6 (newer than any disk checkpoint)" in caplog.text
+
+
+def test_a_single_process_store_replaces_its_header_once_per_snapshot(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``keep_previous`` (a single process resumes from the newest only) the header never
+    names a previous entry, so there is nothing to un-name before a slot is overwritten."""
+    store.keep_previous = False
+    writes = [0]
+    real = SnapshotStore._write_header
+
+    def counting(self: SnapshotStore, h: dict[str, Any]) -> None:
+        writes[0] += 1
+        real(self, h)
+
+    monkeypatch.setattr(SnapshotStore, "_write_header", counting)
+    for step in (1, 2, 3):
+        store.write(step, files_of(step))
+        assert "previous" not in header(store)
+    assert writes[0] == 3
+    assert store.listed_steps() == store.available_steps() == [3]
+    assert store.read_newest().files == files_of(3)  # type: ignore[union-attr]

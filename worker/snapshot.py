@@ -260,6 +260,11 @@ class SnapshotStore:
         self._next: tuple[int, int] | None = None  # (generation, slot) of the next write, once known
         self._current: dict[str, Any] | None = None  # the header on disk, as this writer last wrote or read it
         self._maps: dict[int, _MappedSlot] = {}
+        self._paths = (str(self.root / HEADER), str(self.root / f".{HEADER}.{os.getpid()}.tmp"))
+        self.keep_previous = True
+        """Name the snapshot before the newest in the header (torchrun's ranks agree on a step
+        with it). A single process resumes from the newest only: without it, a snapshot
+        replaces the header once instead of twice."""
         self._fragment: tuple[tuple[TensorSpec, ...], dict[str, str], str, int] | None = None
         self.setup_seconds = 0.0
         """Time spent (re)allocating and mapping slots: once per slot, not per snapshot (see IntervalChooser)."""
@@ -365,7 +370,7 @@ class SnapshotStore:
             "time": time.time(),
             "pid": os.getpid(),
         }
-        if current is not None and current["step"] < step:
+        if current is not None and current["step"] < step and self.keep_previous:
             header["previous"] = _entry(current)
         self._write_header(header)
         self._current = header
@@ -379,7 +384,7 @@ class SnapshotStore:
         removes a dead writer's): about a third of :func:`supervisor.protocol.atomic_write_bytes`'s time,
         which creates folders and draws a random name first.
         """
-        tmp = self.root / f".{HEADER}.{os.getpid()}.tmp"
+        path, tmp = self._paths
         data = memoryview(json.dumps(header, sort_keys=True).encode())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -387,7 +392,7 @@ class SnapshotStore:
                 data = data[os.write(fd, data) :]
         finally:
             os.close(fd)
-        os.replace(tmp, self.root / HEADER)
+        os.replace(tmp, path)
 
     def _tensor_fragment(self, tensors: TensorState) -> tuple[str, int]:
         """The index's tensor entries and metadata as JSON (without braces), and their bytes in all.
@@ -1346,6 +1351,10 @@ class Capturer:
         self._specs_bytes = 0
         self._cuda = False
         self._state_json = _StateJson()
+        self._optim_key: list[int] | None = None
+        self._optim: list[tuple[Any, Any, Any]] = []
+        self._optim_rest: dict[Any, Any] = {}
+        self._optim_values: list[Any] = []
         self.setup_seconds = 0.0
         """Time spent on what is done once per attempt (config files, specs, views), not per snapshot."""
 
@@ -1370,7 +1379,7 @@ class Capturer:
         rng = getattr(ctx, "rng_override", None) or _rng_states(args)
         objects["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = _rng_raw(rng)
         named, model_tensors = self._model_tensors(trainer)
-        skeleton, optim = _optimizer_parts(trainer.optimizer)
+        skeleton, optim = self._optimizer_parts(trainer.optimizer)
         tensors = (*model_tensors, *[t for _, _, t in optim])
         key = tuple(map(id, tensors))  # the same tensor objects (kept alive here) have the same specs
         if key != self._specs_key:
@@ -1402,6 +1411,21 @@ class Capturer:
             ready=ready,
             tensor_bytes=self._specs_bytes,
         )
+
+    def _optimizer_parts(self, optimizer: Any) -> tuple[dict[str, Any], list[tuple[Any, Any, Any]]]:
+        """:func:`_optimizer_parts`, its split of the state reused while the state holds the same
+        objects (the optimizer updates its tensors in place): one pass over the values, not two.
+        The objects are kept referenced here, so no id in the key can be reused by another."""
+        sd = optimizer.state_dict()
+        state = sd["state"]
+        key = [id(v) for per in state.values() for v in per.values()]
+        key += map(id, state)  # and the same param ids, in the same order
+        if key != self._optim_key:
+            skeleton, self._optim = _optimizer_parts(optimizer, sd)
+            self._optim_rest = skeleton["state"]
+            self._optim_values = [v for per in state.values() for v in per.values()]
+            self._optim_key = key
+        return {**sd, "state": self._optim_rest}, self._optim
 
     def _trainer_state(self, trainer: Any) -> bytes:
         """trainer_state.json as :func:`_trainer_state_dict` has it, compact, the log history
@@ -1545,7 +1569,9 @@ def _spec(group: str, name: str, t: Any) -> TensorSpec:
     return TensorSpec(group, name, dtype, tuple(t.shape), t.numel() * ITEMSIZE[dtype])
 
 
-def _optimizer_parts(optimizer: Any) -> tuple[dict[str, Any], list[tuple[Any, Any, Any]]]:
+def _optimizer_parts(
+    optimizer: Any, sd: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[tuple[Any, Any, Any]]]:
     """The optimizer's state dict without its tensors (a skeleton: param groups, non-tensor
     state) and those tensors as ``(param id, state key, tensor)`` (named ``<param id>.<state key>``
     in a snapshot).
@@ -1555,10 +1581,8 @@ def _optimizer_parts(optimizer: Any) -> tuple[dict[str, Any], list[tuple[Any, An
     """
     import torch
 
-    # The C base class: isinstance against torch.Tensor goes through a Python-level metaclass hook,
-    # several times slower, and this runs for every optimizer state entry at every snapshot.
-    tensor = torch._C.TensorBase
-    sd = optimizer.state_dict()
+    tensor = torch.Tensor
+    sd = optimizer.state_dict() if sd is None else sd
     state = sd["state"]
     tensors = [(pid, key, v) for pid, per in state.items() for key, v in per.items() if isinstance(v, tensor)]
     rest = {pid: {k: v for k, v in per.items() if not isinstance(v, tensor)} for pid, per in state.items()}

@@ -149,6 +149,7 @@ class Snapshots:
                 self._threaded = False
                 self._done(step, t0, time.monotonic() - t0, overlapped=False)
                 return
+            self.store.keep_previous = getattr(trainer.args, "world_size", 1) > 1  # only torchrun's agreement reads it
             cap = self._capturer.capture(trainer)
             if cap.tensor_bytes < snapshot.SYNC_BELOW:
                 self._copy(cap, t0)  # small: cheaper here than handed to the thread
