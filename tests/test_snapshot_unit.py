@@ -962,3 +962,22 @@ def test_a_start_from_scratch_removes_a_leftover_store(make_config: Any, tmp_pat
     target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
     assert target is None and reason is None
     assert not store.root.exists() and ckpt.list_checkpoints(cfg.output_dir) == []
+
+
+def test_auto_assumes_a_thread_copy_costs_its_whole_time_until_steps_tell_otherwise() -> None:
+    """A big state copied in the thread: 1 ms exposed, but 0.37 s of copy beside 0.75 s steps on a
+    busy CPU. Without steps run without a copy to compare, the copy counts whole (every 25th
+    step); once the steps beside a copy prove as fast as the others, the interval comes down."""
+    c = snap.IntervalChooser("auto")
+    for _ in range(3):
+        c.add_step(0.75)
+    assert c.add_cost(0.001, overlapped=True, copy_seconds=0.37) == 25
+    for _ in range(4):
+        c.add_step(0.75, beside_copy=True)
+        c.add_step(0.75, beside_copy=False)
+    seen = [x for x in (c.add_cost(0.001, overlapped=True, copy_seconds=0.37) for _ in range(12)) if x is not None]
+    assert seen and seen[-1] == 1 == c.interval
+    # A copy at the boundary is judged by its exposed time alone, and needs no baseline steps.
+    b = snap.IntervalChooser("auto")
+    b.add_step(0.1)
+    assert b.add_cost(0.001, overlapped=False) is None and b.interval == 1 and b.is_due(16, 15)

@@ -183,19 +183,22 @@ class Snapshots:
         except Exception as exc:
             self._off(self._pending_step, exc)
             return
-        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0)
+        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, copy_s=self.seconds[-1])
 
     def _setup_seconds(self) -> float:
         return self._capturer.setup_seconds + self.store.setup_seconds
 
-    def _done(self, step: int, t0: float | None, exposed: float, overlapped: bool = True) -> None:
+    def _done(
+        self, step: int, t0: float | None, exposed: float, overlapped: bool = True, copy_s: float | None = None
+    ) -> None:
         if t0 is not None:
             self.seconds.append(time.monotonic() - t0)
         self.exposed.append(exposed)
         # What is done once (the config files, the list of tensors, mapping a slot) is not what
         # every later snapshot costs: the interval is chosen from the rest.
         once = self._setup_seconds() - self._setup_at
-        new = self.chooser.add_cost(max(0.0, exposed - once), overlapped)
+        copy = None if copy_s is None else max(0.0, copy_s - once)
+        new = self.chooser.add_cost(max(0.0, exposed - once), overlapped, copy)
         if new is not None:
             self._log_interval(new)
 
