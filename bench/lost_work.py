@@ -3,10 +3,12 @@
 
     python bench/lost_work.py                          # save every 5 and 20 steps, 3 trials each, seed 0
     python bench/lost_work.py --intervals 5,10,40 --trials 5 --seed 1 --faults sigkill,segv
+    python bench/lost_work.py --faults sigkill --every 1   # snapshots every step instead of the default auto
 
 Each trial starts a real worker (tests' TINY model, no evaluation) and hits it at a seeded
 random step K; the same K is used twice in a row, with ``snapshot.every_steps: 0`` (off) and
-``1`` (a snapshot every step), so the two columns differ only by the snapshots:
+``--every`` (on: ``auto`` by default, the product's default; ``1`` for a snapshot every step),
+so the two columns differ only by the snapshots:
   sigterm        SIGTERM when the heartbeat reaches step K (the worker commits that step and exits 3)
   oom-forward    torch.OutOfMemoryError in the K-th forward pass (tests/inject_worker.py)
   oom-optimizer  torch.OutOfMemoryError inside the K-th optimizer step, after the weights changed
@@ -23,6 +25,7 @@ newer, the newest snapshot that validates (header, CRC, step; ``worker.snapshot`
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -44,6 +47,14 @@ EXPECTED_OFF = {
 }
 EXPECTED_ON = {"sigterm": "0", "oom-forward": "0"}
 INJECT = c.REPO / "tests" / "inject_worker.py"
+
+
+def every_steps(v: str) -> int | str:
+    if v == "auto":
+        return v
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"--every takes auto or a number of steps >= 1, not {v!r}")
+    return int(v)
 
 
 def bound(fault: str, interval: int, snapshots: bool) -> int:
@@ -76,7 +87,9 @@ def resume_step(out: Path, shm: Path | None) -> int:
     return step
 
 
-def trial(work: Path, fault: str, interval: int, k: int, n: int, shm: Path | None) -> tuple[int, int, int]:
+def trial(
+    work: Path, fault: str, interval: int, k: int, n: int, shm: Path | None, every: str = "auto"
+) -> tuple[int, int, int]:
     """Run one trial (snapshots on when ``shm`` is given); return (step hit, highest completed step, resume step)."""
     name = f"{fault}-{interval}-{n}-{'on' if shm else 'off'}"
     cfg = c.write_config(
@@ -89,7 +102,7 @@ def trial(work: Path, fault: str, interval: int, k: int, n: int, shm: Path | Non
                 "eval_strategy": "no",
                 "save_total_limit": 2,
             },
-            "snapshot": {"every_steps": 1, "root": str(shm)} if shm else {"every_steps": 0},
+            "snapshot": {"every_steps": every, "root": str(shm)} if shm else {"every_steps": 0},
         },
     )
     out = c.output_dir(cfg)
@@ -131,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--faults", default=",".join(FAULTS), help=f"default: {','.join(FAULTS)}")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--every", type=every_steps, default="auto", help="snapshot.every_steps with snapshots on (default auto)"
+    )
     a = ap.parse_args(argv)
     unknown = sorted(set(a.faults.split(",")) - set(FAULTS))
     if unknown:
@@ -155,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     hits.append(k)
                     for snapshots in (False, True):  # paired: the same fault at the same step
-                        hit, reached, resume = trial(work, fault, interval, k, n, shm_base / "s" if snapshots else None)
+                        hit, reached, resume = trial(
+                            work, fault, interval, k, n, shm_base / "s" if snapshots else None, a.every
+                        )
                         lost[snapshots].append(reached - resume)
                         c.say(
                             f"{fault} every {interval}, snapshots {'on' if snapshots else 'off'}: hit at {hit}, "
@@ -204,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
-    print(f"\nseed {a.seed}; tests' TINY model, no evaluation; snapshots every step; work dir {work}")
+    print(
+        f"\nseed {a.seed}; tests' TINY model, no evaluation; snapshots on = every_steps {a.every}; "
+        f"load average at the end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}; work dir {work}"
+    )
     for m in misses:
         print("MISS:", m)
     return 1 if misses else 0

@@ -2,11 +2,12 @@
 """Snapshot cost: training time with shared-memory snapshots on (``every_steps: auto``) ÷ off,
 per model size, with the snapshot's size, copy time, exposed time and the interval ``auto`` chose.
 
-    python bench/snapshot_cost.py                     # tiny, small, ViT-S/16-like, ViT-B/16-like; 3 rounds
-    python bench/snapshot_cost.py --sizes tiny,small --rounds 5
+    python bench/snapshot_cost.py                     # tiny, demo, small, ViT-S/16-like, ViT-B/16-like; 3 rounds
+    python bench/snapshot_cost.py --sizes tiny,demo --rounds 5
     python bench/snapshot_cost.py --quick             # smoke run: tiny and small, few steps, 1 round
 
 Each run is a real worker (``python -m worker``) training a from-scratch ViT on the digits
+(``demo`` is configs/demo.yaml's model and batch)
 (no evaluation, no disk save before the last step, one BLAS thread), once with
 ``snapshot.every_steps: 0`` and once with ``auto``; the two take turns within each round and
 the order alternates from round to round, so load from elsewhere falls on both alike.
@@ -34,12 +35,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as c
+import yaml
 
 GOAL = 1.02
 # ViT-S/16 and ViT-B/16 widths and depths on 64-pixel images, so a CPU step takes a second or
 # two: the state (weights, AdamW moments) is nearly that of the 224-pixel models.
+DEMO = yaml.safe_load((c.REPO / "configs" / "demo.yaml").read_text())
+# The small models' steps take milliseconds: their windows are long enough to hold many snapshots and
+# to average the machine's noise (a one-second window measured noise, not snapshots).
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"arch": dict(c.TINY["model"]["scratch"]), "batch": 16, "steps": 200, "log": 10},
+    "tiny": {"arch": dict(c.TINY["model"]["scratch"]), "batch": 16, "steps": 1500, "log": 50},
+    "demo": {"arch": dict(DEMO["model"]["scratch"]), "batch": 32, "steps": 800, "log": 50},
     "small": {
         "arch": {
             "image_size": 32,
@@ -68,7 +74,7 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "vit-b/16": {"arch": {**c.VIT_BASE, "image_size": 64}, "batch": 2, "steps": 8, "log": 2},
 }
-QUICK = {"tiny": 60, "small": 15}  # multiples of the sizes' logging steps
+QUICK = {"tiny": 100, "small": 15}  # multiples of the sizes' logging steps
 SUMMARY = re.compile(
     r"Snapshots: (\d+) taken, newest of step \S+, ([\d.]+) MiB; copy median ([\d.]+) ms, "
     r"exposed median ([\d.]+) ms; interval (\d+)"

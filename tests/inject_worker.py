@@ -143,21 +143,20 @@ def install(fault: str, at: int) -> None:
 
         real_write = snapshot.SnapshotStore.write
 
-        def write(self: Any, step: int, files: Any, *rest: Any) -> None:
+        def write(self: Any, step: int, files: Any, *rest: Any, **kw: Any) -> Any:
             if not hit():
-                return real_write(self, step, files, *rest)
-            real_os_write = os.write
-            writes = {"n": 0}
+                return real_write(self, step, files, *rest, **kw)
+            real_put = snapshot._put
 
-            def torn_write(fd: int, data: Any) -> int:
-                writes["n"] += 1
-                if writes["n"] == 2:  # the index is in; half of the first file, then die
-                    real_os_write(fd, memoryview(data)[: max(1, len(memoryview(data)) // 2)])
-                    _die(signal.SIGKILL)
-                return real_os_write(fd, data)
+            def torn_put(view: Any, at: int, piece: Any) -> int:
+                # The index and the tensors are in the slot: half of the next piece, then die.
+                data = memoryview(piece).cast("B")
+                real_put(view, at, data[: max(1, data.nbytes // 2)])
+                _die(signal.SIGKILL)
+                return at
 
-            snapshot.os.write = torn_write  # type: ignore[attr-defined]
-            real_write(self, step, files, *rest)
+            snapshot._put = torn_put
+            real_write(self, step, files, *rest, **kw)
             raise SystemExit("inject: the snapshot write finished without being killed")
 
         snapshot.SnapshotStore.write = write  # type: ignore[method-assign]

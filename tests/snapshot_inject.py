@@ -2,18 +2,18 @@
 
 python tests/snapshot_inject.py hold-copy:K MARKER CONFIG [worker args]
 
-The copy thread of step K's snapshot writes half of the slot, then writes MARKER
+The copy thread of step K's snapshot copies half of the tensors into the slot, then writes MARKER
 (a JSON line: the step, the bytes written and the snapshot's size) and waits forever. Training
 then waits too, at the next optimizer step (which must not change the weights while they
 are copied), so a test can SIGKILL the worker at a known instant inside the copy. Nothing
-here touches the product's code: the hook wraps SnapshotStore.write and the function it writes with.
+here touches the product's code: the hook wraps SnapshotStore.write and the tensors' fill it is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,35 +30,28 @@ def main() -> int:
     from worker import snapshot
     from worker.cli import entry as worker_main
 
-    held = threading.local()
     real_write = snapshot.SnapshotStore.write
-    real_write_all = snapshot._write_all
 
-    def write(store: Any, step: int, files: Any, tensors: Any = None) -> None:
-        if step == at:
-            held.total = sum(len(b) for b in files.values()) + (tensors.nbytes if tensors else 0)
-            held.written = 0
-        try:
-            real_write(store, step, files, tensors)
-        finally:
-            held.total = None
+    def write(store: Any, step: int, files: Any, tensors: Any = None, **kw: Any) -> None:
+        if step == at and tensors is not None and tensors.fill is not None:
+            real_fill = tensors.fill
 
-    def write_all(fd: int, chunk: Any, crc: int) -> int:
-        total = getattr(held, "total", None)
-        if total:
-            view = memoryview(chunk).cast("B")
-            if held.written + view.nbytes >= total // 2:  # this piece crosses the middle: half of it, then hold
-                real_write_all(fd, view[: max(1, total // 2 - held.written)], 0)
-                held.written = total // 2
-                marker.write_text(json.dumps({"step": at, "written": held.written, "size": total}) + "\n")
+            def held_fill(dst: memoryview) -> None:
+                # The tensors' bytes as the real copy makes them; half of them reach the slot, then hold.
+                scratch = bytearray(dst.nbytes)
+                real_fill(memoryview(scratch))
+                half = max(1, dst.nbytes // 2)
+                dst[:half] = scratch[:half]
+                total = sum(len(b) for b in files.values()) + tensors.nbytes
+                marker.write_text(json.dumps({"step": at, "written": half, "size": total}) + "\n")
                 while True:  # until the test's SIGKILL
                     time.sleep(3600)
-            held.written += view.nbytes
-        return real_write_all(fd, chunk, crc)
+
+            tensors = dataclasses.replace(tensors, fill=held_fill)
+        real_write(store, step, files, tensors, **kw)
 
     snapshot.SYNC_BELOW = 0  # the tiny model's state is copied in the thread too, as a big one's is
     snapshot.SnapshotStore.write = write  # type: ignore[method-assign]
-    snapshot._write_all = write_all
     return int(worker_main(sys.argv[3:]) or 0)
 
 

@@ -116,7 +116,7 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
     for s in (state, theirs):
         s["stateful_callbacks"].pop("TrainerControl")
     assert state == theirs
-    rng = torch.load(_bytes_io(got.files["rng_state.pth"]), weights_only=False)
+    rng = torch.load(_bytes_io(snap.checkpoint_files(got.files)["rng_state.pth"]), weights_only=False)
     assert not _same(rng, at_step_end[19]), "evaluation no longer draws from the RNG: this test proves nothing"
     assert len(ctx.snapshots.seconds) == 1 and len(ctx.snapshots.exposed) == 1
 

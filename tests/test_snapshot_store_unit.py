@@ -73,7 +73,7 @@ def test_header_names_the_newest_and_the_previous_snapshot(store: SnapshotStore)
     assert (h["slot"], h["step"], h["generation"]) == (1, 2, 2)
     prev = h["previous"]
     assert (prev["slot"], prev["step"], prev["generation"]) == (0, 1, 1)
-    assert set(prev) == {"generation", "slot", "step", "size", "crc32", "time"}
+    assert set(prev) == {"generation", "slot", "step", "size", "digest", "time"}
     assert store.listed_steps() == store.available_steps() == [2, 1]
     for step in (1, 2):
         got = store.read_step(step)
@@ -157,7 +157,7 @@ def test_a_kill_at_each_point_of_the_commit_leaves_a_valid_newest(
 ) -> None:
     store.write(1, files_of(1, 50_000))
     store.write(2, files_of(2, 50_000))  # slot 1 newest, slot 0 (step 1) previous: the next write's slot
-    real_header, real_write = SnapshotStore._write_header, os.write
+    real_header, real_put = SnapshotStore._write_header, snap._put
     headers = [0]
 
     def cut_header(self: SnapshotStore, h: dict[str, Any]) -> None:
@@ -168,14 +168,14 @@ def test_a_kill_at_each_point_of_the_commit_leaves_a_valid_newest(
         if (point, headers[0]) in (("after_unnaming", 1), ("after_commit", 2)):
             raise Killed
 
-    def cut_write(fd: int, data: Any) -> int:
-        if point == "mid_slot" and memoryview(data).nbytes > 10_000:  # a file's body, not a header or an index
-            real_write(fd, bytes(memoryview(data)[:7000]))
+    def cut_put(view: memoryview, at: int, piece: Any) -> int:
+        if point == "mid_slot" and memoryview(piece).nbytes > 10_000:  # a file's body, not the index
+            real_put(view, at, bytes(memoryview(piece)[:7000]))
             raise Killed
-        return real_write(fd, data)
+        return real_put(view, at, piece)
 
     monkeypatch.setattr(SnapshotStore, "_write_header", cut_header)
-    monkeypatch.setattr(snap.os, "write", cut_write)
+    monkeypatch.setattr(snap, "_put", cut_put)
     with pytest.raises(Killed):
         store.write(3, files_of(3, 50_000))
     monkeypatch.undo()
@@ -284,10 +284,10 @@ HOSTILE_PREVIOUS: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] =
     ("size_float", lambda h: _prev_change(h, "size", float(h["previous"]["size"]))),
     ("size_off_by_one", lambda h: _prev_change(h, "size", h["previous"]["size"] + 1)),
     ("size_missing", lambda h: _prev_change(h, "size", _DROP)),
-    ("crc_neg", lambda h: _prev_change(h, "crc32", -1)),
-    ("crc_big", lambda h: _prev_change(h, "crc32", 1 << 32)),
-    ("crc_wrong", lambda h: _prev_change(h, "crc32", (h["previous"]["crc32"] + 1) % (1 << 32))),
-    ("crc_str", lambda h: _prev_change(h, "crc32", str(h["previous"]["crc32"]))),
+    ("digest_neg", lambda h: _prev_change(h, "digest", -1)),
+    ("digest_big", lambda h: _prev_change(h, "digest", 1 << 64)),
+    ("digest_wrong", lambda h: _prev_change(h, "digest", (h["previous"]["digest"] + 1) % (1 << 64))),
+    ("digest_str", lambda h: _prev_change(h, "digest", str(h["previous"]["digest"]))),
     ("time_str", lambda h: _prev_change(h, "time", "yesterday")),
     ("time_bool", lambda h: _prev_change(h, "time", True)),
     ("time_inf", lambda h: _prev_change(h, "time", 1e300)),
@@ -558,3 +558,25 @@ def test_choose_checkpoint_commits_the_common_snapshot_with_every_ranks_part(
     assert ckpt.validate(target)["global_step"] == 6
     assert (target / "rng_state_1.pth").read_bytes() == b"rank 1"
     assert "Training will resume from snapshot step 6 (newer than any disk checkpoint)" in caplog.text
+
+
+def test_a_single_process_store_replaces_its_header_once_per_snapshot(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``keep_previous`` (a single process resumes from the newest only) the header never
+    names a previous entry, so there is nothing to un-name before a slot is overwritten."""
+    store.keep_previous = False
+    writes = [0]
+    real = SnapshotStore._write_header
+
+    def counting(self: SnapshotStore, h: dict[str, Any]) -> None:
+        writes[0] += 1
+        real(self, h)
+
+    monkeypatch.setattr(SnapshotStore, "_write_header", counting)
+    for step in (1, 2, 3):
+        store.write(step, files_of(step))
+        assert "previous" not in header(store)
+    assert writes[0] == 3
+    assert store.listed_steps() == store.available_steps() == [3]
+    assert store.read_newest().files == files_of(3)  # type: ignore[union-attr]

@@ -12,11 +12,11 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from worker import checkpoint as ckpt
 from worker import snapshot as snap
@@ -27,7 +27,8 @@ IDENTITY = {"config_sha": "abc", "data_fingerprint": "d1", "world_size": 1, "ran
 
 
 def state(step: int) -> bytes:
-    return json.dumps({"global_step": step, "log_history": []}).encode()
+    """trainer_state.json as ``TrainerState.save_to_json`` lays it out (and so :func:`snap.materialize`)."""
+    return (json.dumps({"global_step": step, "log_history": []}, indent=2, sort_keys=True) + "\n").encode()
 
 
 def files_of(step: int, size: int = 1000) -> dict[str, bytes]:
@@ -106,19 +107,29 @@ def test_kill_mid_write_of_the_inactive_slot_keeps_the_previous(store: SnapshotS
     assert got is not None and got.step == 2 and got.files == files_of(2)
 
 
-def test_write_that_dies_midway_keeps_the_previous(store: SnapshotStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """os.write fails after part of the slot (a kill, ENOSPC): the header still names the old slot."""
+@pytest.mark.parametrize("how", ["no_space", "midway"])
+def test_write_that_dies_midway_keeps_the_previous(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The slot cannot be allocated (ENOSPC on a full /dev/shm: an error, never a SIGBUS in the
+    copy) or the write fails after part of the slot: the header still names the old slot."""
     store.write(1, files_of(1, 100_000))
-    real_write = os.write
+    real_put = snap._put
     calls = [0]
 
-    def dying_write(fd: int, data: Any) -> int:
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    def dying_put(view: memoryview, at: int, piece: Any) -> int:
         calls[0] += 1
         if calls[0] > 2:
             raise OSError(28, "No space left on device")
-        return real_write(fd, bytes(memoryview(data)[:1000]))  # short writes, as a signal can cause
+        return real_put(view, at, bytes(memoryview(piece)[:1000]))
 
-    monkeypatch.setattr(snap.os, "write", dying_write)
+    if how == "no_space":
+        monkeypatch.setattr(snap.os, "posix_fallocate", no_space)
+    else:
+        monkeypatch.setattr(snap, "_put", dying_put)
     with pytest.raises(OSError):
         store.write(2, files_of(2, 100_000))
     monkeypatch.undo()
@@ -209,7 +220,7 @@ HOSTILE_HEADERS: list[tuple[str, Any]] = [
     ("null", b"null"),
     ("deep_nesting", b"[" * 100_000 + b"]" * 100_000),
     ("too_large", b'{"a": "' + b"x" * (128 << 10) + b'"}'),
-    ("format_2", {"format": 2}),
+    ("format_1", {"format": 1}),
     ("format_str", {"format": "1"}),
     ("format_true", {"format": True}),
     ("slot_2", {"slot": 2}),
@@ -224,9 +235,9 @@ HOSTILE_HEADERS: list[tuple[str, Any]] = [
     ("size_float", {"size": 10.0}),
     ("size_small", {"size": 3}),
     ("size_off_by_one", "size+1"),
-    ("crc_neg", {"crc32": -1}),
-    ("crc_big", {"crc32": 1 << 32}),
-    ("crc_wrong", "crc+1"),
+    ("digest_neg", {"digest": -1}),
+    ("digest_big", {"digest": 1 << 64}),
+    ("digest_wrong", "digest+1"),
     ("checksum_md5", {"checksum": "md5"}),
     ("identity_list", {"identity": [1]}),
     ("identity_null", {"identity": None}),
@@ -234,7 +245,7 @@ HOSTILE_HEADERS: list[tuple[str, Any]] = [
     ("time_nan", b"nan"),
     ("time_inf", {"time": 1e300}),
     ("generation_0", {"generation": 0}),
-    ("missing_crc", {"crc32": None}),
+    ("missing_digest", {"digest": None}),
 ]
 
 
@@ -248,8 +259,8 @@ def test_hostile_header_is_ignored(store: SnapshotStore, case: tuple[str, Any]) 
         raw = change
     elif change == "size+1":
         raw = json.dumps({**h, "size": h["size"] + 1}).encode()
-    elif change == "crc+1":
-        raw = json.dumps({**h, "crc32": (h["crc32"] + 1) % (1 << 32)}).encode()
+    elif change == "digest+1":
+        raw = json.dumps({**h, "digest": (h["digest"] + 1) % (1 << 64)}).encode()
     else:
         merged = {**h, **change}
         raw = json.dumps({k: v for k, v in merged.items() if v is not None or k == "identity"}).encode()
@@ -282,19 +293,19 @@ def test_hostile_files_are_ignored(store: SnapshotStore, kind: str) -> None:
 
 
 def _forge(store: SnapshotStore, step: int, index: Any, data: bytes, magic: bytes = snap.MAGIC) -> None:
-    """A slot with a hostile index but a correct size and CRC: only the container checks can catch it."""
+    """A slot with a hostile index but a correct size and digest: only the container checks can catch it."""
     raw_index = index if isinstance(index, bytes) else json.dumps(index).encode()
     body = snap._PREFIX.pack(magic, len(raw_index)) + raw_index + data
     store.root.mkdir(parents=True, exist_ok=True)
     (store.root / "slot-0").write_bytes(body)
     h = {
-        "format": 1,
+        "format": snap.FORMAT,
         "generation": 1,
         "slot": 0,
         "step": step,
         "size": len(body),
-        "checksum": "crc32",
-        "crc32": zlib.crc32(body),
+        "checksum": snap.CHECKSUM,
+        "digest": xxhash.xxh3_64_intdigest(body),
         "identity": IDENTITY,
         "time": time.time(),
         "pid": 1,
@@ -311,17 +322,17 @@ W = bytes(range(24))  # a float32 tensor of shape [2, 3]
 
 
 def _tensors(*entries: list[Any], skeleton: Any = None, metadata: Any = None) -> dict[str, Any]:
-    """A tensor section placed after ST: the skeleton, then the entries."""
+    """A tensor section: the entries from offset 0, then the skeleton (after one tensor W by default)."""
     return {
-        "skeleton": skeleton or [len(ST), len(SK)],
+        "skeleton": skeleton or [len(W), len(SK)],
         "metadata": {"format": "pt"} if metadata is None else metadata,
         "entries": list(entries),
     }
 
 
 ST = state(5)
-TS = ("trainer_state.json", 0, len(ST))
-T0 = len(ST) + len(SK)  # where the first tensor starts
+TS = ("trainer_state.json", len(W) + len(SK), len(ST))  # after one tensor and the skeleton
+S0 = ("trainer_state.json", len(SK), len(ST))  # after a skeleton alone
 HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
     ("forged_ok", _entries(("trainer_state.json", 0, len(ST))), ST),  # the control: this one is valid
     ("past_end", _entries(("trainer_state.json", 0, len(ST) + 10)), ST),
@@ -335,36 +346,56 @@ HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
     ("hidden", _entries((".trainer_state.json", 0, len(ST))), ST),
     ("nul", _entries(("trainer_state.json\x00", 0, len(ST))), ST),
     ("duplicate", _entries(("trainer_state.json", 0, len(ST)), ("trainer_state.json", len(ST), len(ST))), ST + ST),
-    ("not_a_list", {"format": 1, "step": 5, "files": {"trainer_state.json": [0, len(ST)]}}, ST),
+    ("not_a_list", {"format": snap.CONTAINER, "step": 5, "files": {"trainer_state.json": [0, len(ST)]}}, ST),
     ("entry_short", _entries(("trainer_state.json", 0, len(ST)))["files"][0][:2], ST),
     ("index_step", {**_entries(("trainer_state.json", 0, len(ST))), "step": 4}, ST),
+    ("index_format", {**_entries(("trainer_state.json", 0, len(ST))), "format": 2}, ST),
     ("index_garbage", b"\x00garbage", ST),
     ("no_state", _entries(("model.safetensors", 0, len(ST))), ST),
     ("state_step", _entries(("trainer_state.json", 0, len(state(4)))), state(4)),
     ("state_garbage", _entries(("trainer_state.json", 0, 3)), b"{[("),
     ("state_bool_step", _entries(("trainer_state.json", 0, 20)), b'{"global_step":true}'),
     ("bad_magic", b"magic", ST),
-    # the tensor section
-    ("tensors_ok", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
-    ("tensor_past_end", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 4], T0, 32])), ST + SK + W),
-    ("tensor_size_vs_shape", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 2], T0, 24])), ST + SK + W),
-    ("tensor_dtype", _entries(TS, tensors=_tensors(["model", "w", "object", [2, 3], T0, 24])), ST + SK + W),
-    ("tensor_group", _entries(TS, tensors=_tensors(["other", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
-    ("tensor_opt_name", _entries(TS, tensors=_tensors(["optimizer", "w", "float32", [2, 3], T0, 24])), ST + SK + W),
-    ("tensor_neg_dim", _entries(TS, tensors=_tensors(["model", "w", "float32", [-2, -3], T0, 24])), ST + SK + W),
-    ("tensor_gap", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 3], T0 + 1, 24])), ST + SK + b"x" + W),
+    # the tensor section: the tensors from offset 0, then the skeleton, then the files
+    ("tensors_ok", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 3], 0, 24])), W + SK + ST),
+    (
+        "tensor_past_end",
+        _entries(
+            ("trainer_state.json", 32 + len(SK), len(ST)),
+            tensors=_tensors(["model", "w", "float32", [2, 4], 0, 32], skeleton=[32, len(SK)]),
+        ),
+        W + SK + ST,
+    ),
+    ("tensor_size_vs_shape", _entries(TS, tensors=_tensors(["model", "w", "float32", [2, 2], 0, 24])), W + SK + ST),
+    ("tensor_dtype", _entries(TS, tensors=_tensors(["model", "w", "object", [2, 3], 0, 24])), W + SK + ST),
+    ("tensor_group", _entries(TS, tensors=_tensors(["other", "w", "float32", [2, 3], 0, 24])), W + SK + ST),
+    ("tensor_opt_name", _entries(TS, tensors=_tensors(["optimizer", "w", "float32", [2, 3], 0, 24])), W + SK + ST),
+    ("tensor_neg_dim", _entries(TS, tensors=_tensors(["model", "w", "float32", [-2, -3], 0, 24])), W + SK + ST),
+    (
+        "tensor_gap",
+        _entries(
+            ("trainer_state.json", 25 + len(SK), len(ST)),
+            tensors=_tensors(["model", "w", "float32", [2, 3], 1, 24], skeleton=[25, len(SK)]),
+        ),
+        b"x" + W + SK + ST,
+    ),
     (
         "tensor_repeated",
         _entries(
-            TS,
-            tensors=_tensors(["model", "w", "float32", [2, 3], T0, 24], ["model", "w", "float32", [2, 3], T0 + 24, 24]),
+            ("trainer_state.json", 48 + len(SK), len(ST)),
+            tensors=_tensors(
+                ["model", "w", "float32", [2, 3], 0, 24],
+                ["model", "w", "float32", [2, 3], 24, 24],
+                skeleton=[48, len(SK)],
+            ),
         ),
-        ST + SK + W + W,
+        W + W + SK + ST,
     ),
-    ("skeleton_gap", _entries(TS, tensors=_tensors(skeleton=[len(ST) + 1, len(SK) - 1])), ST + SK),
-    ("skeleton_float", _entries(TS, tensors=_tensors(skeleton=[len(ST), float(len(SK))])), ST + SK),
-    ("metadata_list", _entries(TS, tensors=_tensors(metadata=[1])), ST + SK),
-    ("tensors_no_entries", _entries(TS, tensors={"skeleton": [len(ST), len(SK)], "metadata": {}}), ST + SK),
+    ("skeleton_gap", _entries(S0, tensors=_tensors(skeleton=[1, len(SK) - 1])), SK + ST),
+    ("skeleton_float", _entries(S0, tensors=_tensors(skeleton=[0, float(len(SK))])), SK + ST),
+    ("metadata_list", _entries(S0, tensors=_tensors(metadata=[1], skeleton=[0, len(SK)])), SK + ST),
+    ("tensors_no_entries", _entries(S0, tensors={"skeleton": [0, len(SK)], "metadata": {}}), SK + ST),
+    ("skeleton_alone_ok", _entries(S0, tensors=_tensors(skeleton=[0, len(SK)])), SK + ST),  # valid: no tensors
 ]
 
 
@@ -372,12 +403,14 @@ HOSTILE_CONTAINERS: list[tuple[str, Any, bytes]] = [
 def test_hostile_container_is_ignored(store: SnapshotStore, case: tuple[str, Any, bytes]) -> None:
     name, index, data = case
     if name == "bad_magic":
-        _forge(store, 5, _entries(("trainer_state.json", 0, len(ST))), ST, magic=b"VITSNAP1")  # format 1: not read
+        _forge(store, 5, _entries(("trainer_state.json", 0, len(ST))), ST, magic=b"VITSNAP2")  # format 2: not read
     else:
         _forge(store, 5, index, data)
     got = store.read_newest()
     if name == "forged_ok":
         assert got is not None and got.files == {"trainer_state.json": ST} and got.tensors is None
+    elif name == "skeleton_alone_ok":
+        assert got is not None and got.tensors is not None and got.tensors.specs == () and got.tensors.skeleton == SK
     elif name == "tensors_ok":
         assert got is not None and got.files == {"trainer_state.json": ST} and got.tensors is not None
         assert got.tensors.specs == (snap.TensorSpec("model", "w", "float32", (2, 3), 24),)
@@ -544,12 +577,17 @@ def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path:
         callbacks=[SupervisionCallback(ctx)],
         ctx=ctx,
     )
-    # Capture at the instant the worker commits its own checkpoint of the last step, so both see the same state.
+    # Capture at the instant the worker commits its own checkpoint of the last step, so both see the same state:
+    # as whole files (capture_files), and as the worker's snapshots take it (Capturer, raw tensors, plain objects).
     captured: dict[str, bytes] = {}
+    raw_store = SnapshotStore(tmp_path / "raw-shm", IDENTITY)
     commit = trainer.commit_checkpoint
 
     def capture_then_commit() -> Path:
         captured.update(snap.capture_files(trainer))
+        capturer = snap.Capturer()
+        for _ in range(2):  # twice: the second capture reuses what the first one kept
+            snap.write_capture(raw_store, capturer, capturer.capture(trainer))
         return commit()
 
     trainer.commit_checkpoint = capture_then_commit  # type: ignore[method-assign]
@@ -588,6 +626,19 @@ def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path:
     diff = max((v - trained[k]).abs().max().item() for k, v in fresh.state_dict().items())
     assert diff == 0.0
 
+    # The raw capture, materialized: the same files as the Trainer's own save.
+    raw = raw_store.read_newest()
+    assert raw is not None and raw.step == 2 and raw.tensors is not None and snap.OBJECTS in raw.files
+    mat = snap.materialize(raw, tmp_path / "from-raw")
+    assert {p.name for p in mat.iterdir()} == {p.name for p in own.iterdir()}
+    for name in ("config.json", "model.safetensors", "trainer_state.json"):
+        assert (mat / name).read_bytes() == (own / name).read_bytes(), name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        ours = torch.load(mat / name, weights_only=False)
+        theirs = torch.load(own / name, weights_only=False)
+        assert _same(ours, theirs), name
+    raw_store.remove()
+
 
 def _bytes_io(b: bytes) -> Any:
     import io
@@ -611,6 +662,66 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def test_plain_pickle_keeps_plain_data_exactly_and_refuses_anything_else() -> None:
+    import collections
+
+    import numpy as np
+
+    data = {"lr": [0.001, float("inf")], "betas": (0.9, 0.999), "key": b"\x00\x01", "n": 2**70, "x": None, "s": {1}}
+    back = snap.plain_loads(snap.plain_dumps(data))
+    assert back == data and type(back["betas"]) is tuple
+    for bad in (np.float64(1.0), collections.OrderedDict(a=1), 1j, int):
+        with pytest.raises(TypeError, match="plain data only"):
+            snap.plain_dumps({"v": bad})
+    # A pickle that would look up a class (here os.system) is refused when loading, not run.
+    import pickle
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, ("true",))
+
+    with pytest.raises(pickle.UnpicklingError, match="plain data only"):
+        snap.plain_loads(pickle.dumps(Evil()))
+
+
+def test_trainer_state_json_keeps_the_encoded_log_history_only_while_it_is_the_same() -> None:
+    enc = snap._StateJson()
+    log: list[dict[str, Any]] = [{"loss": 1.0, "step": 1}]
+
+    def full(fields: dict[str, Any], history: list[Any]) -> dict[str, Any]:
+        return {"log_history": history, **fields}
+
+    for step in range(2, 6):
+        got = json.loads(enc.encode({"global_step": step}, log))
+        assert got == full({"global_step": step}, log)
+        log.append({"loss": 1.0 / step, "step": step})
+    replaced = [{"eval_f1": 0.5, "step": 3}]  # a resume loads a new list
+    assert json.loads(enc.encode({"global_step": 3}, replaced)) == full({"global_step": 3}, replaced)
+    shorter = replaced[:0]
+    assert json.loads(enc.encode({"global_step": 3}, shorter)) == full({"global_step": 3}, shorter)
+    same_length = [{"loss": 9.0}]  # the same list object with its last entry swapped: encoded afresh
+    enc.encode({"global_step": 1}, same_length)
+    same_length[0] = {"loss": 8.0}
+    assert json.loads(enc.encode({"global_step": 1}, same_length))["log_history"] == [{"loss": 8.0}]
+
+
+def test_a_slot_file_replaced_under_the_writer_is_mapped_afresh(store: SnapshotStore) -> None:
+    store.write(1, files_of(1, 50_000))
+    store.write(2, files_of(2, 50_000))
+    for name in SLOTS:  # someone replaced both slot files (the writer still maps the old ones)
+        (store.root / name).unlink()
+        (store.root / name).write_bytes(b"x")
+    store.write(3, files_of(3, 50_000))
+    store.write(4, files_of(4, 60_000))
+    reader = SnapshotStore(store.root, IDENTITY)
+    assert reader.available_steps() == [4, 3]
+    assert reader.read_step(3).files == files_of(3, 50_000)  # type: ignore[union-attr]
+    store.write(5, files_of(5, 10))  # shrinking: the file is cut to the snapshot's size
+    assert (store.root / SLOTS[header(store)["slot"]]).stat().st_size == header(store)["size"]
+    assert SnapshotStore(store.root, IDENTITY).read_newest().files == files_of(5, 10)  # type: ignore[union-attr]
+    store.close()
+
+
 # ----------------------------------------------------------------------------- the worker's writer
 
 
@@ -627,8 +738,7 @@ def _fake_capture(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def capture(self: Any, trainer: Any) -> snap.Capture:
         files = fake_checkpoint_files(trainer.state.global_step)
-        state = json.loads(files.pop("trainer_state.json"))
-        return snap.Capture(trainer.state.global_step, files, {}, state, {}, (), (), {})
+        return snap.Capture(trainer.state.global_step, files, snap.plain_dumps({}), (), (), {})
 
     monkeypatch.setattr(snap.Capturer, "capture", capture)
 
@@ -852,3 +962,22 @@ def test_a_start_from_scratch_removes_a_leftover_store(make_config: Any, tmp_pat
     target, reason, _ = choose_checkpoint(cfg, "fp", resume=True, checkpoint=None, store=store)
     assert target is None and reason is None
     assert not store.root.exists() and ckpt.list_checkpoints(cfg.output_dir) == []
+
+
+def test_auto_assumes_a_thread_copy_costs_its_whole_time_until_steps_tell_otherwise() -> None:
+    """A big state copied in the thread: 1 ms exposed, but 0.37 s of copy beside 0.75 s steps on a
+    busy CPU. Without steps run without a copy to compare, the copy counts whole (every 25th
+    step); once the steps beside a copy prove as fast as the others, the interval comes down."""
+    c = snap.IntervalChooser("auto")
+    for _ in range(3):
+        c.add_step(0.75)
+    assert c.add_cost(0.001, overlapped=True, copy_seconds=0.37) == 25
+    for _ in range(4):
+        c.add_step(0.75, beside_copy=True)
+        c.add_step(0.75, beside_copy=False)
+    seen = [x for x in (c.add_cost(0.001, overlapped=True, copy_seconds=0.37) for _ in range(12)) if x is not None]
+    assert seen and seen[-1] == 1 == c.interval
+    # A copy at the boundary is judged by its exposed time alone, and needs no baseline steps.
+    b = snap.IntervalChooser("auto")
+    b.add_step(0.1)
+    assert b.add_cost(0.001, overlapped=False) is None and b.interval == 1 and b.is_due(16, 15)

@@ -72,7 +72,7 @@ class Snapshots:
     after ``on_epoch_end`` (epoch evaluation and epoch saves happen there).
 
     The capture has two parts. The small state (RNG, trainer state, scheduler, scaler) is
-    copied there and then (and serialised with the copy). The big tensors (weights, optimizer state) are only
+    serialised there and then. The big tensors (weights, optimizer state) are only
     referenced, and a thread copies their bytes into the store's free slot and commits it
     while the next step's forward and backward run: the weights and the optimizer state do
     not change until the next optimizer step, and :meth:`join`, called in
@@ -104,13 +104,16 @@ class Snapshots:
         self._sync_s = 0.0
         self._last_step: int | None = None
         self._last_step_end: float | None = None
+        self._setup_at = 0.0
+        self._threaded = False  # the last snapshot's copy ran in the thread
 
     def step_end(self, step: int) -> bool:
         """Record a step end; whether this rank's interval wants a snapshot of ``step``."""
         now = time.monotonic()
         if self._last_step_end is not None:
             # A snapshot of the previous step was copied during this one (or it ran without).
-            new = self.chooser.add_step(now - self._last_step_end, beside_copy=self._last_step == step - 1)
+            beside = self._last_step == step - 1 and self._threaded
+            new = self.chooser.add_step(now - self._last_step_end, beside_copy=beside)
             if new is not None:
                 self._log_interval(new)
         self._last_step_end = now
@@ -136,19 +139,23 @@ class Snapshots:
         if not self.enabled:
             return
         t0 = time.monotonic()
+        self._setup_at = self._setup_seconds()
         step = state.global_step
         try:
             if trainer.args.process_index > 0:
                 # Ranks > 0 hold no weights of their own to save: their small part, synchronously.
                 capture_rank = getattr(snapshot, "capture_rank_files", snapshot.capture_files)
                 self.store.write(step, capture_rank(trainer))
-                self._done(step, t0, time.monotonic() - t0)
+                self._threaded = False
+                self._done(step, t0, time.monotonic() - t0, overlapped=False)
                 return
+            self.store.keep_previous = getattr(trainer.args, "world_size", 1) > 1  # only torchrun's agreement reads it
             cap = self._capturer.capture(trainer)
-            if sum(s.nbytes for s in cap.specs) < snapshot.SYNC_BELOW:
+            if cap.tensor_bytes < snapshot.SYNC_BELOW:
                 self._copy(cap, t0)  # small: cheaper here than handed to the thread
                 self._last_step = step
-                self._done(step, None, time.monotonic() - t0)
+                self._threaded = False
+                self._done(step, None, time.monotonic() - t0, overlapped=False)
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-copy")
@@ -159,6 +166,7 @@ class Snapshots:
         self._pending_step = step
         self._sync_s = time.monotonic() - t0
         self._last_step = step
+        self._threaded = True
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
         self.size = snapshot.write_capture(self.store, self._capturer, cap)
@@ -175,13 +183,22 @@ class Snapshots:
         except Exception as exc:
             self._off(self._pending_step, exc)
             return
-        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0)
+        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, copy_s=self.seconds[-1])
 
-    def _done(self, step: int, t0: float | None, exposed: float) -> None:
+    def _setup_seconds(self) -> float:
+        return self._capturer.setup_seconds + self.store.setup_seconds
+
+    def _done(
+        self, step: int, t0: float | None, exposed: float, overlapped: bool = True, copy_s: float | None = None
+    ) -> None:
         if t0 is not None:
             self.seconds.append(time.monotonic() - t0)
         self.exposed.append(exposed)
-        new = self.chooser.add_cost(exposed)
+        # What is done once (the config files, the list of tensors, mapping a slot) is not what
+        # every later snapshot costs: the interval is chosen from the rest.
+        once = self._setup_seconds() - self._setup_at
+        copy = None if copy_s is None else max(0.0, copy_s - once)
+        new = self.chooser.add_cost(max(0.0, exposed - once), overlapped, copy)
         if new is not None:
             self._log_interval(new)
 
@@ -210,6 +227,7 @@ class Snapshots:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self.store.close()
         if self.exposed:
             log.info(
                 "Snapshots: %d taken, newest of step %s, %.2f MiB; copy median %.1f ms, exposed median %.2f ms; "
