@@ -121,7 +121,8 @@ def test_real_allocator_oom_is_reported_with_batch_and_accumulation(tmp_path: Pa
     cfg = write_cfg(tmp_path / "c.yaml", over)
     out = tmp_path / "out"
     log = run_to_end(cfg, env=worker_env(VIT_MEMORY_HEADROOM_MB="400"), expect=4)
-    assert "DefaultCPUAllocator: can't allocate memory" in log
+    # torch's allocator or, when the limit is met inside a CPU kernel, oneDNN's scratch buffer
+    assert "DefaultCPUAllocator: can't allocate memory" in log or "could not create a primitive" in log
     r = report(out)
     assert r["reason"] == "oom" and r["exit_code"] == 4
     assert r["per_device_train_batch_size"] == 1024 and r["gradient_accumulation_steps"] == 1

@@ -232,18 +232,41 @@ def write_exit_report(
 
 
 def is_oom(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError). oneDNN's "could not
+    create a primitive" counts too where an allocation can fail at all (:func:`allocations_can_fail`):
+    its scratch buffer was refused, the same out-of-memory met inside a CPU kernel instead of torch's
+    allocator (seen under an address-space limit: which of the two reports it depends on where the
+    limit is reached)."""
     name = type(exc).__name__
     if name == "OutOfMemoryError":
         return True
     if isinstance(exc, MemoryError):
         return True
     msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
+    if not isinstance(exc, RuntimeError):
+        return False
+    if (
         "DefaultCPUAllocator: can't allocate memory" in msg
         or "CUDA out of memory" in msg
         or ("out of memory" in msg.lower() and "cuda" in msg.lower())
-    )
+    ):
+        return True
+    return "could not create a primitive" in msg and allocations_can_fail()
+
+
+def allocations_can_fail() -> bool:
+    """Whether a host allocation can fail rather than the kernel's OOM killer ending the process: an
+    address-space limit (``ulimit -v``, RLIMIT_AS) or strict overcommit (vm.overcommit_memory 2)."""
+    import resource
+
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            return True
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "2"
+    except (OSError, ValueError):
+        return False
 
 
 # What CUDA, NCCL, cuBLAS and cuDNN say when the device or its context can no longer be used. Matched
