@@ -10,6 +10,7 @@ fails a livelock (say a crash loop whose attempt number keeps changing).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -353,3 +354,19 @@ def finish(proc: subprocess.Popen[str], run: Run, timeout: float = 45) -> int:
     """The supervisor's exit code. ``timeout`` is a stall limit: it restarts while ``run`` moves
     (up to ``HARD_CAP`` times), so a slow machine finishing a long run is not a failure."""
     return wait_exit(proc, timeout, f"supervisor pid {proc.pid} to exit", progress=run.progress, context=run.describe)
+
+
+RESUMED = re.compile(
+    r"Training will resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))|No checkpoint found"
+)
+
+
+def resumed_from(log: str) -> tuple[str, int]:
+    """('snapshot' | 'checkpoint' | 'scratch', step) of the first resume line in a worker's log."""
+    m = RESUMED.search(log)
+    assert m, f"no resume line in the log:\n{log[-3000:]}"
+    if m.group(1):
+        return "snapshot", int(m.group(1))
+    if m.group(2):
+        return "checkpoint", int(m.group(2))
+    return "scratch", 0

@@ -256,6 +256,27 @@ class SlurmCluster:
     def node_state(self) -> str:
         return self._quiet(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"]).strip()
 
+    def job_env(self, base: Path, sitecustomize: str, **extra: str) -> dict[str, str]:
+        """The environment a test's jobs inherit: the worker's, with ``sitecustomize`` (a test hook,
+        written under ``base/site``) first on the path, a private state home, this cluster's
+        slurm.conf and none of an enclosing job's SLURM_ variables."""
+        from tests.conftest import PYTHON, REPO, worker_env
+
+        site = base / "site"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "sitecustomize.py").write_text(sitecustomize)
+        env = worker_env(
+            PYTHONPATH=f"{site}:{REPO}",
+            VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
+            XDG_STATE_HOME=str(base / "xdg"),
+            SLURM_CONF=str(self.conf),
+            **extra,
+        )
+        env.pop("STATE_DIRECTORY", None)
+        for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+            del env[name]
+        return env
+
     def sbatch(self, script: Path, *options: str, args: Sequence[str] = (), env: dict[str, str] | None = None) -> str:
         """Submit ``script`` with its ``args`` (``options`` override its ``#SBATCH`` lines); return the
         job id (an array's id for ``--array``). ``env`` is what the job inherits (sbatch's default)."""

@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, REPO, TINY, deep_update, heartbeat, read_json, wait_exit, wait_for, worker_env
+from tests.conftest import (
+    PYTHON,
+    REPO,
+    TINY,
+    deep_update,
+    heartbeat,
+    read_json,
+    resumed_from,
+    wait_exit,
+    wait_for,
+    worker_env,
+)
 from tests.test_augment_unit import save_small_vit
 from tests.test_worker_e2e import max_abs_diff
 
@@ -83,8 +94,9 @@ def samples(record: Path) -> list[str]:
     return record.read_text().split()
 
 
-def newest_checkpoint(out: Path) -> int:
-    return max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+def resumed_step(record: Path) -> tuple[str, int]:
+    """Where the run recorded in ``record`` resumed: ('snapshot' | 'checkpoint', step), from its log."""
+    return resumed_from(record.with_suffix(".log").read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +136,10 @@ def test_stop_mid_epoch_then_resume_ends_bit_identical_with_the_same_samples(
     out = tmp_path / "out"
     code = stop_at_step(tmp_path / "first.txt", cfg, step, sig)
     assert code == (3 if sig == signal.SIGTERM else -signal.SIGKILL), log_of(tmp_path / "first.txt")
-    resumed_from = newest_checkpoint(out)
-    assert step - 5 <= resumed_from < FINAL and resumed_from % 19, "the resume must start mid-epoch"
     run_to_end(tmp_path / "second.txt", cfg, "--resume")
+    # A disk checkpoint or, after the SIGKILL, the newer shared-memory snapshot (on by default)
+    _, resumed_from = resumed_step(tmp_path / "second.txt")
+    assert step - 5 <= resumed_from < FINAL and resumed_from % 19, "the resume must start mid-epoch"
     after = samples(tmp_path / "second.txt")
     before = samples(tmp_path / "first.txt")
     done = len(seen) - len(after)  # samples the checkpoint had trained on
@@ -144,9 +157,9 @@ def test_restart_at_half_the_batch_trains_on_the_same_augmented_samples_in_order
     cfg = write_cfg(tmp_path / "c.yaml")
     out = tmp_path / "out"
     stop_at_step(tmp_path / "first.txt", cfg, 27, signal.SIGKILL)
-    resumed_from = newest_checkpoint(out)
     half = ("--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2")
     run_to_end(tmp_path / "second.txt", cfg, "--resume", *half)
+    _, resumed_from = resumed_step(tmp_path / "second.txt")
     report = read_json(out / "run" / "exit_report.json")
     assert report["per_device_train_batch_size"] == 8 and report["gradient_accumulation_steps"] == 2
     after = samples(tmp_path / "second.txt")

@@ -150,19 +150,7 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
 ) -> None:
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = worker_env(
-        PYTHONPATH=f"{site}:{REPO}",
-        VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
-        VIT_TEST_PACE_S=str(PACE_S),
-        XDG_STATE_HOME=str(tmp_path / "xdg"),
-        SLURM_CONF=str(slurm_cluster.conf),
-    )
-    env.pop("STATE_DIRECTORY", None)
-    for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
-        del env[name]
+    env = slurm_cluster.job_env(tmp_path, SITECUSTOMIZE, VIT_TEST_PACE_S=str(PACE_S))
     cfg = _config(tmp_path / "job", TWO_NODES)
     out = tmp_path / "job" / "out"
     job = slurm_cluster.sbatch(

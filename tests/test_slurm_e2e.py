@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from bench.common import TINY, deep_update, run_progress
 from supervisor.protocol import read_json
-from tests.conftest import PYTHON, REPO, tail, wait_for, worker_env
+from tests.conftest import REPO, tail, wait_for
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 - the fixture, asked for by name
 
 pytestmark = pytest.mark.e2e
@@ -179,19 +179,7 @@ def slurm_runs(
 
 def _run_all(cluster: SlurmCluster, base: Path) -> dict[str, Any]:
     """Submit every job through the template, drive them to their ends; what happened, as JSON."""
-    site = base / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = worker_env(
-        PYTHONPATH=f"{site}:{REPO}",
-        VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
-        VIT_TEST_PACE_S=str(PACE_S),
-        XDG_STATE_HOME=str(base / "xdg"),
-        SLURM_CONF=str(cluster.conf),
-    )
-    env.pop("STATE_DIRECTORY", None)
-    for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
-        del env[name]
+    env = cluster.job_env(base, SITECUSTOMIZE, VIT_TEST_PACE_S=str(PACE_S))
 
     def submit(name: str, config: Path, *args: str) -> str:
         return cluster.sbatch(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from tests.conftest import (
     finish,
     heartbeat,
     read_json,
+    resumed_from,
     tail,
     vit_train,
     wait_exit,
@@ -49,9 +49,6 @@ from tests.test_snapshot_e2e import kill_with_snapshot_at, snapshot_header
 from tests.test_worker_e2e import TIMEOUT, max_abs_diff, run_to_end, write_cfg
 
 INJECT = REPO / "tests" / "inject_worker.py"
-_RESUMED = re.compile(
-    r"Training will resume from (?:snapshot step (\d+)|checkpoint: \S*checkpoint-(\d+))|No checkpoint found"
-)
 
 
 def snap_cfg(tmp_path: Path, **training: Any) -> tuple[Path, Path, Path]:
@@ -63,17 +60,6 @@ def snap_cfg(tmp_path: Path, **training: Any) -> tuple[Path, Path, Path]:
         "supervisor": {"standby": False},
     }
     return write_cfg(tmp_path / "c.yaml", over), tmp_path / "out", shm
-
-
-def resumed_from(log: str) -> tuple[str, int]:
-    """('snapshot' | 'checkpoint' | 'scratch', step) of the first resume line in a worker's log."""
-    m = _RESUMED.search(log)
-    assert m, f"no resume line in the log:\n{log[-3000:]}"
-    if m.group(1):
-        return "snapshot", int(m.group(1))
-    if m.group(2):
-        return "checkpoint", int(m.group(2))
-    return "scratch", 0
 
 
 def inject(fault: str, cfg: Path, out: Path, *args: str) -> tuple[int, str]:
