@@ -14,8 +14,12 @@ from tests.conftest import REPO, worker_env
 CHILD = """
 import json, os, subprocess, threading
 from worker.standby import STANDBY_NICE, lower_priority, restore_priority
-lower_priority()  # as the standby does, before its heavy imports
+# torch first: at SCHED_IDLE its import (over a CPU-second) would wait for minutes beside a busy
+# machine's other work. The import starts a thread of its own, which lower_priority must lower too.
 import torch
+before = set(os.listdir("/proc/self/task"))
+assert len(before) > 1, before
+lower_priority()
 
 def nices(proc="self"):
     out = {}
@@ -37,6 +41,7 @@ helper_waiting = nices(helper.pid)
 restore_priority()
 threading.Thread(target=done.wait, daemon=True).start()
 torch.ones(256, 256) @ torch.ones(256, 256)
+assert before <= set(waiting)
 print(json.dumps({"waiting": waiting, "promoted": nices(), "helper": [helper_waiting, nices(helper.pid)]}))
 helper.kill()
 done.set()

@@ -361,14 +361,15 @@ def lower_priority() -> None:
     training keeps the cores busy, and once it is ready the standby sleeps on its stdin
     either way. If the worker dies first, the standby gets the go and is promoted at once.
     """
-    try:
-        os.nice(STANDBY_NICE)
-    except OSError:
-        pass
-    if os.environ.get(ENV_PRIORITY, "idle") == "idle" and hasattr(os, "SCHED_IDLE"):
+    idle = os.environ.get(ENV_PRIORITY, "idle") == "idle" and hasattr(os, "SCHED_IDLE")
+    # Every thread that already exists (an import may have started one), not only the calling one:
+    # on Linux both settings belong to a thread; threads started later inherit them.
+    for tid in _thread_ids("self"):
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
+            os.setpriority(os.PRIO_PROCESS, tid, STANDBY_NICE)
+            if idle:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # gone meanwhile, or not allowed: prepare at the priority it has
             pass
 
 
