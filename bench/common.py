@@ -9,6 +9,7 @@ run on are shared.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import datetime
 import json
@@ -16,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -67,10 +69,33 @@ def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_config(path: Path, overrides: dict[str, Any] | None = None, base: dict[str, Any] = TINY) -> Path:
-    """Write ``base`` + ``overrides`` as YAML to ``path``; return the path."""
+    """Write ``base`` + ``overrides`` as YAML to ``path``; return the path.
+
+    A config that names no ``snapshot.root`` gets this bench's own folder on the same tmpfs
+    (:func:`bench_shm`), removed when the bench exits: a bench stops its runs in ways that keep a
+    store on purpose (a stop newer than the newest disk checkpoint), and these would otherwise
+    pile up in the user's /dev/shm."""
+    cfg = deep_update(base, overrides or {})
+    snap = cfg.get("snapshot")
+    if snap is None or (isinstance(snap, dict) and "root" not in snap):
+        cfg["snapshot"] = {**(snap or {}), "root": str(bench_shm())}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(deep_update(base, overrides or {}), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+_SHM: Path | None = None
+
+
+def bench_shm() -> Path:
+    """A fresh folder for this bench process's snapshot stores, in /dev/shm where there is one (the
+    product's default file system for them), removed at exit."""
+    global _SHM
+    if _SHM is None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        _SHM = Path(tempfile.mkdtemp(prefix="vit-bench-shm-", dir=base))
+        atexit.register(shutil.rmtree, _SHM, True)
+    return _SHM
 
 
 def output_dir(cfg_path: Path) -> Path:

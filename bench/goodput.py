@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     environ = c.env(XDG_STATE_HOME=str(work / "state"))
     base = base_config(a.config)
     rows, ratios, gaps = [], [], []
+    bucket_rows: list[list[Any]] = []
     for rnd in range(a.rounds):
         figures = {}
         for kind, every in (("reference", None), ("faulted", a.every)):
@@ -199,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ref['load']:.1f} / {flt['load']:.1f}",
             ]
         )
-        lost = {b: round(flt["buckets"][b], 1) for b in goodput.BUCKETS if flt["buckets"][b] > 0}
-        c.say(f"round {rnd} faulted run, product buckets (s): {lost}")
+        for kind, fig in (("reference", ref), ("faulted", flt)):
+            total = fig["product_s"] or 1.0
+            bucket_rows.append(
+                [rnd, kind] + [f"{fig['buckets'][b]:.1f} ({fig['buckets'][b] / total:.1%})" for b in goodput.BUCKETS]
+            )
     print(
         c.table(
             [
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    # Where the two runs' time went, side by side: the strict goodput (training / all) of a faulted
+    # run falls by more than its fault buckets when start-up, evaluation or checkpoints took longer.
+    print("\nThe product's buckets per run, seconds (share of the run's booked time):")
+    print(c.table(["round", "run", *goodput.BUCKETS], bucket_rows))
     print(
         f"\ngoodput median {c.median(ratios):.3f} over {len(ratios)} rounds (min {min(ratios):.3f}, "
         f"max {max(ratios):.3f}); config {a.config} x {a.epochs} epochs with snapshot.every_steps 1; "
