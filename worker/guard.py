@@ -29,6 +29,13 @@ def current(cfg: Config, fingerprint: str) -> dict[str, Any]:
             "learning_rate": cfg.training.learning_rate,
             "effective_batch": cfg.training.effective_batch,
             "num_train_epochs": cfg.training.num_train_epochs,
+            # What the model sees changes, not what the checkpoint holds: a resume under other
+            # augmentation or preprocessing trains on, but it is not the run it was (warned).
+            "data.augment": cfg.data.augment,
+            "data.pair_augment": cfg.data.pair_augment,
+            "data.image_size": cfg.data.image_size,
+            "data.image_mean": cfg.data.image_mean,
+            "data.image_std": cfg.data.image_std,
         },
     }
 
@@ -44,17 +51,26 @@ def record(output_dir: Path, cfg: Config, fingerprint: str) -> None:
 def check(output_dir: Path, cfg: Config, fingerprint: str) -> None:
     """Raise IncompatibleCheckpoint if a resume would change a critical setting."""
     old = protocol.read_json(path(output_dir))
-    if old is None:
+    if old is None and not path(output_dir).exists():
         log.warning(
             "No resume guard in %s (run started by an older version?); recording the current settings", output_dir
         )
         record(output_dir, cfg, fingerprint)
         return
+    if old is None or not isinstance(old.get("critical"), dict):
+        # Damaged (or written by hand): nothing in it can be compared. Kept aside, not trusted, not lost.
+        aside = path(output_dir).with_name(f"{protocol.GUARD}.malformed")
+        path(output_dir).replace(aside)
+        log.warning(
+            "The resume guard %s is malformed (kept as %s); recording the current settings",
+            path(output_dir),
+            aside.name,
+        )
+        record(output_dir, cfg, fingerprint)
+        return
     new = current(cfg, fingerprint)
     changed = [
-        f"{k}: {old['critical'].get(k)!r} -> {v!r}"
-        for k, v in new["critical"].items()
-        if old.get("critical", {}).get(k) != v
+        f"{k}: {old['critical'].get(k)!r} -> {v!r}" for k, v in new["critical"].items() if old["critical"].get(k) != v
     ]
     if changed:
         raise IncompatibleCheckpoint(
@@ -62,7 +78,12 @@ def check(output_dir: Path, cfg: Config, fingerprint: str) -> None:
             + "; ".join(changed)
             + "): restore those settings, or use a new training.output_dir"
         )
+    soft = old.get("soft") if isinstance(old.get("soft"), dict) else {}
     for k, v in new["soft"].items():
-        was = old.get("soft", {}).get(k)
-        if was is not None and was != v and k != "num_train_epochs":
+        if k not in soft or k == "num_train_epochs":
+            continue  # a guard recorded by an older version has no such key: nothing to compare
+        was = soft[k]
+        if was != v:
             log.warning("Resuming with %s changed: %r -> %r", k, was, v)
+    if any(k not in soft for k in new["soft"]):
+        record(output_dir, cfg, fingerprint)  # the keys an older guard lacks, from this attempt on
