@@ -217,6 +217,16 @@ def caught_up(watch: c.StepWatch, wall: float, killed: int, step: int) -> float 
     return None
 
 
+def resumed_at(out: Path, killed: int) -> tuple[int] | None:
+    """``(step,)``: the step a worker other than ``killed`` started training from (its heartbeat's
+    start_step), as a tuple so that step 0 is a truthy answer for :func:`common.wait_for`."""
+    hb = c.heartbeat(out)
+    start = hb.get("start_step")
+    if hb.get("pid") in (None, killed) or not isinstance(start, int) or isinstance(start, bool):
+        return None
+    return (start,)
+
+
 def run_method(
     method: str,
     work: Path,
@@ -258,7 +268,15 @@ def run_method(
                 10,
                 "the kill",
             )
-            resume = c.newest_checkpoint_step(out)  # the newest committed one: what the new worker loads
+            # Where the new worker resumes: a snapshot (newer than any disk checkpoint) or the newest
+            # committed checkpoint. Its heartbeat says which, from its first write (at train begin, with
+            # global_step = start_step): that write is not a new step, the next one is.
+            resume = c.wait_for(
+                lambda: resumed_at(out, pid),
+                240,
+                f"{method}: a new worker's first heartbeat",
+                progress=lambda: c.run_progress(out),
+            )[0]
             first = c.wait_for(
                 lambda: watch.first_step_after(t_kill, pid, resume),
                 240,
