@@ -78,7 +78,8 @@ def check(output_dir: Path, cfg: Config, fingerprint: str) -> None:
             + "; ".join(changed)
             + "): restore those settings, or use a new training.output_dir"
         )
-    soft = old.get("soft") if isinstance(old.get("soft"), dict) else {}
+    recorded = old.get("soft")
+    soft: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     for k, v in new["soft"].items():
         if k not in soft or k == "num_train_epochs":
             continue  # a guard recorded by an older version has no such key: nothing to compare
