@@ -8,7 +8,8 @@
 
 Snapshots are on (``snapshot.every_steps: 1``, set explicitly: a snapshot of the training state in
 shared memory after every step), so a fault that gives the worker no chance to save (SIGKILL,
-SIGSEGV, a hang, a kill in the middle of a save) loses at most one optimizer step.
+SIGSEGV, a hang) loses at most one optimizer step, and a kill in the middle of a save none (a step
+is snapshotted before its disk save begins).
 
 Faults, all by real mechanisms: SIGKILL, SIGSEGV, SIGTERM and SIGINT to the worker; a real
 allocator out-of-memory (the worker's address space is capped with prlimit(2)
@@ -25,8 +26,9 @@ Checks, each a loud failure:
     eval metric is within --tolerance of the reference;
   - exactly one tracker run id; no checkpoint loaded that did not validate;
   - never two workers at once; no fault lost more than one step with snapshots on (after an
-    out-of-memory the batch changes and the snapshot no longer applies: the save interval), and
-    without them no more than the save interval (twice that after a corrupted checkpoint).
+    out-of-memory the batch changes and the snapshot no longer applies: the save interval; a kill
+    that landed in the middle of a save: none), and without them no more than the save interval
+    (twice that after a corrupted checkpoint).
 Figures per fault type: count, detection latency (fault → supervisor acts), recovery
 time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
 time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of steps redone).
@@ -88,6 +90,7 @@ KINDS = [
 BATCH_CHANGING = {"oom"}
 INSTANT_KINDS = {"sigkill", "sigsegv", "sigterm", "sigint", "hang", "truncate_checkpoint"}
 """Faults aimed at a random moment within a step (the others wait for their own moment: a save, ...)."""
+MID_SAVE = "(landed mid-save)"
 
 
 def config(
@@ -529,7 +532,7 @@ def inject(
         ev = Event(kind, now(), hb["global_step"], pid)
         os.kill(pid, signal.SIGKILL)
         mid = bool(list(out.glob(".staging-checkpoint-*")))
-        ev.detail = "(landed mid-save)" if mid else "(save had just finished)"
+        ev.detail = MID_SAVE if mid else "(save had just finished)"
         return ev
     if kind == "hang":
         ev = Event(kind, now(), step, pid)
@@ -754,7 +757,9 @@ def check_final(
     for ev in events:
         if ev.resumed_from is None:
             continue
-        if a.snapshots and ev.kind not in BATCH_CHANGING:
+        if a.snapshots and ev.kind == "kill_during_save" and ev.detail == MID_SAVE:
+            allowed = 0  # the step being saved was snapshotted before its save began
+        elif a.snapshots and ev.kind not in BATCH_CHANGING:
             allowed = a.snapshots  # the snapshot of the last step (of every N-th) covers any fault
         else:
             allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)
