@@ -3,12 +3,13 @@
 
     python bench/chaos.py                      # 20+ faults of every kind, prints a table, exit 1 on any miss
     python bench/chaos.py --faults 30 --seed 7
-    python bench/chaos.py --short              # the quick version the test suite runs
+    python bench/chaos.py --short              # the quick version the test suite runs (the reference beside it)
     python bench/chaos.py --snapshots 0        # the same without shared-memory snapshots, to compare
 
 Snapshots are on (``snapshot.every_steps: 1``, set explicitly: a snapshot of the training state in
 shared memory after every step), so a fault that gives the worker no chance to save (SIGKILL,
-SIGSEGV, a hang, a kill in the middle of a save) loses at most one optimizer step.
+SIGSEGV, a hang) loses at most one optimizer step, and a kill in the middle of a save none (a step
+is snapshotted before its disk save begins).
 
 Faults, all by real mechanisms: SIGKILL, SIGSEGV, SIGTERM and SIGINT to the worker; a real
 allocator out-of-memory (the worker's address space is capped with prlimit(2)
@@ -25,8 +26,9 @@ Checks, each a loud failure:
     eval metric is within --tolerance of the reference;
   - exactly one tracker run id; no checkpoint loaded that did not validate;
   - never two workers at once; no fault lost more than one step with snapshots on (after an
-    out-of-memory the batch changes and the snapshot no longer applies: the save interval), and
-    without them no more than the save interval (twice that after a corrupted checkpoint).
+    out-of-memory the batch changes and the snapshot no longer applies: the save interval; a kill
+    that landed in the middle of a save: none), and without them no more than the save interval
+    (twice that after a corrupted checkpoint).
 Figures per fault type: count, detection latency (fault → supervisor acts), recovery
 time (fault → first new optimizer step), steps lost; the run's goodput (reference wall
 time ÷ chaos wall time) and lost-work share (goal with snapshots: <= 0.1 % of steps redone).
@@ -88,6 +90,7 @@ KINDS = [
 BATCH_CHANGING = {"oom"}
 INSTANT_KINDS = {"sigkill", "sigsegv", "sigterm", "sigint", "hang", "truncate_checkpoint"}
 """Faults aimed at a random moment within a step (the others wait for their own moment: a save, ...)."""
+MID_SAVE = "(landed mid-save)"
 
 
 def config(
@@ -316,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tmpfs folder for the snapshots (default: a fresh folder in /dev/shm, removed at the end)",
     )
     ap.add_argument("--tolerance", type=float, default=0.1, help="allowed eval accuracy difference after OOMs")
-    ap.add_argument("--short", action="store_true", help="5 faults, one of each of the quick kinds")
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="5 faults, one of each of the quick kinds, over fewer steps; the reference runs beside the chaos run "
+        "(its checkpoints are compared at the end), so the goodput figures mean nothing there",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--report", action="store_true", help="render the run report (PNG + HTML) at the end")
@@ -342,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         print("chaos: cannot mount a tmpfs here (needs root); skipping the low-disk fault", file=sys.stderr)
     base = disk if mounted else work
     # Waiting for the standby before each fault costs seconds of training: budget the steps for it.
-    steps = a.steps or max(120, (260 if a.standby_ready else 14) * a.faults)
+    # --short: a fault every 10 steps or so (seed 3: 12, 22, 30, 41, 51), so 84 leave room to spare.
+    steps = a.steps or (84 if a.short else max(120, (260 if a.standby_ready else 14) * a.faults))
     faults = schedule(a.faults, rng, kinds)
     own_root = a.snapshot_root is None
     if own_root:
@@ -372,20 +381,9 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
         flush=True,
     )
 
-    t0 = time.monotonic()
-    r = subprocess.run(
-        [PY, "-m", "worker", str(ref_cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    ref_wall = time.monotonic() - t0
-    if r.returncode != 0:
-        print(r.stdout[-3000:], r.stderr[-3000:])
-        raise SystemExit("chaos: the reference run failed")
-    ref_report = json.loads((ref_out / "run" / "exit_report.json").read_text())
-    print(f"chaos: reference run {ref_wall:.1f}s", flush=True)
+    reference = Reference(ref_cfg, ref_out, work / "reference.log")
+    if not a.short:  # alone, so that its wall time is a fair measure for the goodput
+        reference.finish()
 
     watch = Watch(out, cfg_path)
     th = threading.Thread(target=watch.run, daemon=True)
@@ -397,7 +395,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
     events: list[Event] = []
     misses: list[str] = []
     truncated: set[str] = set()
-    exact_checked = 0
+    taken: list[tuple[str, dict[str, Any]]] = []  # the chaos run's checkpoints' weights, as they were when seen
     batch_changed = False
     oom_budget = 2
 
@@ -444,7 +442,7 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
                 lambda: (p := watch.step_now())[1] >= target and p, 180, f"step {target}", progress=moved
             )
             if not batch_changed:
-                exact_checked += check_exact(out, ref_out, misses)
+                take_weights(out, taken)
             if kind in INSTANT_KINDS:
                 # A real fault strikes at any moment of a step, not the instant its heartbeat lands
                 # (which is just before the step's snapshot is written: the one moment a kill always
@@ -469,12 +467,19 @@ def run(a: argparse.Namespace, work: Path, base: Path, steps: int, faults: list[
         th.join()
         if sup.poll() is None:
             sup.kill()
+        if sys.exc_info()[0] is not None and reference.proc.poll() is None:
+            reference.proc.kill()
+            reference.proc.wait()
     chaos_wall = time.monotonic() - t_start
+    ref_report, ref_wall = reference.finish()
+    exact_checked = check_exact(taken, ref_out, misses)
     state = protocol.read_json(protocol.state_path(out)) or {}
     attempts = state.get("attempts") or []
     finish_events(events, attempts, watch)
     check_final(a, out, ref_out, ref_report, state, code, watch, events, truncated, misses, tracking, steps)
     print_table(events, ref_wall, chaos_wall, steps, watch, exact_checked, a.snapshots)
+    if a.short:
+        print("(--short: the reference ran beside the chaos run, so neither goodput figure measures anything)")
     print_product(state, ref_wall, chaos_wall, events)
     if a.report:
         from supervisor.report import render
@@ -527,7 +532,7 @@ def inject(
         ev = Event(kind, now(), hb["global_step"], pid)
         os.kill(pid, signal.SIGKILL)
         mid = bool(list(out.glob(".staging-checkpoint-*")))
-        ev.detail = "(landed mid-save)" if mid else "(save had just finished)"
+        ev.detail = MID_SAVE if mid else "(save had just finished)"
         return ev
     if kind == "hang":
         ev = Event(kind, now(), step, pid)
@@ -631,18 +636,67 @@ def resumed_step(attempt: dict[str, Any]) -> int | None:
     return int(step) if isinstance(step, int) else None
 
 
-def check_exact(out: Path, ref_out: Path, misses: list[str]) -> int:
+class Reference:
+    """The uninterrupted reference run: a plain worker with the same config but for its own folders,
+    started at once (beside the chaos run with ``--short``); :meth:`finish` waits for it."""
+
+    def __init__(self, cfg: Path, out: Path, log: Path) -> None:
+        self.out, self.log = out, log
+        self.t0 = time.time()
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "worker", str(cfg)],
+                cwd=REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            )
+        self.wall: float | None = None
+
+    def finish(self) -> tuple[dict[str, Any], float]:
+        """(its exit report, its wall time); SystemExit when it failed."""
+        report = self.out / "run" / "exit_report.json"
+        if self.wall is None:
+            wait_exit(self.proc, 180, self.out)
+            if self.proc.returncode != 0:
+                print(self.log.read_text(errors="replace")[-5000:])
+                raise SystemExit(f"chaos: the reference run failed (exit {self.proc.returncode})")
+            # Start to its exit report (its last write), however long ago it ended.
+            self.wall = report.stat().st_mtime - self.t0
+            print(f"chaos: reference run {self.wall:.1f}s", flush=True)
+        return json.loads(report.read_text()), self.wall
+
+
+def take_weights(out: Path, taken: list[tuple[str, dict[str, Any]]]) -> None:
+    """Keep the weights of the chaos run's newest checkpoint as they are now, for :func:`check_exact`
+    (the run rotates and truncates checkpoints; the reference may not have reached that step yet)."""
+    from safetensors.numpy import load_file
+
     ck = newest_ckpt(out)
-    if ck is None:
-        return 0
-    ref = ref_out / ck.name
+    if ck is None or any(name == ck.name for name, _ in taken):
+        return
     try:
-        same = weights_equal(ck, ref)
+        taken.append((ck.name, load_file(str(ck / "model.safetensors"))))
     except Exception:
-        return 0  # racing a rotation or a truncation; the next check covers it
-    if not same:
-        misses.append(f"{ck.name} differs from the uninterrupted reference run's {ref.name}")
-    return 1
+        return  # racing a rotation or a truncation; the next look covers it
+
+
+def check_exact(taken: list[tuple[str, dict[str, Any]]], ref_out: Path, misses: list[str]) -> int:
+    """Compare the weights kept by :func:`take_weights` with the reference's checkpoints of the same
+    steps; the number compared (a checkpoint of a step the reference did not save, one committed from
+    a snapshot between two saves, is not)."""
+    from safetensors.numpy import load_file
+
+    n = 0
+    for name, w in taken:
+        try:
+            ref = load_file(str(ref_out / name / "model.safetensors"))
+        except (OSError, ValueError):
+            continue
+        n += 1
+        if w.keys() != ref.keys() or not all((w[k] == ref[k]).all() for k in w):
+            misses.append(f"{name} differs from the uninterrupted reference run's {name}")
+    return n
 
 
 def check_final(
@@ -703,7 +757,9 @@ def check_final(
     for ev in events:
         if ev.resumed_from is None:
             continue
-        if a.snapshots and ev.kind not in BATCH_CHANGING:
+        if a.snapshots and ev.kind == "kill_during_save" and ev.detail == MID_SAVE:
+            allowed = 0  # the step being saved was snapshotted before its save began
+        elif a.snapshots and ev.kind not in BATCH_CHANGING:
             allowed = a.snapshots  # the snapshot of the last step (of every N-th) covers any fault
         else:
             allowed = a.save_steps * (2 if ev.kind == "truncate_checkpoint" else 1)

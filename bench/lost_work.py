@@ -16,7 +16,9 @@ so the two columns differ only by the snapshots:
   segv           a real SIGSEGV of the worker in the K-th forward pass
   device-error   CUDA's illegal-memory-access RuntimeError in the K-th forward (the worker saves
                  nothing from the device and exits 7)
-  kill-in-save   SIGKILL in the middle of a checkpoint commit (the 2nd or 3rd save: K is its step)
+  kill-in-save   SIGKILL in the middle of a checkpoint commit (the 2nd or 3rd save: K is its step);
+                 with snapshots on, the step being saved was snapshotted before its save began,
+                 whatever the interval
 Steps lost = the highest step the worker completed (its heartbeat) − the step a ``--resume``
 would start from: the newest good disk checkpoint (``worker.checkpoint.newest_good``) or, when
 newer, the newest snapshot that validates (header, CRC, step; ``worker.snapshot``).
@@ -45,7 +47,7 @@ EXPECTED_OFF = {
     "oom-forward": "0 (emergency checkpoint)",
     "kill-in-save": "= interval (the save is lost)",
 }
-EXPECTED_ON = {"sigterm": "0", "oom-forward": "0"}
+EXPECTED_ON = {"sigterm": "0", "oom-forward": "0", "kill-in-save": "0 (snapshot before the save)"}
 INJECT = c.REPO / "tests" / "inject_worker.py"
 
 
@@ -58,9 +60,9 @@ def every_steps(v: str) -> int | str:
 
 
 def bound(fault: str, interval: int, snapshots: bool) -> int:
-    """The most steps a fault may lose: 0 where the worker saves, else one step with a snapshot
-    every step, else the save interval."""
-    if fault in ("sigterm", "oom-forward"):
+    """The most steps a fault may lose: 0 where the worker saves (or, with snapshots, where the
+    step being saved was snapshotted first), else one step with a snapshot every step, else the save interval."""
+    if fault in ("sigterm", "oom-forward") or (fault == "kill-in-save" and snapshots):
         return 0
     return 1 if snapshots else interval
 

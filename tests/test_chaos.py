@@ -1,7 +1,8 @@
 """The chaos harness, short: five kinds of real faults in one supervised run, every check enforced.
 
 Snapshots every step (``--snapshots 1``, the harness's default, passed explicitly): the harness then
-fails any fault but the out-of-memory that lost more than one step."""
+fails any fault but the out-of-memory that lost more than one step, and a kill that landed in the
+middle of a save that lost any (the step being saved is snapshotted before its save begins)."""
 
 from __future__ import annotations
 

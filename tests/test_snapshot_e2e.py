@@ -60,7 +60,8 @@ def test_snapshots_off_create_no_store(tmp_path: Path) -> None:
 def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make_config: Any, tmp_path: Path) -> None:
     """In process: step 19 ends epoch 1, where the Trainer evaluates and then saves (save_strategy
     epoch). The snapshot of step 19 must hold the same state as checkpoint-19, RNG included, which
-    is not the RNG at ``on_step_end`` (the evaluation's DataLoader draws from it)."""
+    is not the RNG at ``on_step_end`` (the evaluation's DataLoader draws from it). (Step 20, the last,
+    is saved too, and so snapshotted before its save: the snapshot of 19 is read before step 20.)"""
     import torch
     from transformers import TrainerCallback
 
@@ -82,10 +83,16 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
     assert store is not None
     ctx.snapshots = Snapshots(store, cfg.snapshot.every_steps)
     at_step_end: dict[int, Any] = {}
+    newest: dict[int, Any] = {}
 
     class RecordRng(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             at_step_end[state.global_step] = snapshot_rng()
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            assert ctx.snapshots is not None and store is not None
+            ctx.snapshots.join()
+            newest[state.global_step] = store.read_newest()
 
     trainer = SupervisedTrainer(
         model=prepared.model,
@@ -97,7 +104,7 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
         ctx=ctx,
     )
     trainer.train()
-    got = store.read_newest()
+    got = newest[19]
     assert got is not None and got.step == 19 and got.tensors is not None
     assert "model.safetensors" not in got.files and "optimizer.pt" not in got.files  # held raw
     own = cfg.output_dir / "checkpoint-19"
@@ -118,7 +125,9 @@ def test_snapshot_after_epoch_evaluation_equals_the_checkpoint_of_that_step(make
     assert state == theirs
     rng = torch.load(_bytes_io(snap.checkpoint_files(got.files)["rng_state.pth"]), weights_only=False)
     assert not _same(rng, at_step_end[19]), "evaluation no longer draws from the RNG: this test proves nothing"
-    assert len(ctx.snapshots.seconds) == 1 and len(ctx.snapshots.exposed) == 1
+    # Of step 19 (before its save), step 20 before its save, and step 20 again after the epoch-end
+    # evaluation that follows the last step's save.
+    assert len(ctx.snapshots.seconds) == 3 and len(ctx.snapshots.exposed) == 3
 
 
 def test_sigkill_during_the_snapshot_copy_resumes_from_the_previous_snapshot_bit_identical(

@@ -182,8 +182,8 @@ def test_death_inside_the_worker_resumes_from_the_snapshot(
 @pytest.mark.e2e
 def test_sigkill_in_the_middle_of_a_disk_save_resumes_from_the_snapshot(tmp_path: Path, reference_tiny: Path) -> None:
     """Killed while committing checkpoint-10 (model written, optimizer not yet): the half-written
-    staging folder is never trusted, checkpoint-5 is older than the snapshot of step 9, and the
-    snapshot wins."""
+    staging folder is never trusted, and the snapshot of step 10 itself, taken before the save
+    began, wins over checkpoint-5: no step is lost."""
     cfg, out, _ = snap_cfg(tmp_path, save_steps=5)
     rc, log = inject("kill-in-save:2", cfg, out)
     assert rc == -signal.SIGKILL, log[-3000:]
@@ -195,7 +195,7 @@ def test_sigkill_in_the_middle_of_a_disk_save_resumes_from_the_snapshot(tmp_path
     log = run_to_end(cfg, "--resume")
     assert "Removing uncommitted checkpoint staging folder .staging-checkpoint-10" in log
     source, step = resumed_from(log)
-    assert (source, step) == ("snapshot", 9), log[-3000:]  # one step lost: 10 was done, its snapshot not yet
+    assert (source, step) == ("snapshot", 10), log[-3000:]  # nothing lost: snapshotted before the save began
     assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
 
 

@@ -69,7 +69,9 @@ class Snapshots:
     DataLoader iterator takes a base seed from it). So ``on_step_end`` only marks the step
     as due, and the capture happens after the last ``_maybe_log_save_evaluate`` of that step:
     the one in the step loop, or, when the loop leaves the epoch after this step, the one
-    after ``on_epoch_end`` (epoch evaluation and epoch saves happen there).
+    after ``on_epoch_end`` (epoch evaluation and epoch saves happen there). A step that is saved
+    to disk is also snapshotted just before its save starts (:meth:`before_save`), so that a kill
+    in the middle of the save loses nothing.
 
     The capture has two parts. The small state (RNG, trainer state, scheduler, scaler) is
     serialised there and then. The big tensors (weights, optimizer state) are only
@@ -167,6 +169,32 @@ class Snapshots:
         self._sync_s = time.monotonic() - t0
         self._last_step = step
         self._threaded = True
+
+    def before_save(self, trainer: SupervisedTrainer) -> None:
+        """Snapshot the step whose disk checkpoint is about to be written, committed before the
+        save's first byte: a kill in the middle of the save then resumes from this very step.
+
+        Called from the Trainer's saves only (every rank saves the same steps, so every rank
+        snapshots the same steps), after the step's logging and evaluation: what the save writes
+        is what the snapshot holds (:func:`snapshot.capture_files` mirrors the save's own changes
+        to the trainer state). When later boundary work of this step may still change the state
+        (``on_epoch_end`` and its ``_maybe_log_save_evaluate``), the step stays due and
+        :meth:`after_boundary_work` takes it again after that work.
+        """
+        if not self.enabled:
+            return
+        state, control = trainer.state, trainer.control
+        leaves_epoch = float(state.epoch or 0.0).is_integer() or control.should_epoch_stop
+        last_call = self.epoch_ending or not (leaves_epoch or control.should_training_stop)
+        ending, self.epoch_ending, self.due = self.epoch_ending, True, state.global_step
+        try:
+            self.after_boundary_work(trainer)  # as the step's last boundary call: now
+        finally:
+            self.epoch_ending = ending
+        self.join()  # the copy too: committed before the save starts
+        self._threaded = False  # nothing was copied beside the next step
+        if not last_call and self.enabled:
+            self.due = state.global_step
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
         self.size = snapshot.write_capture(self.store, self._capturer, cap)
@@ -300,13 +328,15 @@ class SupervisedTrainer(Trainer):
     # -- saving -------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        self.commit_checkpoint()
+        self.commit_checkpoint(snapshot_first=True)
 
-    def commit_checkpoint(self) -> Path:
+    def commit_checkpoint(self, snapshot_first: bool = False) -> Path:
         """Write every rank's part into the staging folder, then rank 0 seals and renames it.
 
         Barriers make it all-or-nothing across ranks: the rename happens only after
-        every rank's RNG state is on disk.
+        every rank's RNG state is on disk. With ``snapshot_first`` (the Trainer's own saves)
+        and snapshots on, the step is snapshotted before anything is written
+        (:meth:`Snapshots.before_save`): a kill in the middle of the save loses no step.
         """
         ctx = self.ctx
         step = self.state.global_step
@@ -314,6 +344,8 @@ class SupervisedTrainer(Trainer):
         final = out / f"checkpoint-{step}"
         if ctx.last_checkpoint == final and final.is_dir():
             return final  # already committed at this step (a stop right after a periodic save)
+        if snapshot_first and ctx.snapshots is not None:
+            ctx.snapshots.before_save(self)
         main = self.args.should_save
         self.store_flos()
         keep = self.args.save_total_limit
