@@ -41,6 +41,7 @@ from filelock import FileLock
 
 from supervisor.host import poll_until
 from tests import debtools
+from tests.pacing import pacing_env
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
@@ -51,36 +52,6 @@ CRED_EXPIRE_S = 10
 """SLURM holds a requeued job back for the job credential's lifetime (+1 s; default 120 s): the node
 refuses to start a job whose previous run's credential it revoked ("Job credential revoked").
 Shortened so that a requeued job starts again about 11 s after its requeue, by SLURM's own rules."""
-PACING_SITECUSTOMIZE = """\
-import os, sys
-argv = sys.orig_argv
-if (
-    any(a == "-m" and b == "worker" for a, b in zip(argv, argv[1:]))
-    and os.environ.get("VIT_TEST_PACE_S")
-    and os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
-):
-    import time
-    oom_task = os.environ.get("VIT_TEST_OOM_ARRAY_TASK")
-    if oom_task and os.environ.get("SLURM_ARRAY_TASK_ID") == oom_task and os.environ.get("VIT_ATTEMPT") == "1":
-        from tests.inject_worker import install
-
-        install("oom-forward", 1)  # the supervisor halves the batch; the requeued job must keep it
-    from worker import model as _model
-
-    _build, _pace = _model.build, float(os.environ["VIT_TEST_PACE_S"])
-
-    def _paced_build(cfg, names):
-        m = _build(cfg, names)
-        m.register_forward_pre_hook(lambda mod, args: time.sleep(_pace) if mod.training else None)
-        return m
-
-    _model.build = _paced_build
-"""
-"""The jobs' test hook (a ``sitecustomize``, so that it reaches every worker SLURM starts, under torchrun
-too): in a first allocation only (``SLURM_RESTART_COUNT`` 0) every training forward sleeps
-``VIT_TEST_PACE_S`` seconds, so that training outlasts the time limit's signal (sleeping changes no
-number, and the requeued allocation runs at full speed); with ``VIT_TEST_OOM_ARRAY_TASK`` set, that
-array task's first worker also runs out of memory in its first forward."""
 SLURM_CONF = """\
 ClusterName=vittest
 SlurmctldHost=localhost(127.0.0.1)
@@ -287,25 +258,17 @@ class SlurmCluster:
         return self._quiet(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"]).strip()
 
     def job_env(self, base: Path, pace_s: float, *, oom_array_task: int | None = None) -> dict[str, str]:
-        """The environment a test's jobs inherit: the worker's, with :data:`PACING_SITECUSTOMIZE`
-        (written under ``base/site``, pacing first allocations at ``pace_s`` seconds per training
-        forward, and the first worker of array task ``oom_array_task`` out of memory) first on the
-        path, a private state home, this cluster's slurm.conf and none of an enclosing job's SLURM_
-        variables."""
-        from tests.conftest import PYTHON, REPO, worker_env
+        """The environment a test's jobs inherit: the worker's, paced in first allocations at ``pace_s``
+        seconds per training forward, with the first worker of array task ``oom_array_task`` out of
+        memory (tests/pacing.py), a private state home, this cluster's slurm.conf and none of an
+        enclosing job's SLURM_ variables."""
+        from tests.conftest import PYTHON, worker_env
 
-        site = base / "site"
-        site.mkdir(parents=True, exist_ok=True)
-        (site / "sitecustomize.py").write_text(PACING_SITECUSTOMIZE)
-        extra = {"VIT_TEST_PACE_S": str(pace_s)}
-        if oom_array_task is not None:
-            extra["VIT_TEST_OOM_ARRAY_TASK"] = str(oom_array_task)
         env = worker_env(
-            PYTHONPATH=f"{site}:{REPO}",
+            **pacing_env(base, pace_s, oom_array_task=oom_array_task),
             VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
             XDG_STATE_HOME=str(base / "xdg"),
             SLURM_CONF=str(self.conf),
-            **extra,
         )
         env.pop("STATE_DIRECTORY", None)
         for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
