@@ -39,7 +39,7 @@ PYTHON = sys.executable
 HARD_CAP = 10
 
 # Fixtures that start real worker or supervisor processes: a test using one is end-to-end.
-E2E_FIXTURES = frozenset({"new_run", "reference_tiny", "good_checkpoint"})
+E2E_FIXTURES = frozenset({"new_run", "reference_tiny", "short_run", "good_checkpoint"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -217,36 +217,55 @@ def tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
-@pytest.fixture(scope="session")
-def reference_tiny(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """The final checkpoint of an uninterrupted TINY run: what every exact resume must reproduce.
-
-    Built once per test session, not once per xdist process: the processes share the base
-    temporary folder's parent, and a file lock makes the others wait for the first one's run.
-    """
+def _session_run(
+    tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str, overrides: dict[str, Any]
+) -> Path:
+    """The output folder of one completed TINY run (``overrides`` merged in), built once per test
+    session, not once per xdist process: the processes share the base temporary folder's parent, and a
+    file lock makes the others wait for the first one's run."""
     if worker_id == "master":  # not under xdist
-        return _build_reference(tmp_path_factory.mktemp("reference"))
-    shared = tmp_path_factory.getbasetemp().parent / "reference-tiny"
+        return _build_run(tmp_path_factory.mktemp(name), name, overrides)
+    shared = tmp_path_factory.getbasetemp().parent / name
     with FileLock(str(shared) + ".lock"):
-        final = shared / "out" / "checkpoint-38"
-        if not final.is_dir():
+        if not (shared / "completed").exists():
             shutil.rmtree(shared, ignore_errors=True)  # a half-built one from a process that failed
             shared.mkdir()
-            _build_reference(shared)
-        return final
+            _build_run(shared, name, overrides)
+        return shared / "out"
 
 
-def _build_reference(d: Path) -> Path:
+def _build_run(d: Path, name: str, overrides: dict[str, Any]) -> Path:
     cfg = d / "c.yaml"
-    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"snapshot": {"root": str(d / "shm")}})))
+    cfg.write_text(yaml.safe_dump(deep_update(deep_update(TINY, {"snapshot": {"root": str(d / "shm")}}), overrides)))
     log = d / "worker.log"
     with open(log, "w") as f:
         p = vit_train(cfg, stdout=f)
-    code = wait_exit(p, 120, "the reference run", progress=lambda: run_progress(d / "out"), context=lambda: tail(log))
+    code = wait_exit(p, 120, f"the {name} run", progress=lambda: run_progress(d / "out"), context=lambda: tail(log))
     assert code == 0, tail(log)
-    final = d / "out" / "checkpoint-38"
+    (d / "completed").touch()
+    return d / "out"
+
+
+@pytest.fixture(scope="session")
+def reference_tiny(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The final checkpoint of an uninterrupted TINY run: what every exact resume must reproduce."""
+    final = _session_run(tmp_path_factory, worker_id, "reference-tiny", {}) / "checkpoint-38"
     assert final.is_dir()
     return final
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The output folder of a completed 5-step TINY run (``training.max_steps: 5``): its committed
+    ``checkpoint-5``, final model and run records. Shared by the whole session, so read only: a test
+    that resumes it or changes anything in it works on :func:`copy_run_dir`'s copy."""
+    return _session_run(tmp_path_factory, worker_id, "short-run", {"training": {"max_steps": 5}})
+
+
+def copy_run_dir(src: Path, dst: Path) -> Path:
+    """A copy of the output folder ``src`` at ``dst`` (file times kept), as a user moving a run would make."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
 
 
 # ----------------------------------------------------------------------------- supervised runs

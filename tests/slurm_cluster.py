@@ -41,16 +41,17 @@ from filelock import FileLock
 
 from supervisor.host import poll_until
 from tests import debtools
+from tests.pacing import pacing_env
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 NODE = "vitnode"
 NODE_CPUS = 8
+"""CPUs the node advertises (more than the machine has: the jobs here mostly wait)."""
 CRED_EXPIRE_S = 10
 """SLURM holds a requeued job back for the job credential's lifetime (+1 s; default 120 s): the node
 refuses to start a job whose previous run's credential it revoked ("Job credential revoked").
 Shortened so that a requeued job starts again about 11 s after its requeue, by SLURM's own rules."""
-"""CPUs the node advertises (more than the machine has: the jobs here mostly wait)."""
 SLURM_CONF = """\
 ClusterName=vittest
 SlurmctldHost=localhost(127.0.0.1)
@@ -256,21 +257,18 @@ class SlurmCluster:
     def node_state(self) -> str:
         return self._quiet(["sinfo", "-h", "-N", "-n", NODE, "-o", "%T"]).strip()
 
-    def job_env(self, base: Path, sitecustomize: str, **extra: str) -> dict[str, str]:
-        """The environment a test's jobs inherit: the worker's, with ``sitecustomize`` (a test hook,
-        written under ``base/site``) first on the path, a private state home, this cluster's
-        slurm.conf and none of an enclosing job's SLURM_ variables."""
-        from tests.conftest import PYTHON, REPO, worker_env
+    def job_env(self, base: Path, pace_s: float, *, oom_array_task: int | None = None) -> dict[str, str]:
+        """The environment a test's jobs inherit: the worker's, paced in first allocations at ``pace_s``
+        seconds per training forward, with the first worker of array task ``oom_array_task`` out of
+        memory (tests/pacing.py), a private state home, this cluster's slurm.conf and none of an
+        enclosing job's SLURM_ variables."""
+        from tests.conftest import PYTHON, worker_env
 
-        site = base / "site"
-        site.mkdir(parents=True, exist_ok=True)
-        (site / "sitecustomize.py").write_text(sitecustomize)
         env = worker_env(
-            PYTHONPATH=f"{site}:{REPO}",
+            **pacing_env(base, pace_s, oom_array_task=oom_array_task),
             VIT_SUPERVISOR=f"{PYTHON} -m supervisor.cli",
             XDG_STATE_HOME=str(base / "xdg"),
             SLURM_CONF=str(self.conf),
-            **extra,
         )
         env.pop("STATE_DIRECTORY", None)
         for name in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:

@@ -11,20 +11,11 @@ from worker import checkpoint as ckpt
 from worker.disk import DiskGuard, DiskLow, StoppedWhileWaiting
 
 
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real committed checkpoint written by the worker's own save path (5 steps of TINY)."""
-    import yaml
-
-    from tests.conftest import TINY, deep_update, vit_train
-
-    d = tmp_path_factory.mktemp("ck")
-    cfg = d / "c.yaml"
-    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 5}})))
-    p = vit_train(cfg)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
-    return d / "out" / "checkpoint-5"
+@pytest.fixture
+def good_checkpoint(short_run: Path) -> Path:
+    """A real committed checkpoint written by the worker's own save path (5 steps of TINY; the
+    session's shared run, so read only)."""
+    return short_run / "checkpoint-5"
 
 
 def copy_run(src: Path, dst_root: Path, steps: list[int]) -> Path:

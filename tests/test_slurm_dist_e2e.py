@@ -70,27 +70,6 @@ FINAL = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "
 STALL_S = 150.0
 """Nothing moved (SLURM's job state, the heartbeat, either node's state.json) for this long: stuck."""
 
-SITECUSTOMIZE = """\
-import os, sys
-argv = sys.orig_argv
-if (
-    any(a == "-m" and b == "worker" for a, b in zip(argv, argv[1:]))
-    and os.environ.get("VIT_TEST_PACE_S")
-    and os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
-):
-    import time
-    from worker import model as _model
-
-    _build, _pace = _model.build, float(os.environ["VIT_TEST_PACE_S"])
-
-    def _paced_build(cfg, names):
-        m = _build(cfg, names)
-        m.register_forward_pre_hook(lambda mod, args: time.sleep(_pace) if mod.training else None)
-        return m
-
-    _model.build = _paced_build
-"""
-
 TWO_NODES = {
     "launcher": "torchrun",
     "distributed": {"from_slurm": True},  # nproc_per_node 1: the config's (no GPUs in SLURM)
@@ -150,7 +129,7 @@ def test_two_node_torchrun_job_is_cut_by_the_time_limit_requeued_and_resumes_bit
 ) -> None:
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    env = slurm_cluster.job_env(tmp_path, SITECUSTOMIZE, VIT_TEST_PACE_S=str(PACE_S))
+    env = slurm_cluster.job_env(tmp_path, PACE_S)
     cfg = _config(tmp_path / "job", TWO_NODES)
     out = tmp_path / "job" / "out"
     job = slurm_cluster.sbatch(

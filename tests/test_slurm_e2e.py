@@ -53,30 +53,6 @@ FINAL = frozenset(
 STALL_S = 150.0
 """No job moved (SLURM state, heartbeat, state.json) for this long: something is stuck."""
 
-SITECUSTOMIZE = """\
-import os, sys
-if (
-    sys.orig_argv[1:3] == ["-m", "worker"]
-    and os.environ.get("VIT_TEST_PACE_S")
-    and os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
-):
-    import time
-    if os.environ.get("SLURM_ARRAY_TASK_ID") == "1" and os.environ.get("VIT_ATTEMPT") == "1":
-        from tests.inject_worker import install
-
-        install("oom-forward", 1)  # the supervisor halves the batch; the requeued job must keep it
-    from worker import model as _model
-
-    _build, _pace = _model.build, float(os.environ["VIT_TEST_PACE_S"])
-
-    def _paced_build(cfg, names):
-        m = _build(cfg, names)
-        m.register_forward_pre_hook(lambda mod, args: time.sleep(_pace) if mod.training else None)
-        return m
-
-    _model.build = _paced_build
-"""
-
 
 @dataclass
 class Run:
@@ -179,7 +155,7 @@ def slurm_runs(
 
 def _run_all(cluster: SlurmCluster, base: Path) -> dict[str, Any]:
     """Submit every job through the template, drive them to their ends; what happened, as JSON."""
-    env = cluster.job_env(base, SITECUSTOMIZE, VIT_TEST_PACE_S=str(PACE_S))
+    env = cluster.job_env(base, PACE_S, oom_array_task=1)
 
     def submit(name: str, config: Path, *args: str) -> str:
         return cluster.sbatch(

@@ -12,12 +12,17 @@ import psutil
 import pytest
 
 from tests.conftest import finish, wait_for
+from tests.pacing import pacing_env
 from tests.test_worker_e2e import _digit_pngs, max_abs_diff, run_to_end, write_cfg
 
 pytestmark = pytest.mark.e2e
 
-# ~760 steps: time for a standby to get ready
+# ~760 steps, and paced (tests/pacing.py): time for a standby to get ready, spent sleeping, not training.
 LONG = {"training": {"num_train_epochs": 40, "save_steps": 20}, "supervisor": {"standby": True}}
+PACE_S = 0.3
+"""Seconds of sleep per training forward of a paced worker: at least 57 s for the 190 steps of the
+hand-over run, while a standby gets ready in 5-20 s."""
+HANDOVER = {"training": {"num_train_epochs": 10, "save_steps": 20}, "supervisor": {"standby": True}}
 
 
 def ready_standby(run: Any) -> dict[str, Any]:
@@ -27,9 +32,10 @@ def ready_standby(run: Any) -> dict[str, Any]:
 def test_standby_takes_over_after_sigkill_and_training_stays_exact(
     tmp_path: Path, make_config: Any, new_run: Any
 ) -> None:
-    ref = write_cfg(tmp_path / "ref" / "c.yaml", LONG)
+    ref = write_cfg(tmp_path / "ref" / "c.yaml", HANDOVER)
     run_to_end(ref)
-    run = new_run(make_config(LONG))
+    full_speed = tmp_path / "full-speed"  # paced until the kill: the standby's attempt trains at full speed
+    run = new_run(make_config(HANDOVER), **pacing_env(tmp_path, PACE_S, until=full_speed))
     sup = run.start()
     run.worker_at_step(5)
     sb = ready_standby(run)
@@ -37,6 +43,7 @@ def test_standby_takes_over_after_sigkill_and_training_stays_exact(
     victim = run.state()["worker_pid"]
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
+    full_speed.touch()
     run.worker_at_step(0, attempt=2)
     took_over = time.monotonic() - killed
     assert finish(sup, run, timeout=120) == 0, run.log()[-3000:]
@@ -46,11 +53,13 @@ def test_standby_takes_over_after_sigkill_and_training_stays_exact(
     assert second["standby_fallback"] is None and st["attempts"][0]["exit"] == "killed by SIGKILL"
     assert Path(second["log"]).name.startswith("standby-")
     print(f"\nSIGKILL -> standby's first new step: {took_over:.2f}s")
-    assert max_abs_diff(run.out / "checkpoint-760", ref.parent / "out" / "checkpoint-760") == 0.0
+    assert max_abs_diff(run.out / "checkpoint-190", ref.parent / "out" / "checkpoint-190") == 0.0
 
 
-def test_a_standby_that_keeps_dying_is_replaced_then_given_up_for_a_cold_start(make_config: Any, new_run: Any) -> None:
-    run = new_run(make_config(LONG))
+def test_a_standby_that_keeps_dying_is_replaced_then_given_up_for_a_cold_start(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
+    run = new_run(make_config(LONG), **pacing_env(tmp_path, PACE_S))
     sup = run.start()
     run.worker_at_step(5)
     killed: set[int] = set()
@@ -78,8 +87,10 @@ def test_a_standby_that_keeps_dying_is_replaced_then_given_up_for_a_cold_start(m
     assert finish(sup, run) == 0
 
 
-def test_cold_start_when_the_config_changed_since_the_standby_started(make_config: Any, new_run: Any) -> None:
-    run = new_run(make_config(LONG))
+def test_cold_start_when_the_config_changed_since_the_standby_started(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
+    run = new_run(make_config(LONG), **pacing_env(tmp_path, PACE_S))
     sup = run.start()
     run.worker_at_step(5)
     sb = ready_standby(run)
@@ -109,7 +120,8 @@ def test_standby_refuses_changed_data_and_the_supervisor_starts_cold(
                 "data": {"source": "image_folder", "path": "images", "limit": None},
                 "supervisor": {"standby": True},
             }
-        )
+        ),
+        **pacing_env(tmp_path, PACE_S),
     )
     sup = run.start()
     run.worker_at_step(5)

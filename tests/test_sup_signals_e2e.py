@@ -15,10 +15,14 @@ import psutil
 import pytest
 
 from tests.conftest import finish, wait_for
+from tests.pacing import pacing_env
 
 pytestmark = pytest.mark.e2e
 
 LONGER = {"training": {"num_train_epochs": 40}, "supervisor": {"standby": False}}
+PACE_S = 0.2
+"""The first two tests' workers sleep this long in each training forward (tests/pacing.py): they only
+need a worker that keeps training while signals and deletions come, not its steps."""
 
 
 def alive(pid: int) -> bool:
@@ -28,9 +32,11 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_hup_usr1_usr2_are_survived_and_sigquit_stops_gracefully(make_config: Any, new_run: Any) -> None:
+def test_hup_usr1_usr2_are_survived_and_sigquit_stops_gracefully(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     """Bug 8c: these four signals killed a foreground supervisor and left state `running`."""
-    run = new_run(make_config(LONGER))
+    run = new_run(make_config(LONGER), **pacing_env(tmp_path, PACE_S))
     sup = run.start()
     run.worker_at_step(3)
     worker = run.state()["worker_pid"]
@@ -46,9 +52,11 @@ def test_hup_usr1_usr2_are_survived_and_sigquit_stops_gracefully(make_config: An
     assert not alive(worker)
 
 
-def test_second_start_after_the_output_dir_was_deleted_is_refused(make_config: Any, new_run: Any) -> None:
+def test_second_start_after_the_output_dir_was_deleted_is_refused(
+    tmp_path: Path, make_config: Any, new_run: Any
+) -> None:
     """Bug 7: deleting the output directory freed the flock, so a second supervisor ran beside the first."""
-    run = new_run(make_config(LONGER))
+    run = new_run(make_config(LONGER), **pacing_env(tmp_path, PACE_S))
     sup = run.start()
     run.worker_at_step(3)
     original = os.stat(run.out).st_ino

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import finish, read_json, wait_for
+from tests.pacing import pacing_env
 
 pytestmark = pytest.mark.e2e
 
@@ -107,7 +108,8 @@ def test_ctrl_c_checkpoints_and_stops_then_start_resumes_to_completion(
 def test_detach_status_and_stop_commands_and_a_second_start_is_refused(
     tmp_path: Path, make_config: Any, new_run: Any
 ) -> None:
-    run = new_run(make_config({"training": {"num_train_epochs": 60}}))
+    # Paced (tests/pacing.py): the commands need a worker that keeps training, not its 1140 steps.
+    run = new_run(make_config({"training": {"num_train_epochs": 60}}), **pacing_env(tmp_path, 0.2))
     r = run.cli("start", "--detach", str(run.config))
     assert r.returncode == 0, r.stderr
     assert "supervisor.log" in r.stdout and "attempt-N.log" in r.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, deep_update, heartbeat, read_json, vit_train, wait_for
+from tests.conftest import TINY, copy_run_dir, deep_update, heartbeat, read_json, vit_train, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -75,12 +75,11 @@ def test_sigkill_then_resume_ends_bit_identical_to_uninterrupted_run(
     assert max_abs_diff(out / "checkpoint-38", reference_tiny) == 0.0
 
 
-def test_auto_detects_checkpoint_without_resume_flag(tmp_path: Path) -> None:
-    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 6}})
-    run_to_end(cfg)
-    cfg.write_text(yaml.safe_dump(deep_update(TINY, {"training": {"max_steps": 12}})))
+def test_auto_detects_checkpoint_without_resume_flag(tmp_path: Path, short_run: Path) -> None:
+    copy_run_dir(short_run, tmp_path / "out")
+    cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 12}})
     log = run_to_end(cfg)
-    assert "Auto-detected checkpoint:" in log and "checkpoint-6" in log
+    assert "Auto-detected checkpoint:" in log and "checkpoint-5" in log
     assert (tmp_path / "out" / "checkpoint-12").is_dir()
 
 
@@ -101,9 +100,11 @@ def test_broken_newest_checkpoint_is_set_aside_and_older_good_one_used(tmp_path:
     assert (out / "checkpoint-15").is_dir()
 
 
-def test_checkpoint_flag_with_invalid_checkpoint_is_an_error_naming_the_problem(tmp_path: Path) -> None:
+def test_checkpoint_flag_with_invalid_checkpoint_is_an_error_naming_the_problem(
+    tmp_path: Path, short_run: Path
+) -> None:
+    copy_run_dir(short_run, tmp_path / "out")
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 5}})
-    run_to_end(cfg)
     ck = tmp_path / "out" / "checkpoint-5"
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -114,10 +115,9 @@ def test_checkpoint_flag_with_invalid_checkpoint_is_an_error_naming_the_problem(
     assert ck.is_dir(), "an explicitly named checkpoint is reported, not moved"
 
 
-def test_resume_guard_names_each_changed_key_and_touches_nothing(tmp_path: Path) -> None:
+def test_resume_guard_names_each_changed_key_and_touches_nothing(tmp_path: Path, short_run: Path) -> None:
+    out = copy_run_dir(short_run, tmp_path / "out")
     cfg = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 5}})
-    out = tmp_path / "out"
-    run_to_end(cfg)
     before = sorted(
         (p.relative_to(out), p.stat().st_mtime_ns)
         for p in out.rglob("*")
@@ -160,7 +160,7 @@ def test_wandb_keeps_one_offline_run_across_restarts(tmp_path: Path) -> None:
     assert read_json(out / "run" / "exit_report.json")["tracker_run_id"] == run_id
 
 
-def test_stock_trainer_resume_skips_vit_encoder_weights_but_ours_restores_all(tmp_path: Path) -> None:
+def test_stock_trainer_resume_skips_vit_encoder_weights_but_ours_restores_all(tmp_path: Path, short_run: Path) -> None:
     """The defect this project exists to beat, shown on a real checkpoint."""
     import torch
     from transformers import Trainer, TrainingArguments
@@ -170,8 +170,7 @@ def test_stock_trainer_resume_skips_vit_encoder_weights_but_ours_restores_all(tm
     from worker import model as model_mod
 
     cfg_path = write_cfg(tmp_path / "c.yaml", {"training": {"max_steps": 5}})
-    run_to_end(cfg_path)
-    ck = tmp_path / "out" / "checkpoint-5"
+    ck = short_run / "checkpoint-5"  # read only
     cfg = load_config(cfg_path)
     saved = model_mod.model_class(cfg).from_pretrained(str(ck)).state_dict()
 

@@ -15,6 +15,7 @@ import yaml
 
 from supervisor import protocol, runlock
 from tests.conftest import TINY, deep_update, heartbeat, vit_train, wait_for, worker_env
+from tests.pacing import pacing_env
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +81,7 @@ def test_a_supervised_worker_beside_a_live_worker_is_refused_with_a_report(tmp_p
 def test_a_second_vit_train_by_hand_is_refused_while_the_first_trains_on(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     out = tmp_path / "out"
-    first = vit_train(cfg)
+    first = vit_train(cfg, env=worker_env(**pacing_env(tmp_path, 0.2)))  # it only has to keep training
     try:
         wait_for(lambda: (heartbeat(out).get("global_step") or 0) >= 3, 120, "the first run to train")
         assert runlock.held(out, "run") and runlock.held(out, "worker")

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from supervisor import protocol
 from supervisor.schema import ConfigError, load_config
-from worker import launch
+from worker import launch, startup
 from worker.fault import StopRequest, set_process_name, write_exit_report
 
 
@@ -103,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.no_snapshots:
         logging.getLogger("vit_train").warning("Snapshots off for this run (--no-snapshots): disk checkpoints only")
+    startup.skip_unused_imports(cfg)
     try:
         if args.standby:
             from worker.standby import serve
 
             return serve(cfg, stop)
-        from worker.train import run  # heavy imports only after the config is known to be good
+        with startup.imports_without_gc():  # heavy imports only after the config is known to be good
+            from worker.train import run
 
         return run(
             cfg, resume=args.resume, checkpoint=args.checkpoint.resolve() if args.checkpoint else None, stop=stop
