@@ -1395,11 +1395,13 @@ class Capturer:
     trainer state, the optimizer's param groups) at once, as plain data (:func:`plain_dumps`,
     a fraction of ``torch.save``'s cost; :func:`materialize` writes the real files), and keeps
     references to the tensors; :meth:`fill` then copies the tensors' bytes straight into the
-    slot (one ``torch.cat`` on CPU; through pinned memory filled on a side stream on CUDA).
+    slot (one ``numpy.concatenate`` on CPU; through pinned memory filled on a side stream on CUDA).
     What does not change within an attempt is kept between captures: ``config.json``,
     ``training_args.bin``, the list of tensors ``save_pretrained`` would save (while the
-    model's parameters and buffers stay where they are), the tensors' specs and byte views,
-    and the encoded log history.
+    model's parameters and buffers stay where they are), the tensors' specs and byte views
+    (while the optimizer's state also holds the same objects: one check of both per capture),
+    the optimizer's skeleton but for its param groups' values, NumPy's RNG state while it does
+    not move (:class:`_NumpyRng`), and the encoded log history.
     """
 
     def __init__(self) -> None:
