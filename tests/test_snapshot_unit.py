@@ -908,7 +908,9 @@ def test_the_writer_judges_a_threaded_copy_by_the_threads_cpu_time(
     _fake_capture(monkeypatch)
     clock = SimpleNamespace(now=1000.0, cpu={})
     fake_time = SimpleNamespace(
-        monotonic=lambda: clock.now, thread_time=lambda: clock.cpu.get(threading.get_ident(), 0.0)
+        monotonic=lambda: clock.now,
+        process_time=lambda: clock.now,
+        thread_time=lambda: clock.cpu.get(threading.get_ident(), 0.0),
     )
     monkeypatch.setattr(wt, "time", fake_time)
     per_copy = [0.010]
@@ -1010,6 +1012,25 @@ def test_auto_counts_the_copy_threads_cpu_time_beside_the_exposed_time() -> None
     w = snap.IntervalChooser("auto")
     w.add_step(0.050)
     assert w.add_cost(0.005, busy=0.001) == 5
+
+
+def test_auto_compares_cpu_time_with_the_steps_cpu_time_under_contention() -> None:
+    """A loaded CPU: steps of 110 ms wall but 18 ms of CPU; a snapshot of 1.2 ms exposed (1 % of
+    the wall step) that took 1.3 ms of CPU (7 % of the step's CPU). The CPU share counts."""
+    c = snap.IntervalChooser("auto")
+    for _ in range(4):
+        c.add_step(0.110, cpu_seconds=0.018)
+    assert c.add_cost(0.0012, busy=0.0013) == 4
+    assert c.cost_seconds == pytest.approx(0.110 * 0.0013 / 0.018)
+    # Without CPU times for the steps, or where the CPU share is the smaller, the wall share decides.
+    w = snap.IntervalChooser("auto")
+    for _ in range(4):
+        w.add_step(0.110)
+    assert w.add_cost(0.0012, busy=0.0013) is None and w.interval == 1
+    g = snap.IntervalChooser("auto")
+    for _ in range(4):
+        g.add_step(0.100, cpu_seconds=0.100)
+    assert g.add_cost(0.0015, busy=0.0001) is None and g.interval == 1
 
 
 def test_every_steps_is_validated_when_built_in_code() -> None:

@@ -104,17 +104,19 @@ class Snapshots:
         self._sync_s = 0.0
         self._last_step: int | None = None
         self._last_step_end: float | None = None
+        self._last_step_cpu = 0.0  # the process's CPU time at the last step end
+        self._sync_cpu = 0.0  # this thread's CPU time in the boundary part of the snapshot in flight
         self._setup_at = 0.0
         self._copy_cpu = 0.0  # the copy thread's CPU time for the last snapshot it wrote
 
     def step_end(self, step: int) -> bool:
         """Record a step end; whether this rank's interval wants a snapshot of ``step``."""
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time()
         if self._last_step_end is not None:
-            new = self.chooser.add_step(now - self._last_step_end)
+            new = self.chooser.add_step(now - self._last_step_end, cpu - self._last_step_cpu)
             if new is not None:
                 self._log_interval(new)
-        self._last_step_end = now
+        self._last_step_end, self._last_step_cpu = now, cpu
         return self.enabled and self.chooser.is_due(step, self._last_step)
 
     def mark_due(self, step: int) -> None:
@@ -136,7 +138,7 @@ class Snapshots:
         self.join()
         if not self.enabled:
             return
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         self._setup_at = self._setup_seconds()
         step = state.global_step
         try:
@@ -144,14 +146,14 @@ class Snapshots:
                 # Ranks > 0 hold no weights of their own to save: their small part, synchronously.
                 capture_rank = getattr(snapshot, "capture_rank_files", snapshot.capture_files)
                 self.store.write(step, capture_rank(trainer))
-                self._done(step, t0, time.monotonic() - t0)
+                self._done(step, t0, time.monotonic() - t0, busy=time.thread_time() - cpu0)
                 return
             self.store.keep_previous = getattr(trainer.args, "world_size", 1) > 1  # only torchrun's agreement reads it
             cap = self._capturer.capture(trainer)
             if cap.tensor_bytes < snapshot.SYNC_BELOW:
                 self._copy(cap, t0)  # small: cheaper here than handed to the thread
                 self._last_step = step
-                self._done(step, None, time.monotonic() - t0)
+                self._done(step, None, time.monotonic() - t0, busy=time.thread_time() - cpu0)
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-copy")
@@ -160,7 +162,7 @@ class Snapshots:
             self._off(step, exc)
             return
         self._pending_step = step
-        self._sync_s = time.monotonic() - t0
+        self._sync_s, self._sync_cpu = time.monotonic() - t0, time.thread_time() - cpu0
         self._last_step = step
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
@@ -180,14 +182,14 @@ class Snapshots:
         except Exception as exc:
             self._off(self._pending_step, exc)
             return
-        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, busy=self._sync_s + self._copy_cpu)
+        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, busy=self._sync_cpu + self._copy_cpu)
 
     def _setup_seconds(self) -> float:
         return self._capturer.setup_seconds + self.store.setup_seconds
 
     def _done(self, step: int, t0: float | None, exposed: float, busy: float | None = None) -> None:
-        """Record a committed snapshot: its exposed time and, for a copy in the thread, its busy
-        time (the synchronous part plus the thread's CPU time), for the interval's choice."""
+        """Record a committed snapshot: its exposed time and its busy time (CPU time: the boundary
+        part's, plus the copy thread's for a copy in the thread), for the interval's choice."""
         if t0 is not None:
             self.seconds.append(time.monotonic() - t0)
         self.exposed.append(exposed)
