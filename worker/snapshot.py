@@ -1725,7 +1725,10 @@ class IntervalChooser:
     costs training against the median time between step ends. A snapshot's cost is the larger
     of its exposed time (what training waited for: the synchronous part at the boundary plus
     any wait for the copy before the next optimizer step) and its *busy* time: the synchronous
-    part plus the CPU time the copy thread used (``time.thread_time`` in the thread). The copy
+    part plus the CPU time the copy thread used (``time.thread_time`` in the thread), or the copy's
+    duration when that is longer (a copy of a big state also takes memory bandwidth from the
+    training step: ViT-B on 2 cores, 140 ms of the thread's CPU for a 455 ms copy, and training
+    1.3-1.5x slower at the interval the CPU time chose). The copy
     runs beside the next step's forward and backward, which on a busy CPU (a CPU-only run on
     few cores, other load) lose about that much CPU to it; counted in full, without waiting for
     step times to show it (their medians move by less than their noise for a small state), and

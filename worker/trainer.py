@@ -166,9 +166,11 @@ class Snapshots:
         self._last_step = step
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
-        cpu0 = time.thread_time()  # this thread's CPU time: what the copy takes from training beside it
+        # What the copy takes from training beside it: this thread's CPU time, or its duration when
+        # longer (a big copy also takes memory bandwidth from the training step's cores).
+        cpu0, wall0 = time.thread_time(), time.monotonic()
         self.size = snapshot.write_capture(self.store, self._capturer, cap)
-        self._copy_cpu = time.thread_time() - cpu0
+        self._copy_cpu = max(time.thread_time() - cpu0, time.monotonic() - wall0)
         self.seconds.append(time.monotonic() - t0)
 
     def join(self) -> None:
