@@ -126,6 +126,7 @@ import json
 import logging
 import math
 import mmap
+import operator
 import os
 import pickle
 import re
@@ -1022,8 +1023,9 @@ def plain_loads(raw: bytes) -> Any:
     return _PlainUnpickler(io.BytesIO(raw)).load()
 
 
-def _rng_raw(states: Mapping[str, Any]) -> dict[str, Any]:
-    """``rng_state.pth``'s dict (:func:`_rng_states`) as plain data: tensors and the NumPy key as bytes."""
+def _rng_raw(states: Mapping[str, Any], numpy_rng: _NumpyRng | None = None) -> dict[str, Any]:
+    """``rng_state.pth``'s dict (:func:`_rng_states`) as plain data: tensors and the NumPy key as bytes
+    (NumPy's converted once per state that ``numpy_rng`` gave)."""
     import torch
 
     def raw(t: Any) -> Any:
@@ -1038,11 +1040,15 @@ def _rng_raw(states: Mapping[str, Any]) -> dict[str, Any]:
         if key == "python":
             out[key] = value
         elif key == "numpy":
-            name, keys, *rest = value
-            out[key] = (name, keys.tobytes(), str(keys.dtype), *rest)
+            out[key] = numpy_rng.raw(value) if numpy_rng is not None else _numpy_raw(value)
         else:
             out[key] = raw(value)
     return out
+
+
+def _numpy_raw(value: Any) -> tuple[Any, ...]:
+    name, keys, *rest = value
+    return (name, keys.tobytes(), str(keys.dtype), *rest)
 
 
 def _rng_from_raw(raw: Any) -> dict[str, Any]:
@@ -1245,8 +1251,8 @@ def _finish_state_dict(trainer: Any, d: dict[str, Any]) -> None:
             d["best_model_checkpoint"] = str(best_path)
 
 
-def _rng_states(args: Any) -> dict[str, Any]:
-    """What ``Trainer._save_rng_state`` stores, for CPU and CUDA."""
+def _rng_states(args: Any, numpy_rng: _NumpyRng | None = None) -> dict[str, Any]:
+    """What ``Trainer._save_rng_state`` stores, for CPU and CUDA (NumPy's state through ``numpy_rng`` when given)."""
     import random
 
     import numpy as np
@@ -1255,7 +1261,7 @@ def _rng_states(args: Any) -> dict[str, Any]:
 
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state() if numpy_rng is None else numpy_rng.state(),
         "cpu": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -1264,6 +1270,64 @@ def _rng_states(args: Any) -> dict[str, Any]:
         else:
             states["cuda"] = torch.cuda.random.get_rng_state()
     return states
+
+
+class _NumpyRng:
+    """NumPy's global generator state (``np.random.get_state()``), read in full only when it moved.
+
+    ``get_state`` copies the 2.5 KB Mersenne Twister key into a new array and builds the tuple
+    around it: about 30 us on an idle core, the largest part of a small model's capture, for a
+    generator that training rarely touches. Its raw state (the key and the position, exactly
+    ``mt19937_state`` in NumPy's C source) is a few hundred nanoseconds to read through the bit
+    generator's documented ctypes interface; while those bytes are those of the last full
+    read, the state is that read's. Exact: every draw moves the position or regenerates the key,
+    and the one other field, the cached Gaussian of the legacy ``RandomState``, can change
+    without a draw only by being used up, so a state holding one is read in full every time.
+    The layout is checked against a full read first: if it does not match (another NumPy, another
+    generator), every read is a full one.
+    """
+
+    _RAW = 624 * 4 + 4  # uint32_t key[624]; int pos
+
+    def __init__(self) -> None:
+        self._bitgen: Any = None
+        self._address = 0
+        self._raw = b""
+        self._state: Any = None
+        self._state_raw: tuple[Any, tuple[Any, ...]] | None = None  # (the state, its raw form)
+        self._usable = True
+
+    def state(self) -> Any:
+        import ctypes
+
+        import numpy as np
+
+        if not self._usable:
+            return np.random.get_state()
+        try:
+            bitgen = np.random.mtrand._rand._bit_generator
+            if bitgen is not self._bitgen:
+                self._bitgen, self._address, self._state = bitgen, bitgen.ctypes.state_address, None
+            raw = ctypes.string_at(self._address, self._RAW)
+        except (AttributeError, TypeError, ValueError):
+            self._usable = False
+            return np.random.get_state()
+        if self._state is not None and raw == self._raw:
+            return self._state
+        state: Any = np.random.get_state()
+        if state[0] != "MT19937" or state[1].tobytes() + struct.pack("=i", state[2]) != raw:
+            self._usable = False  # not the layout this reads: full reads from now on
+            return state
+        self._raw, self._state = raw, (None if state[3] else state)  # a cached Gaussian: read in full next time
+        return state
+
+    def raw(self, state: Any) -> tuple[Any, ...]:
+        """:func:`_numpy_raw` of ``state``, kept for the state :meth:`state` keeps."""
+        if state is not self._state:
+            return _numpy_raw(state)
+        if self._state_raw is None or self._state_raw[0] is not state:
+            self._state_raw = (state, _numpy_raw(state))
+        return self._state_raw[1]
 
 
 # ----------------------------------------------------------------------------- capture, raw
@@ -1288,6 +1352,8 @@ class Capture:
     """On CUDA, an event recorded on the training stream at the boundary: the copies wait for it."""
     tensor_bytes: int = 0
     """The tensors' bytes in all."""
+    views: tuple[Any, ...] | None = None
+    """On CPU, each tensor's bytes as a flat NumPy uint8 array (views of the tensors' memory)."""
 
 
 class _StateJson:
@@ -1329,25 +1395,26 @@ class Capturer:
     trainer state, the optimizer's param groups) at once, as plain data (:func:`plain_dumps`,
     a fraction of ``torch.save``'s cost; :func:`materialize` writes the real files), and keeps
     references to the tensors; :meth:`fill` then copies the tensors' bytes straight into the
-    slot (one ``torch.cat`` on CPU; through pinned memory filled on a side stream on CUDA).
+    slot (one ``numpy.concatenate`` on CPU; through pinned memory filled on a side stream on CUDA).
     What does not change within an attempt is kept between captures: ``config.json``,
     ``training_args.bin``, the list of tensors ``save_pretrained`` would save (while the
-    model's parameters and buffers stay where they are), the tensors' specs and byte views,
-    and the encoded log history.
+    model's parameters and buffers stay where they are), the tensors' specs and byte views
+    (while the optimizer's state also holds the same objects: one check of both per capture),
+    the optimizer's skeleton but for its param groups' values, NumPy's RNG state while it does
+    not move (:class:`_NumpyRng`), and the encoded log history.
     """
 
     def __init__(self) -> None:
         self._fixed: dict[str, bytes] | None = None
         self._metadata: dict[str, str] = {}
-        self._model_key: list[tuple[dict[str, Any], str, Any, int]] | None = None
+        self._model_key: tuple[list[tuple[dict[str, Any], str, Any, int]], list[Any], list[int]] | None = None
         self._model: list[tuple[str, Any]] = []
         self._model_tensors_only: tuple[Any, ...] = ()
-        self._views_key: list[int] | None = None
-        self._views: list[Any] = []
+        self._views: tuple[Any, ...] | None = None
         self._staging: _CudaStaging | None = None
-        self._specs_key: tuple[int, ...] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
-        self._specs_of: tuple[Any, ...] = ()  # keeps the tensors whose ids make the key alive
+        self._specs_of: tuple[Any, ...] | None = None  # the tensors the specs and views are of, while they stay
+        self._numpy_rng = _NumpyRng()
         self._specs_bytes = 0
         self._cuda = False
         self._state_json = _StateJson()
@@ -1355,6 +1422,7 @@ class Capturer:
         self._optim: list[tuple[Any, Any, Any]] = []
         self._optim_rest: dict[Any, Any] = {}
         self._optim_values: list[Any] = []
+        self._optim_ids: list[list[int]] = []
         self.setup_seconds = 0.0
         """Time spent on what is done once per attempt (config files, specs, views), not per snapshot."""
 
@@ -1376,22 +1444,29 @@ class Capturer:
         if scaler is not None:
             objects["scaler.pt"] = scaler.state_dict()
         ctx = getattr(trainer, "ctx", None)
-        rng = getattr(ctx, "rng_override", None) or _rng_states(args)
-        objects["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = _rng_raw(rng)
-        named, model_tensors = self._model_tensors(trainer)
-        skeleton, optim = self._optimizer_parts(trainer.optimizer)
-        tensors = (*model_tensors, *[t for _, _, t in optim])
-        key = tuple(map(id, tensors))  # the same tensor objects (kept alive here) have the same specs
-        if key != self._specs_key:
+        rng = getattr(ctx, "rng_override", None) or _rng_states(args, self._numpy_rng)
+        raw_rng = _rng_raw(rng, self._numpy_rng)
+        objects["rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"] = raw_rng
+        named, model_tensors, model_kept = self._model_tensors(trainer)
+        skeleton, optim, optim_kept = self._optimizer_parts(trainer.optimizer)
+        # The same model tensors at the same addresses and the same optimizer state objects: the
+        # tensors, their specs and their byte views are those of the last capture.
+        tensors = self._specs_of if model_kept and optim_kept else None
+        if tensors is None:
             t0 = time.monotonic()
+            tensors = (*model_tensors, *[t for _, _, t in optim])
             specs = tuple(
                 [_spec("model", k, t) for k, t in named] + [_spec("optimizer", f"{p}.{k}", t) for p, k, t in optim]
             )
             if any(t.device.type not in ("cpu", "cuda") for t in tensors):
                 raise NotImplementedError("snapshots of tensors outside CPU and CUDA memory are not supported")
-            self._specs_key, self._specs, self._specs_of = key, specs, tensors
+            self._specs = specs
             self._specs_bytes = sum(spec.nbytes for spec in specs)
             self._cuda = any(t.is_cuda for t in tensors)
+            # A non-contiguous tensor's view is a copy of this moment: such views are taken anew each time.
+            self._views = None if self._cuda else tuple(_flat_bytes(t).numpy() for t in tensors)
+            kept = model_kept is not None and optim_kept is not None and all(t.is_contiguous() for t in tensors)
+            self._specs_of = tensors if kept else None
             self.setup_seconds += time.monotonic() - t0
         ready = None
         if self._cuda:
@@ -1407,25 +1482,56 @@ class Capturer:
             skeleton=plain_dumps(skeleton),
             specs=self._specs,
             tensors=tensors,
+            views=self._views,
             metadata=self._metadata,
             ready=ready,
             tensor_bytes=self._specs_bytes,
         )
 
-    def _optimizer_parts(self, optimizer: Any) -> tuple[dict[str, Any], list[tuple[Any, Any, Any]]]:
-        """:func:`_optimizer_parts`, its split of the state reused while the state holds the same
-        objects (the optimizer updates its tensors in place): one pass over the values, not two.
-        The objects are kept referenced here, so no id in the key can be reused by another."""
+    def _optimizer_parts(self, optimizer: Any) -> tuple[dict[str, Any], list[tuple[Any, Any, Any]], bool | None]:
+        """:func:`_optimizer_parts`, and whether the state holds the objects of the last call
+        (None: not known, the next call cannot tell either), without a ``state_dict()`` call while the optimizer's state
+        holds the same objects (it updates its tensors in place) for the same parameters.
+
+        Then only the param groups' values can have changed (a scheduler sets ``lr``), and the
+        skeleton is the cached one with the live groups' values: what ``state_dict()`` would
+        return, built without its pass over every parameter and state entry. A torch optimizer
+        with state-dict hooks (which may change what it returns) goes through ``state_dict()``
+        every time. The objects are kept referenced here, so no id in the key can be reused by another.
+        """
+        import torch
+
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        plain = (
+            isinstance(inner, torch.optim.Optimizer)
+            and not inner._optimizer_state_dict_pre_hooks
+            and not inner._optimizer_state_dict_post_hooks
+        )
+        if plain:
+            groups = inner.param_groups
+            key = [id(v) for per in inner.state.values() for v in per.values()]
+            key += map(id, inner.state)
+            key += [id(p) for g in groups for p in g["params"]]
+            if key == self._optim_key:
+                packed = [
+                    {**{k: v for k, v in g.items() if k != "params"}, "params": ids}
+                    for g, ids in zip(groups, self._optim_ids, strict=True)
+                ]
+                return {"state": self._optim_rest, "param_groups": packed}, self._optim, True
         sd = optimizer.state_dict()
-        state = sd["state"]
-        key = [id(v) for per in state.values() for v in per.values()]
-        key += map(id, state)  # and the same param ids, in the same order
-        if key != self._optim_key:
-            skeleton, self._optim = _optimizer_parts(optimizer, sd)
-            self._optim_rest = skeleton["state"]
-            self._optim_values = [v for per in state.values() for v in per.values()]
+        skeleton, self._optim = _optimizer_parts(optimizer, sd)
+        self._optim_rest = skeleton["state"]
+        if plain:
+            self._optim_ids = [g["params"] for g in sd["param_groups"]]
+            self._optim_values = [
+                *(v for per in inner.state.values() for v in per.values()),
+                *inner.state,
+                *(p for g in groups for p in g["params"]),
+            ]
             self._optim_key = key
-        return {**sd, "state": self._optim_rest}, self._optim
+            return skeleton, self._optim, False
+        self._optim_key = None
+        return skeleton, self._optim, None
 
     def _trainer_state(self, trainer: Any) -> bytes:
         """trainer_state.json as :func:`_trainer_state_dict` has it, compact, the log history
@@ -1439,14 +1545,18 @@ class Capturer:
             d = _trainer_state_dict(trainer)
             return json.dumps(d).encode()
 
-    def _model_tensors(self, trainer: Any) -> tuple[list[tuple[str, Any]], tuple[Any, ...]]:
+    def _model_tensors(self, trainer: Any) -> tuple[list[tuple[str, Any]], tuple[Any, ...], bool | None]:
         """What save_pretrained would save (names and tensors, and the tensors alone), kept while the
         model's parameters and buffers stay the same tensors at the same addresses (checked on the
-        modules' own dicts: cheap)."""
-        if self._model_key is not None and all(
-            d.get(name) is t and t is not None and t.data_ptr() == ptr for d, name, t, ptr in self._model_key
-        ):
-            return self._model, self._model_tensors_only
+        modules' own dicts: cheap); and whether they were kept (None: they cannot be)."""
+        key = self._model_key
+        if key is not None:
+            import torch
+
+            entries = key[0]
+            live = [d.get(name) for d, name, _, _ in entries]
+            if all(map(operator.is_, live, key[1])) and list(map(torch.Tensor.data_ptr, key[1])) == key[2]:
+                return self._model, self._model_tensors_only, True
         t0 = time.monotonic()
         model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         entries = [
@@ -1462,50 +1572,44 @@ class Capturer:
         # Kept only when every tensor to save is (a view of) a parameter or buffer: the optimizer
         # updates those in place. A renaming that builds new tensors must be redone each time.
         shared = all(t.untyped_storage().data_ptr() in storages for _, t in named)
-        self._model_key, self._model = (entries, named) if shared else (None, [])
+        if shared:
+            held = [t for _, _, t, _ in entries]
+            self._model_key, self._model = (entries, held, [p for _, _, _, p in entries]), named
+        else:
+            self._model_key, self._model = None, []
         self._model_tensors_only = tuple(t for _, t in named)
         self.setup_seconds += time.monotonic() - t0
-        return named, self._model_tensors_only
+        return named, self._model_tensors_only, False if shared else None
 
     def fill(self, cap: Capture) -> Callable[[memoryview], None]:
         """What copies ``cap``'s tensors into a slot (:attr:`TensorState.fill`; it runs in the copy thread
         for a big state).
 
-        On CPU one ``torch.cat`` of the tensors' byte views, straight into the slot's mapping:
-        one copy of each byte, and the thread lets go of the GIL once for all of it rather than
-        twice per tensor (on a busy CPU each hand-off can cost the training thread a scheduler
-        slice). On CUDA the tensors go to pinned memory on a side stream first, then into the slot.
+        On CPU one ``numpy.concatenate`` of the tensors' bytes (NumPy views of them, kept while the
+        tensors stay where they are), straight into the slot's mapping: one copy of each byte, a
+        loop in C over the tensors (a model's many small tensors, an optimizer's 4-byte step counts,
+        cost a fraction of a microsecond each, not a Python call or a torch dispatch each), on the
+        calling thread alone (``torch.cat`` spreads a copy over OpenMP threads, which the training
+        step's own threads and other load compete with: 240 us against 75 us for configs/demo.yaml's
+        288 tensors). On CUDA the tensors go to pinned memory on a side stream first, then into the slot.
         """
+        import numpy as np
         import torch
 
         def fill(dst: memoryview) -> None:
             if not dst.nbytes:
                 return
-            out = torch.frombuffer(dst, dtype=torch.uint8)
             if cap.ready is not None:  # some on CUDA
                 if self._staging is None or not self._staging.fits(cap.tensors):
                     self._staging = _CudaStaging(cap.tensors)
+                out = torch.frombuffer(dst, dtype=torch.uint8)
                 out.copy_(self._staging.fill(cap.tensors, cap.ready))
+                del out
             else:
-                torch.cat(self._flat_views(cap.tensors), out=out)
-            del out
+                views = cap.views if cap.views is not None else [_flat_bytes(t).numpy() for t in cap.tensors]
+                np.concatenate(views, out=np.frombuffer(dst, dtype=np.uint8))
 
         return fill
-
-    def _flat_views(self, tensors: tuple[Any, ...]) -> list[Any]:
-        """Each CPU tensor as a flat uint8 view (kept while the tensors stay where they are)."""
-        import torch
-
-        key = list(map(torch.Tensor.data_ptr, tensors))
-        if key == self._views_key:
-            return self._views
-        t0 = time.monotonic()
-        views = [_flat_bytes(t) for t in tensors]
-        # A non-contiguous tensor's view is a copy of this moment: never kept.
-        if all(t.is_contiguous() for t in tensors):
-            self._views_key, self._views = key, views
-        self.setup_seconds += time.monotonic() - t0
-        return views
 
 
 def _flat_bytes(t: Any) -> Any:
@@ -1617,40 +1721,42 @@ def choose_interval(cost_s: float, step_s: float, current: int, budget: float = 
 class IntervalChooser:
     """``snapshot.every_steps``: a fixed N (due at multiples of N), or ``auto``.
 
-    ``auto`` starts at every step and re-chooses after each snapshot. The cost of a snapshot
-    is what training loses to it: at least its exposed time (the synchronous part plus any
-    wait for the copy), and more where the copy thread competes with training for the CPU
-    or the GIL (a small model on few cores). That part shows only as slower steps, so the
-    chooser keeps two sets of step times, the steps that ran beside a copy and those that
-    did not, and takes the larger of the exposed time and the difference of their medians.
-    At an interval of 1 every 16th step goes without a snapshot to keep the second set
-    current (then up to 2 steps can be lost); until both sets hold a few steps, a copy in the
-    thread is assumed to slow training by its whole duration. A small state copied at the step boundary
-    (``overlapped=False``, :data:`SYNC_BELOW`) competes with nothing: its cost is its exposed
-    time, measured directly, and no step goes without a snapshot for a baseline (the
-    difference of two medians of noisy step times would only add noise to it). Medians, not means: an evaluation or a disk
-    save inside a step, or a snapshot slowed by a save's I/O, is an outlier that must not
-    set the interval. The first snapshot's cost counts, less its one-time parts (the config
-    files, the list of tensors and their views, allocating and mapping a slot: the caller
-    subtracts them): an expensive state gets a long interval at once rather than after a few
-    costly snapshots, and the interval comes down from there (by half at a time at most, see
-    :func:`choose_interval`).
-    """
+    ``auto`` starts at every step and re-chooses after each snapshot, from what a snapshot
+    costs training against the median time between step ends. A snapshot's cost is the larger
+    of its exposed time (what training waited for: the synchronous part at the boundary plus
+    any wait for the copy before the next optimizer step) and its *busy* time: the synchronous
+    part plus the CPU time the copy thread used (``time.thread_time`` in the thread), or the copy's
+    duration when that is longer (a copy of a big state also takes memory bandwidth from the
+    training step: ViT-B on 2 cores, 140 ms of the thread's CPU for a 455 ms copy, and training
+    1.3-1.5x slower at the interval the CPU time chose). The copy
+    runs beside the next step's forward and backward, which on a busy CPU (a CPU-only run on
+    few cores, other load) lose about that much CPU to it; counted in full, without waiting for
+    step times to show it (their medians move by less than their noise for a small state), and
+    without any step going without a snapshot to measure a baseline: at interval 1 every step is
+    snapshotted, so a fault loses at most one. (On an idle core the copy costs training less;
+    the estimate errs towards a longer interval, never past the budget.) The busy time is also
+    compared with the process's CPU time per step: on a CPU shared with other load, the step's
+    wall time is stretched by waiting for the CPU while a snapshot of a millisecond mostly is
+    not, yet every CPU second it takes costs training as much wall time as the step's own do
+    (demo model at load 6-15: 1.2 ms exposed against 109 ms steps, 1 %, but 1.3 ms of CPU
+    against about 18 ms of CPU per step, 7 %); the larger of the two shares counts.
 
-    WARMUP = 0
-    SAMPLE = 16
+    Medians, not means: an evaluation or a disk save inside a step, or a snapshot slowed by a
+    save's I/O, is an outlier that must not set the interval. The first snapshot's cost counts,
+    less its one-time parts (the config files, the list of tensors and their views, allocating
+    and mapping a slot: the caller subtracts them): an expensive state gets a long interval at
+    once rather than after a few costly snapshots, and the interval comes down from there (by
+    half at a time at most, see :func:`choose_interval`).
+    """
 
     def __init__(self, every_steps: int | str, budget: float = BUDGET) -> None:
         self.auto = every_steps == "auto"
         self.interval = 1 if self.auto else int(every_steps)
         self.budget = budget
-        self._with: deque[float] = deque(maxlen=16)  # step times beside a copy
-        self._without: deque[float] = deque(maxlen=16)
-        self._costs: deque[float] = deque(maxlen=8)
-        self._copies: deque[float] = deque(maxlen=8)  # whole copies in the thread, boundary -> committed
-        self._seen = 0
-        self.overlapped = True
-        """The last snapshot's copy ran in the thread, beside the next step (else all at the boundary)."""
+        self._steps: deque[float] = deque(maxlen=16)  # seconds between step ends
+        self._step_cpu: deque[float] = deque(maxlen=16)  # the process's CPU seconds in the same intervals
+        self._costs: deque[float] = deque(maxlen=8)  # per snapshot: max(exposed, busy)
+        self._busy: deque[float] = deque(maxlen=8)  # per snapshot: CPU seconds (boundary part and copy thread)
         self._undecided = False  # a cost came before any step time: the choice waits for one
 
     def is_due(self, step: int, last: int | None) -> bool:
@@ -1659,27 +1765,25 @@ class IntervalChooser:
             return self.interval > 0 and step % self.interval == 0
         if self._undecided:
             return False  # a snapshot's cost is known but no step time yet: no second one before a choice
-        if self.interval == 1 and self.overlapped and step % self.SAMPLE == 0:
-            return False  # a step without a copy, for the baseline step time
         return last is None or step - last >= self.interval
 
-    def add_step(self, seconds: float, beside_copy: bool = False) -> int | None:
-        """Record the time between two step ends, and whether a snapshot copy ran in it;
+    def add_step(self, seconds: float, cpu_seconds: float | None = None) -> int | None:
+        """Record the time between two step ends (and the process's CPU time in it, when known);
         return the new interval when a choice that waited for a step time changes it."""
-        (self._with if beside_copy else self._without).append(seconds)
+        self._steps.append(seconds)
+        if cpu_seconds is not None and cpu_seconds > 0:
+            self._step_cpu.append(cpu_seconds)
         return self._choose() if self._undecided else None
 
-    def add_cost(self, seconds: float, overlapped: bool = True, copy_seconds: float | None = None) -> int | None:
-        """Record one snapshot's exposed cost, whether its copy ran beside training (in the
-        thread) or all at the step boundary, and how long the copy took (boundary -> committed);
+    def add_cost(self, exposed: float, busy: float | None = None) -> int | None:
+        """Record one snapshot's exposed time and its busy time (synchronous part plus the copy
+        thread's CPU time; None when it all ran at the boundary: the exposed time is all of it);
         return the new interval when it changes."""
-        self._seen += 1
-        self.overlapped = overlapped
-        if copy_seconds is not None and overlapped:
-            self._copies.append(copy_seconds)
-        if not self.auto or self._seen <= self.WARMUP:
+        if not self.auto:
             return None
-        self._costs.append(seconds)
+        self._costs.append(max(exposed, busy or 0.0))
+        if busy is not None:
+            self._busy.append(busy)
         return self._choose()
 
     def _choose(self) -> int | None:
@@ -1695,25 +1799,22 @@ class IntervalChooser:
 
     @property
     def step_seconds(self) -> float | None:
-        """Median step time without a copy (with one, until there are a few without)."""
-        if len(self._without) >= 3 or not self._with:
-            return statistics.median(self._without) if self._without else None
-        return statistics.median([*self._with, *self._without])
+        """Median time between step ends (None before the first)."""
+        return statistics.median(self._steps) if self._steps else None
 
     @property
     def cost_seconds(self) -> float | None:
-        """What a snapshot costs training: see the class docstring."""
+        """Median cost of a snapshot to training, in step time: see the class docstring."""
         if not self._costs:
             return None
-        exposed = statistics.median(self._costs)
-        if not self.overlapped:
-            return exposed
-        if len(self._with) >= 3 and len(self._without) >= 3:
-            return max(exposed, statistics.median(self._with) - statistics.median(self._without))
-        # No baseline yet: assume the copy slowed training by all of its time (on a busy CPU it
-        # does: a ViT-B copy of 0.37 s beside 0.75 s steps made them 0.43 s slower). The interval
-        # comes down once steps with and without a copy tell the difference.
-        return max(exposed, statistics.median(self._copies)) if self._copies else exposed
+        cost = statistics.median(self._costs)
+        step = self.step_seconds
+        if self._busy and len(self._step_cpu) >= 3 and step:
+            # The same share of the step's CPU time, in step time: under CPU contention a short
+            # snapshot's wall time understates it (it often runs within one time slice, while the
+            # step's wall time is stretched by waiting for the CPU).
+            cost = max(cost, step * statistics.median(self._busy) / statistics.median(self._step_cpu))
+        return cost
 
 
 SYNC_BELOW = 8 << 20

@@ -86,7 +86,7 @@ class Snapshots:
 
     The interval is ``snapshot.every_steps``, or with ``auto`` chosen as training goes by
     :class:`snapshot.IntervalChooser` from the exposed cost (the synchronous part plus any
-    wait in :meth:`join`) and the slowdown of steps run beside a copy, against the step time.
+    wait in :meth:`join`) and the copy thread's own CPU time, against the step time.
     """
 
     def __init__(self, store: snapshot.SnapshotStore, every_steps: int | str) -> None:
@@ -106,19 +106,19 @@ class Snapshots:
         self._sync_s = 0.0
         self._last_step: int | None = None
         self._last_step_end: float | None = None
+        self._last_step_cpu = 0.0  # the process's CPU time at the last step end
+        self._sync_cpu = 0.0  # this thread's CPU time in the boundary part of the snapshot in flight
         self._setup_at = 0.0
-        self._threaded = False  # the last snapshot's copy ran in the thread
+        self._copy_cpu = 0.0  # the copy thread's CPU time for the last snapshot it wrote
 
     def step_end(self, step: int) -> bool:
         """Record a step end; whether this rank's interval wants a snapshot of ``step``."""
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.process_time()
         if self._last_step_end is not None:
-            # A snapshot of the previous step was copied during this one (or it ran without).
-            beside = self._last_step == step - 1 and self._threaded
-            new = self.chooser.add_step(now - self._last_step_end, beside_copy=beside)
+            new = self.chooser.add_step(now - self._last_step_end, cpu - self._last_step_cpu)
             if new is not None:
                 self._log_interval(new)
-        self._last_step_end = now
+        self._last_step_end, self._last_step_cpu = now, cpu
         return self.enabled and self.chooser.is_due(step, self._last_step)
 
     def mark_due(self, step: int) -> None:
@@ -140,7 +140,7 @@ class Snapshots:
         self.join()
         if not self.enabled:
             return
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         self._setup_at = self._setup_seconds()
         step = state.global_step
         try:
@@ -148,16 +148,14 @@ class Snapshots:
                 # Ranks > 0 hold no weights of their own to save: their small part, synchronously.
                 capture_rank = getattr(snapshot, "capture_rank_files", snapshot.capture_files)
                 self.store.write(step, capture_rank(trainer))
-                self._threaded = False
-                self._done(step, t0, time.monotonic() - t0, overlapped=False)
+                self._done(step, t0, time.monotonic() - t0, busy=time.thread_time() - cpu0)
                 return
             self.store.keep_previous = getattr(trainer.args, "world_size", 1) > 1  # only torchrun's agreement reads it
             cap = self._capturer.capture(trainer)
             if cap.tensor_bytes < snapshot.SYNC_BELOW:
                 self._copy(cap, t0)  # small: cheaper here than handed to the thread
                 self._last_step = step
-                self._threaded = False
-                self._done(step, None, time.monotonic() - t0, overlapped=False)
+                self._done(step, None, time.monotonic() - t0, busy=time.thread_time() - cpu0)
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-copy")
@@ -166,9 +164,8 @@ class Snapshots:
             self._off(step, exc)
             return
         self._pending_step = step
-        self._sync_s = time.monotonic() - t0
+        self._sync_s, self._sync_cpu = time.monotonic() - t0, time.thread_time() - cpu0
         self._last_step = step
-        self._threaded = True
 
     def before_save(self, trainer: SupervisedTrainer) -> None:
         """Snapshot the step whose disk checkpoint is about to be written, committed before the
@@ -197,7 +194,11 @@ class Snapshots:
             self.due = state.global_step
 
     def _copy(self, cap: snapshot.Capture, t0: float) -> None:
+        # What the copy takes from training beside it: this thread's CPU time, or its duration when
+        # longer (a big copy also takes memory bandwidth from the training step's cores).
+        cpu0, wall0 = time.thread_time(), time.monotonic()
         self.size = snapshot.write_capture(self.store, self._capturer, cap)
+        self._copy_cpu = max(time.thread_time() - cpu0, time.monotonic() - wall0)
         self.seconds.append(time.monotonic() - t0)
 
     def join(self) -> None:
@@ -211,22 +212,21 @@ class Snapshots:
         except Exception as exc:
             self._off(self._pending_step, exc)
             return
-        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, copy_s=self.seconds[-1])
+        self._done(self._pending_step, None, self._sync_s + time.monotonic() - t0, busy=self._sync_cpu + self._copy_cpu)
 
     def _setup_seconds(self) -> float:
         return self._capturer.setup_seconds + self.store.setup_seconds
 
-    def _done(
-        self, step: int, t0: float | None, exposed: float, overlapped: bool = True, copy_s: float | None = None
-    ) -> None:
+    def _done(self, step: int, t0: float | None, exposed: float, busy: float | None = None) -> None:
+        """Record a committed snapshot: its exposed time and its busy time (CPU time: the boundary
+        part's, plus the copy thread's for a copy in the thread), for the interval's choice."""
         if t0 is not None:
             self.seconds.append(time.monotonic() - t0)
         self.exposed.append(exposed)
         # What is done once (the config files, the list of tensors, mapping a slot) is not what
         # every later snapshot costs: the interval is chosen from the rest.
         once = self._setup_seconds() - self._setup_at
-        copy = None if copy_s is None else max(0.0, copy_s - once)
-        new = self.chooser.add_cost(max(0.0, exposed - once), overlapped, copy)
+        new = self.chooser.add_cost(max(0.0, exposed - once), None if busy is None else max(0.0, busy - once))
         if new is not None:
             self._log_interval(new)
 
