@@ -189,7 +189,6 @@ class Snapshots:
         finally:
             self.epoch_ending = ending
         self.join()  # the copy too: committed before the save starts
-        self._threaded = False  # nothing was copied beside the next step
         if not last_call and self.enabled:
             self.due = state.global_step
 
