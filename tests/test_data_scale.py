@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.schema import load_config
-from tests.conftest import PYTHON, REPO, heartbeat, vit_train, wait_for, worker_env
+from tests.conftest import PYTHON, REPO, heartbeat, resumed_from, vit_train, wait_for, worker_env
 from tests.test_worker_e2e import _digit_pngs, write_cfg
 from worker import checkpoint as ckpt
 from worker import data as data_mod
@@ -318,8 +318,8 @@ def test_a_resume_mid_epoch_never_reads_the_samples_it_skips(tmp_path: Path) -> 
         p.kill()
         p.communicate()
     newest = ckpt.newest_good(out)
-    resumed = ckpt.step_of(newest) if newest else None
-    assert resumed is not None and resumed < 19, f"no mid-epoch checkpoint to resume ({resumed})"
+    saved = ckpt.step_of(newest) if newest else None
+    assert saved is not None and saved < 19, f"no mid-epoch checkpoint to resume ({saved})"
     splits = build(cfg)
     train = {str(x) for x in splits.train.items}  # type: ignore[attr-defined]
     reads = tmp_path / "reads.txt"
@@ -333,6 +333,9 @@ def test_a_resume_mid_epoch_never_reads_the_samples_it_skips(tmp_path: Path) -> 
         timeout=TIMEOUT,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # The step it resumed from: the newest checkpoint, or a snapshot taken after it before the kill.
+    kind, resumed = resumed_from(r.stdout + r.stderr)
+    assert kind in ("checkpoint", "snapshot") and saved <= resumed < 19, (kind, resumed, saved)
     read_train = [x for x in reads.read_text().splitlines() if x in train]
     # The rest of the one epoch, each sample read once; the resumed steps' samples never.
     assert len(read_train) == len(train) - 16 * resumed, (len(read_train), resumed)

@@ -583,12 +583,12 @@ def test_capture_from_a_trainer_matches_its_own_save(make_config: Any, tmp_path:
     raw_store = SnapshotStore(tmp_path / "raw-shm", IDENTITY)
     commit = trainer.commit_checkpoint
 
-    def capture_then_commit() -> Path:
+    def capture_then_commit(snapshot_first: bool = False) -> Path:
         captured.update(snap.capture_files(trainer))
         capturer = snap.Capturer()
         for _ in range(2):  # twice: the second capture reuses what the first one kept
             snap.write_capture(raw_store, capturer, capturer.capture(trainer))
-        return commit()
+        return commit(snapshot_first=snapshot_first)
 
     trainer.commit_checkpoint = capture_then_commit  # type: ignore[method-assign]
     trainer.train()

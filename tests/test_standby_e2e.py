@@ -126,6 +126,10 @@ def test_standby_refuses_changed_data_and_the_supervisor_starts_cold(
     sup = run.start()
     run.worker_at_step(5)
     ready_standby(run)
+    # A committed checkpoint to refuse: a paced worker can still be before its first save when the
+    # standby is ready, and with none (only a snapshot, which the new data's fingerprint invalidates)
+    # a cold worker rightly starts from scratch.
+    wait_for(lambda: any(run.out.glob("checkpoint-*")), 120, "a committed checkpoint")
     extra = tmp_path / "images" / "class_3" / "new.png"
     extra.write_bytes((tmp_path / "images" / "class_3" / "1.png").read_bytes())
     os.kill(run.state()["worker_pid"], signal.SIGKILL)
