@@ -124,9 +124,12 @@ def serve(cfg: Config, stop: StopRequest) -> int:
 
 def _prepare(cfg: Config) -> Prepared | tuple[str, str]:
     """The prepared run, or (reason, message) of a user error that makes this standby useless."""
-    from worker import data as data_mod
-    from worker import model as model_mod
-    from worker.train import prepare
+    from worker import startup
+
+    with startup.imports_without_gc():  # as a cold worker imports them (worker/startup.py)
+        from worker import data as data_mod
+        from worker import model as model_mod
+        from worker.train import prepare
 
     try:
         return prepare(cfg)
