@@ -146,8 +146,7 @@ class Snapshots:
         try:
             if trainer.args.process_index > 0:
                 # Ranks > 0 hold no weights of their own to save: their small part, synchronously.
-                capture_rank = getattr(snapshot, "capture_rank_files", snapshot.capture_files)
-                self.store.write(step, capture_rank(trainer))
+                self.store.write(step, snapshot.capture_rank_files(trainer))
                 self._done(step, t0, time.monotonic() - t0, busy=time.thread_time() - cpu0)
                 return
             self.store.keep_previous = getattr(trainer.args, "world_size", 1) > 1  # only torchrun's agreement reads it
